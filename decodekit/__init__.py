@@ -1,0 +1,22 @@
+"""decodekit: an inference-time decoding toolkit over one shared KV-cache manager."""
+
+from decodekit.api import LLM, generate
+from decodekit.cache import CacheFullError
+from decodekit.strategies import Sample, Strategy
+from decodekit.types import Choice, Completion, RequestStats, SamplingParams, TokenEvent, TokenInfo, Usage
+
+__all__ = [
+    "LLM",
+    "CacheFullError",
+    "Choice",
+    "Completion",
+    "RequestStats",
+    "Sample",
+    "SamplingParams",
+    "Strategy",
+    "TokenEvent",
+    "TokenInfo",
+    "Usage",
+    "generate",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,114 @@
+"""The Python API: ``generate()`` and the ``LLM`` facade that keeps a model loaded."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+from decodekit.engine import Engine
+from decodekit.models import DEFAULT_MODEL, load_backend
+from decodekit.strategies.base import Strategy
+from decodekit.types import Completion, SamplingParams, TokenEvent
+
+
+class LLM:
+    """A loaded model with its engine. ``LLM(backend=...)`` wraps an existing backend (tests, mocks)."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, backend=None, dtype: str = "float32",
+                 device: str | None = None, cache_tokens: int = 16384, max_batch_size: int = 32,
+                 prefix_cache: bool = True):
+        if backend is None:
+            backend = load_backend(model, dtype=dtype, device=device, cache_tokens=cache_tokens,
+                                   prefix_cache=prefix_cache)
+        self.model_name = model if backend is None or model != DEFAULT_MODEL else backend.name
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
+        self.engine = Engine(backend, max_batch_size=max_batch_size)
+
+    def generate(self, prompts, strategy: Strategy | str | None = None, **sampling):
+        """Complete one prompt (-> ``Completion``) or a list of prompts (-> list, one batch).
+
+        A prompt is a string or a list of chat messages (``{"role", "content"}`` dicts).
+        """
+        single = _is_single(prompts)
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise ValueError("prompts is empty")
+        params = sampling_params(**sampling)
+        strategy = resolve_strategy(strategy)
+        requests = [self._add(p, params, strategy) for p in batch]
+        self._run()
+        done = [self.engine.pop_completion(r.request_id) for r in requests]
+        return done[0] if single else done
+
+    def stream(self, prompt, strategy: Strategy | str | None = None, **sampling) -> Iterator[TokenEvent]:
+        """Yield ``TokenEvent``s (text deltas per choice) as tokens are accepted."""
+        if not _is_single(prompt):
+            raise ValueError("stream takes one prompt (a string or a list of chat messages)")
+        request = self._add(prompt, sampling_params(**sampling), resolve_strategy(strategy))
+        try:
+            while not request.finished:
+                for event in self.engine.step():
+                    if event.request_id == request.request_id:
+                        yield event
+        finally:
+            if not request.finished:
+                self.engine.abort(request.request_id)
+            self.engine.requests.pop(request.request_id, None)
+
+    def encode_prompt(self, prompt) -> tuple[str, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        messages = _check_messages(prompt)
+        return messages[-1]["content"], self.tokenizer.apply_chat_template(messages)
+
+    def _add(self, prompt, params, strategy):
+        text, ids = self.encode_prompt(prompt)
+        return self.engine.add_request(ids, params, strategy, prompt=text)
+
+    def _run(self) -> None:
+        while self.engine.has_unfinished():
+            self.engine.step()
+
+
+def sampling_params(**sampling) -> SamplingParams:
+    """``SamplingParams`` from keyword arguments; an unknown name raises ``ValueError``."""
+    known = SamplingParams.__dataclass_fields__
+    unknown = sorted(set(sampling) - set(known))
+    if unknown:
+        raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
+    return SamplingParams(**sampling)
+
+
+def resolve_strategy(strategy: Strategy | str | None) -> Strategy | None:
+    if strategy is None or isinstance(strategy, Strategy):
+        return strategy
+    from decodekit.strategies import by_name
+
+    return by_name(strategy)
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded(model: str) -> LLM:
+    return LLM(model)
+
+
+def generate(prompt_or_messages, model: str = DEFAULT_MODEL, strategy: Strategy | str | None = None,
+             **sampling) -> Completion | list[Completion]:
+    """Generate with ``model`` (kept loaded between calls); see ``LLM.generate``."""
+    return _loaded(model).generate(prompt_or_messages, strategy=strategy, **sampling)
+
+
+def _is_single(prompts) -> bool:
+    return isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict))
+
+
+def _check_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"each message needs string 'role' and 'content', got {m!r}")
+    return messages

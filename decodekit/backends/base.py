@@ -1,0 +1,81 @@
+"""The Backend interface: one model, its tokenizer, and its namespace in the KV-cache manager."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from decodekit.cache import CacheManager, KVHandle
+
+SHORT_ROW = 16  # rows with at most this many new tokens (decode, verify) batch together
+
+
+@dataclass(frozen=True)
+class ForwardRow:
+    """One sequence in a forward call.
+
+    ``slots`` are all the sequence's KV slots in position order; the last ``len(new_ids)`` of them
+    receive this step's keys and values. Logits come back for the last ``num_logits`` new tokens.
+    """
+
+    slots: list[int]
+    new_ids: list[int]
+    num_logits: int = 1
+
+
+class Backend(ABC):
+    """A model behind the engine. Owns its tensors; the cache manager owns sharing and eviction."""
+
+    name: str
+    tokenizer: object
+    vocab_size: int
+    max_context: int
+    num_params: int
+    cache: CacheManager
+
+    def __init__(self):
+        self.num_forward_calls = 0
+        self.num_forward_tokens = 0
+
+    @abstractmethod
+    def forward_rows(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
+        """Run the model on each row's new tokens, reading and writing K/V at the row's slots.
+
+        Returns one float tensor (num_logits, V) per row.
+        """
+
+    def forward(self, handles: list[KVHandle], new_ids: list[list[int]], num_logits=1) -> list[torch.Tensor]:
+        """Extend each handle by its new tokens and compute them (prefill, decode or verify).
+
+        ``num_logits`` is an int for every row or a list per row. Long rows (prefill) and short
+        rows (decode, verify) run as separate forward calls so short rows are not padded.
+        """
+        if len(handles) != len(new_ids):
+            raise ValueError("forward needs one list of new ids per handle")
+        counts = num_logits if isinstance(num_logits, list) else [num_logits] * len(handles)
+        self.cache.ensure_free(sum(len(ids) for ids in new_ids))
+        rows = []
+        for handle, ids, k in zip(handles, new_ids, counts):
+            if not ids:
+                raise ValueError("forward needs at least one new token per row")
+            self.cache.extend(handle, len(ids))
+            rows.append(ForwardRow(list(handle.slots), list(ids), min(k, len(ids))))
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        for group in _split_short_long(rows):
+            logits = self.forward_rows([rows[i] for i in group])
+            self.num_forward_calls += 1
+            self.num_forward_tokens += sum(len(rows[i].new_ids) for i in group)
+            for i, row_logits in zip(group, logits):
+                out[i] = row_logits
+        return out
+
+    def open(self, ids: list[int]) -> KVHandle:
+        return self.cache.open(ids)
+
+
+def _split_short_long(rows: list[ForwardRow]) -> list[list[int]]:
+    short = [i for i, r in enumerate(rows) if len(r.new_ids) <= SHORT_ROW]
+    long = [i for i, r in enumerate(rows) if len(r.new_ids) > SHORT_ROW]
+    return [g for g in (short, long) if g]

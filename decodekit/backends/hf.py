@@ -1,0 +1,171 @@
+"""transformers backend: the model reads and writes K/V through the shared slot pool.
+
+The one adapter that touches transformers internals is ``PoolKV``: a duck-typed cache whose
+per-layer ``update()`` writes this step's keys/values into the pool and returns, for each row,
+the keys/values gathered along that row's slot list. The forward call gets explicit
+``position_ids`` and a 4D attention mask per attention type (causal, plus sliding windows).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from decodekit.backends.base import Backend, ForwardRow
+from decodekit.cache import CacheManager
+
+
+class PoolKV:
+    """K/V storage of one namespace: per layer a (capacity + 1, kv_heads, head_dim) tensor per K and V."""
+
+    def __init__(self, capacity: int, num_layers: int, dtype: torch.dtype, device: torch.device):
+        self.capacity, self.dtype, self.device = capacity, dtype, device
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def _storage(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is None:
+            _, heads, _, dim = like.shape
+            shape = (self.capacity + 1, heads, dim)
+            # torch.empty leaves pages uncommitted until written; slot 0 (scratch) must be finite.
+            self.keys[layer] = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.values[layer] = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.keys[layer][0].zero_()
+            self.values[layer][0].zero_()
+        return self.keys[layer], self.values[layer]
+
+
+class StepCache:
+    """What the model sees as ``past_key_values`` during one forward call."""
+
+    is_compileable = False
+
+    def __init__(self, store: PoolKV, write_idx: torch.Tensor, gather_idx: torch.Tensor, span):
+        self.store = store
+        self.write_idx = write_idx  # (B*T,) slot per input position; pads write scratch slot 0
+        self.gather_idx = gather_idx  # (B, L) slots to read per row, padded with 0
+        self.span = span  # (start, stop) when one row reads a contiguous slot range: a view, no copy
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        keys, values = self.store._storage(layer_idx, key_states)
+        b, h, t, d = key_states.shape  # (B, H, T, D)
+        flat_k = key_states.transpose(1, 2).reshape(b * t, h, d).to(keys.dtype)
+        flat_v = value_states.transpose(1, 2).reshape(b * t, h, d).to(values.dtype)
+        if self.span is not None:
+            start, stop = self.span
+            keys[stop - t : stop] = flat_k
+            values[stop - t : stop] = flat_v
+            return keys[start:stop].unsqueeze(0).transpose(1, 2), values[start:stop].unsqueeze(0).transpose(1, 2)
+        keys.index_copy_(0, self.write_idx, flat_k)
+        values.index_copy_(0, self.write_idx, flat_v)
+        return keys[self.gather_idx].transpose(1, 2), values[self.gather_idx].transpose(1, 2)  # (B, H, L, D)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class HFBackend(Backend):
+    def __init__(self, model, tokenizer, *, name: str, cache_tokens: int = 16384, prefix_cache: bool = True):
+        super().__init__()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        config = model.config
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.max_context = int(getattr(config, "max_position_embeddings", 2048))
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.device = next(model.parameters()).device
+        self.cache = CacheManager(cache_tokens, prefix_cache=prefix_cache)
+        self.kv = PoolKV(cache_tokens, config.num_hidden_layers, model.dtype, self.device)
+        layer_types = getattr(config, "layer_types", None) or []
+        self.sliding_window = getattr(config, "sliding_window", None) if "sliding_attention" in layer_types else None
+        self.mask_by_type = _accepts_mask_mapping(model)
+        self.eager = config._attn_implementation == "eager"
+
+    @torch.inference_mode()
+    def forward_rows(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
+        inputs = _assemble(rows, self.device)
+        masks = self._masks(inputs)
+        step = StepCache(self.kv, inputs["write_idx"], inputs["gather_idx"], inputs["span"])
+        keep = max(r.num_logits for r in rows)
+        out = self.model(
+            input_ids=inputs["input_ids"],
+            position_ids=inputs["position_ids"],
+            attention_mask=masks,
+            past_key_values=step,
+            use_cache=True,
+            logits_to_keep=keep,
+        )
+        logits = out.logits.float()  # (B, keep, V)
+        return [logits[b, keep - r.num_logits :] for b, r in enumerate(rows)]
+
+    def _masks(self, inputs):
+        allowed = inputs["allowed"]  # (B, T, L) bool
+        full = self._format_mask(allowed)
+        if not self.mask_by_type:
+            return full
+        masks = {"full_attention": full}
+        if self.sliding_window:
+            qpos = inputs["position_ids"].unsqueeze(-1)
+            kpos = torch.arange(allowed.shape[-1], device=self.device)
+            in_window = kpos > qpos - self.sliding_window
+            masks["sliding_attention"] = self._format_mask(allowed & (in_window | inputs["pad_query"]))
+        return masks
+
+    def _format_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        mask = allowed.unsqueeze(1)  # (B, 1, T, L)
+        if self.eager:
+            dtype = self.model.dtype
+            return torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask
+
+
+def _accepts_mask_mapping(model) -> bool:
+    """Models that build one mask per attention type also take a ready ``{type: mask}`` dict."""
+    base = getattr(model, "model", model)
+    try:
+        return "causal_mask_mapping" in inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _assemble(rows: list[ForwardRow], device) -> dict:
+    """Left-padded inputs, positions, slot indices and the causal mask of a ragged batch."""
+    b = len(rows)
+    t = max(len(r.new_ids) for r in rows)
+    length = max(len(r.slots) for r in rows)
+    input_ids = torch.zeros((b, t), dtype=torch.long)
+    position_ids = torch.zeros((b, t), dtype=torch.long)
+    write_idx = torch.zeros((b, t), dtype=torch.long)
+    gather_idx = torch.zeros((b, length), dtype=torch.long)
+    lens = torch.tensor([len(r.slots) for r in rows])
+    pad_query = torch.zeros((b, t), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        n, total = len(r.new_ids), len(r.slots)
+        input_ids[i, t - n :] = torch.tensor(r.new_ids)
+        position_ids[i, t - n :] = torch.arange(total - n, total)
+        write_idx[i, t - n :] = torch.tensor(r.slots[total - n :])
+        gather_idx[i, :total] = torch.tensor(r.slots)
+        pad_query[i, : t - n] = True
+    kpos = torch.arange(length)
+    allowed = (kpos <= position_ids.unsqueeze(-1)) & (kpos < lens.view(b, 1, 1))
+    allowed[:, :, 0] |= pad_query  # padded queries attend to one key so softmax stays finite
+    span = _contiguous_span(rows[0].slots) if b == 1 else None
+    return {
+        "input_ids": input_ids.to(device),
+        "position_ids": position_ids.to(device),
+        "write_idx": write_idx.view(-1).to(device),
+        "gather_idx": gather_idx.to(device),
+        "allowed": allowed.to(device),
+        "pad_query": pad_query.unsqueeze(-1).to(device),
+        "span": span,
+    }
+
+
+def _contiguous_span(slots: list[int]) -> tuple[int, int] | None:
+    start = slots[0]
+    if slots[-1] - start == len(slots) - 1 and slots == list(range(start, start + len(slots))):
+        return start, start + len(slots)
+    return None

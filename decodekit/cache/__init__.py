@@ -1,0 +1,3 @@
+from decodekit.cache.manager import CacheFullError, CacheManager, CacheStats, KVHandle
+
+__all__ = ["CacheFullError", "CacheManager", "CacheStats", "KVHandle"]

@@ -1,0 +1,70 @@
+"""The prefix-cache interface and a do-nothing stand-in for when prefix reuse is off."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class PrefixCache(ABC):
+    """Maps token-id prefixes to KV slots. Contracts:
+
+    - ``match_prefix`` never frees or allocates a slot;
+    - ``insert`` takes its own pool reference on each slot it adopts;
+    - ``evict`` never touches a locked node.
+    """
+
+    num_cached_tokens: int
+
+    @abstractmethod
+    def match_prefix(self, ids: list[int]): ...
+
+    @abstractmethod
+    def insert(self, ids: list[int], slots: list[int]): ...
+
+    @abstractmethod
+    def lock(self, node) -> None: ...
+
+    @abstractmethod
+    def unlock(self, node) -> None: ...
+
+    @abstractmethod
+    def evictable_tokens(self) -> int: ...
+
+    @abstractmethod
+    def evict(self, num_tokens: int) -> int: ...
+
+    @abstractmethod
+    def slot_refs(self) -> dict[int, int]: ...
+
+    @abstractmethod
+    def check_integrity(self) -> None: ...
+
+
+class NaivePrefixCache(PrefixCache):
+    """Caches nothing: every request computes its whole prompt."""
+
+    num_cached_tokens = 0
+
+    def match_prefix(self, ids):
+        return [], None
+
+    def insert(self, ids, slots):
+        return None
+
+    def lock(self, node):
+        pass
+
+    def unlock(self, node):
+        pass
+
+    def evictable_tokens(self):
+        return 0
+
+    def evict(self, num_tokens):
+        return 0
+
+    def slot_refs(self):
+        return {}
+
+    def check_integrity(self):
+        pass

