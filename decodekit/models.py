@@ -113,8 +113,11 @@ def load_backend(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: s
                  cache_tokens: int = 16384, prefix_cache: bool = True):
     """Load a model by name into an ``HFBackend`` (the embedded default backend)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from decodekit.backends.hf import HFBackend
+
+    hf_logging.disable_progress_bar()
     from decodekit.tokenizer import Tokenizer
 
     torch_dtype = _dtype(dtype)

@@ -1,0 +1,66 @@
+"""Shared fixtures: real models (loaded once per session), tiny random models and the mock backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from decodekit.backends.mock import MockBackend
+from decodekit.models import is_installed
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _real(alias: str):
+    if not is_installed(alias):
+        pytest.skip(f"{alias} is not installed (see README set-up)")
+    from decodekit.models import load_backend
+
+    return load_backend(alias, cache_tokens=8192)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """SmolLM2-135M-Instruct HF backend, float32, shared by the session (do not leave handles open)."""
+    return _real("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """Gemma 3 270M HF backend, float32, shared by the session."""
+    return _real("gemma3-270m")
+
+
+@pytest.fixture
+def mock():
+    """A fresh mock backend, vocab 16, bigram logits from a fixed seed."""
+    return MockBackend(vocab_size=16, seed=0, cache_tokens=512)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A random-weight 2-layer Llama (vocab 128) built from a config; no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def spec_bench_prompts(k: int, per_category: int = 1) -> list[str]:
+    """First-turn Spec-Bench prompts, ``per_category`` from each category, ``k`` in all."""
+    path = DATA / "spec_bench" / "question.jsonl"
+    if not path.exists():
+        pytest.skip(f"Spec-Bench data not found at {path}")
+    seen: dict[str, int] = {}
+    out = []
+    for line in path.read_text().splitlines():
+        q = json.loads(line)
+        if seen.get(q["category"], 0) < per_category:
+            seen[q["category"]] = seen.get(q["category"], 0) + 1
+            out.append(q["turns"][0])
+    return out[:k]
