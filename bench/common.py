@@ -1,0 +1,104 @@
+"""Helpers every benchmark script shares: data loading, interleaved timing, result files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "bench" / "results"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="a ~1 minute run for smoke checks")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default=str(RESULTS), help="folder for the JSON / markdown / PNG results")
+    return p
+
+
+def require_data(relative: str) -> Path:
+    path = DATA / relative
+    if not path.exists():
+        sys.exit(f"benchmark data not found: {path} (expected the shared data folder beside the project)")
+    return path
+
+
+def spec_bench(per_category: int, categories: list[str] | None = None) -> list[dict]:
+    """Spec-Bench questions ``{question_id, category, turns}``, ``per_category`` of each category."""
+    rows = [json.loads(line) for line in require_data("spec_bench/question.jsonl").read_text().splitlines()]
+    counts: dict[str, int] = {}
+    out = []
+    for q in rows:
+        if categories and q["category"] not in categories:
+            continue
+        if counts.get(q["category"], 0) < per_category:
+            counts[q["category"]] = counts.get(q["category"], 0) + 1
+            out.append(q)
+    return out
+
+
+def timed(fn):
+    """(result, seconds) of one call."""
+    t0 = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t0
+
+
+def interleaved(runners: dict, repeats: int) -> dict[str, list]:
+    """Run each named zero-argument callable once per round, rounds interleaved; returns results per name.
+
+    Interleaving spreads machine noise evenly over the contenders; report medians.
+    """
+    out: dict[str, list] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            out[name].append(fn())
+    return out
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu": platform.processor(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_results(name: str, summary: dict, table_md: str, out_dir: str | Path, details: dict | None = None) -> None:
+    """Write ``<name>.json`` (summary + details + machine) and ``<name>.md``, then print the summary line.
+
+    The summary JSON is the last line on stdout, as every benchmark promises.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**summary, "machine": machine(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M")}
+    if details is not None:
+        record["details"] = details
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    (out / f"{name}.md").write_text(f"# {name}\n\n`{' '.join(sys.argv)}`\n\n{table_md}\n")
+    print(json.dumps(summary, default=str), flush=True)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    def fmt(x):
+        return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
