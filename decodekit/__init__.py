@@ -2,7 +2,7 @@
 
 from decodekit.api import LLM, generate
 from decodekit.cache import CacheFullError
-from decodekit.strategies import Sample, Strategy
+from decodekit.strategies import Sample, Speculative, Strategy
 from decodekit.types import Choice, Completion, RequestStats, SamplingParams, TokenEvent, TokenInfo, Usage
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "RequestStats",
     "Sample",
     "SamplingParams",
+    "Speculative",
     "Strategy",
     "TokenEvent",
     "TokenInfo",

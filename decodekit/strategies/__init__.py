@@ -2,13 +2,14 @@
 
 from decodekit.strategies.base import Proposal, Strategy
 from decodekit.strategies.sample import Sample
+from decodekit.strategies.speculative import Speculative
 
 
 def by_name(name: str, **options) -> Strategy:
-    registry = {"sample": Sample}
+    registry = {"sample": Sample, "speculative": Speculative}
     if name not in registry:
         raise ValueError(f"unknown strategy {name!r}; known: {sorted(registry)}")
     return registry[name](**options)
 
 
-__all__ = ["Proposal", "Sample", "Strategy", "by_name"]
+__all__ = ["Proposal", "Sample", "Speculative", "Strategy", "by_name"]

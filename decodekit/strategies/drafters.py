@@ -1,0 +1,194 @@
+"""Draft sources for speculative decoding: n-gram / prompt lookup, a draft model, self-drafts.
+
+A drafter proposes up to k tokens per sequence with the distributions q they were drawn from
+(``None`` for one-hot proposals). It never touches the target's cache; a model drafter keeps its
+own handle per sequence in its own cache namespace and rolls it back to the verified tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+import torch
+
+from decodekit.sampling import probs_from_logits
+
+
+class Draft(NamedTuple):
+    tokens: list[int]
+    q: torch.Tensor | None = None  # (len(tokens), V) draft distributions; None = one-hot at the tokens
+
+
+class Drafter(ABC):
+    name = "drafter"
+
+    @abstractmethod
+    def propose(self, seqs, ks: list[int]) -> list[Draft]:
+        """Up to ``ks[i]`` draft tokens continuing ``seqs[i].ids`` (verified tokens)."""
+
+    def rollback(self, seq, num_verified: int) -> None:
+        """Forget draft state past the first ``num_verified`` tokens of ``seq.ids``."""
+        return None
+
+    def release(self, seq) -> None:
+        """The sequence finished: commit verified draft-cache tokens and free handles."""
+        return None
+
+
+# ---- n-gram / prompt lookup ------------------------------------------------------------------
+
+def ngram_propose(ids: list[int], *, num_tokens: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the longest suffix.
+
+    Tries suffix sizes ``max_ngram`` down to ``min_ngram``; the first size with an earlier match
+    wins, and its latest occurrence (the most recent context) is used. Returns up to
+    ``num_tokens`` tokens, or ``[]`` when no suffix recurs.
+    """
+    length = len(ids)
+    if num_tokens <= 0:
+        return []
+    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
+        suffix = ids[length - n :]
+        last = suffix[-1]
+        # candidate match ends at j (exclusive) with j < length, so a continuation ids[j] exists
+        for j in range(length - 1, n - 1, -1):
+            if ids[j - 1] == last and ids[j - n : j] == suffix:
+                return list(ids[j : j + num_tokens])
+    return []
+
+
+class NgramDrafter(Drafter):
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def propose(self, seqs, ks):
+        return [Draft(ngram_propose(s.ids, num_tokens=k, max_ngram=self.max_ngram, min_ngram=self.min_ngram))
+                for s, k in zip(seqs, ks)]
+
+
+# ---- a draft model in its own cache namespace --------------------------------------------------
+
+class ModelDrafter(Drafter):
+    """Drafts autoregressively with ``backend``, batched over sequences, one forward per draft token."""
+
+    def __init__(self, backend, key: str = "draft"):
+        self.backend = backend
+        self.name = backend.name
+        self.key = f"{key}_handle"  # seq.state key of this drafter's handle
+
+    def propose(self, seqs, ks):
+        drafts: list[list[int]] = [[] for _ in seqs]
+        qs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        active = [i for i, k in enumerate(ks) if k > 0]
+        new_ids = {}
+        for i in active:
+            handle = self._handle(seqs[i])
+            new_ids[i] = seqs[i].ids[len(handle):]  # catch up on verified tokens the draft has not seen
+        for step in range(max((ks[i] for i in active), default=0)):
+            handles = [seqs[i].state[self.key] for i in active]
+            logits = self.backend.forward(handles, [new_ids[i] for i in active], 1)
+            for i, row in zip(active, logits):
+                token, q = self._draw(row[-1], seqs[i])
+                drafts[i].append(token)
+                if q is not None:
+                    qs[i].append(q)
+                new_ids[i] = [token]
+            active = [i for i in active if ks[i] > step + 1]
+        return [Draft(d, torch.stack(q) if q else None) for d, q in zip(drafts, qs)]
+
+    def _handle(self, seq):
+        handle = seq.state.get(self.key)
+        if handle is None:
+            handle = seq.state[self.key] = self.backend.open(seq.ids)
+        elif len(handle) >= len(seq.ids):
+            self.backend.cache.truncate(handle, len(seq.ids) - 1)  # keep one token to compute
+        return handle
+
+    def _draw(self, logits: torch.Tensor, seq) -> tuple[int, torch.Tensor | None]:
+        if seq.params.greedy:
+            return int(logits.argmax(-1)), None
+        q = probs_from_logits(logits, seq.params)
+        return int(torch.multinomial(q, 1, generator=seq.generator)), q
+
+    def rollback(self, seq, num_verified):
+        handle = seq.state.get(self.key)
+        if handle is not None and len(handle) > num_verified:
+            self.backend.cache.truncate(handle, num_verified)
+
+    def release(self, seq):
+        handle = seq.state.pop(self.key, None)
+        if handle is None:
+            return
+        cache = self.backend.cache
+        cache.truncate(handle, min(len(handle), len(seq.ids)))
+        cache.commit(handle, seq.ids)  # verified tokens only: drafts past seq.ids were cut above
+        cache.release(handle)
+
+
+class LookupThenModel(Drafter):
+    """n-gram lookup where the context recurs, the draft model elsewhere (one k per sequence)."""
+
+    def __init__(self, lookup: NgramDrafter, model: ModelDrafter):
+        self.lookup, self.model = lookup, model
+        self.name = f"ngram+{model.name}"
+
+    def propose(self, seqs, ks):
+        out = self.lookup.propose(seqs, ks)
+        misses = [i for i, d in enumerate(out) if not d.tokens and ks[i] > 0]
+        if misses:
+            for i, d in zip(misses, self.model.propose([seqs[i] for i in misses], [ks[i] for i in misses])):
+                out[i] = d
+        return out
+
+    def rollback(self, seq, num_verified):
+        self.model.rollback(seq, num_verified)
+
+    def release(self, seq):
+        self.model.release(seq)
+
+
+# ---- self-drafts and draft-model loading -------------------------------------------------------
+
+def int8_backend(target):
+    """An int8 dynamically quantized copy of ``target``'s linear layers (CPU), as its own backend.
+
+    It shares the target's tokenizer and gets its own cache namespace; the target is untouched.
+    """
+    from decodekit.backends.hf import HFBackend
+
+    model = getattr(target, "model", None)
+    if model is None:
+        raise ValueError("draft='int8' needs a transformers (HF) target backend")
+    quantized = _quantize_dynamic(copy.deepcopy(model).cpu())
+    return HFBackend(quantized, target.tokenizer, name=f"{target.name}:int8", cache_tokens=target.cache.capacity)
+
+
+def _quantize_dynamic(model):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's migration notice; the eager API still ships in 2.13
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def check_same_tokenizer(target, draft) -> None:
+    """Raise ``ValueError`` unless the draft maps every token id to the same token as the target."""
+    a, b = target.tokenizer, draft.tokenizer
+    if a is b:
+        return
+    if _vocab(a) != _vocab(b):
+        raise ValueError(
+            f"draft model {draft.name!r} has a different tokenizer than the target {target.name!r} "
+            "(vocabulary or token ids differ): speculative drafting needs the same tokenizer")
+
+
+def _vocab(tokenizer):
+    hf = getattr(tokenizer, "hf", None)
+    if hf is not None and hasattr(hf, "get_vocab"):
+        return hf.get_vocab()
+    return [tokenizer.token_str(i) for i in range(tokenizer.vocab_size)]

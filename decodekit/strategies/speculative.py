@@ -1,0 +1,207 @@
+"""Speculative drafting: draft k tokens cheaply, verify them in one target forward, lossless.
+
+Each step, per sequence: the drafter proposes up to k tokens; the target scores the uncomputed
+tail (normally the last sampled token) plus every draft in ONE ``engine.forward`` for the whole
+batch (rows may have different k); ``verify_sampled`` / ``verify_greedy`` keep a prefix of the
+drafts and pick the next token; the main handle is truncated to the verified tokens, so the
+shared prefix cache only ever sees verified tokens. The engine appends the proposals one by one
+and stops on EOS / stop strings / length inside the block, dropping the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decodekit.sampling import probs_from_logits
+from decodekit.strategies.acceptance import verify_greedy, verify_sampled
+from decodekit.strategies.base import Proposal, Strategy
+from decodekit.strategies.drafters import (
+    Draft,
+    LookupThenModel,
+    ModelDrafter,
+    NgramDrafter,
+    check_same_tokenizer,
+    int8_backend,
+)
+
+MAX_DRAFT_TOKENS = 16
+ADAPTIVE_START = 4
+
+
+class Speculative(Strategy):
+    """Lossless speculative decoding.
+
+    ``draft``: ``"ngram"`` (prompt lookup), ``"int8"`` (int8 copy of the target), a model name or
+    a ``Backend`` (same tokenizer), or ``"ngram+<any of those>"`` (lookup where the context
+    recurs, the model elsewhere). ``num_draft_tokens``: k in 1..16, or ``"adaptive"`` (start at 4,
+    +2 after a fully accepted block, -1 after a rejection).
+    """
+
+    name = "speculative"
+
+    def __init__(self, draft="ngram", num_draft_tokens: int | str = "adaptive", *, max_ngram: int = 3):
+        _check_draft(draft)
+        adaptive = num_draft_tokens == "adaptive"
+        if not adaptive and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
+                             or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS):
+            raise ValueError(f"num_draft_tokens must be an integer in 1..{MAX_DRAFT_TOKENS} or 'adaptive', "
+                             f"got {num_draft_tokens!r}")
+        if not isinstance(max_ngram, int) or isinstance(max_ngram, bool) or max_ngram < 1:
+            raise ValueError(f"max_ngram must be an integer >= 1, got {max_ngram!r}")
+        self.draft = draft
+        self.adaptive = adaptive
+        self.max_k = MAX_DRAFT_TOKENS if adaptive else num_draft_tokens
+        self.start_k = min(ADAPTIVE_START, self.max_k) if adaptive else num_draft_tokens
+        self.max_ngram = max_ngram
+        self._drafters: dict[int, object] = {}  # per engine (a strategy may serve several)
+
+    # ---- Strategy hooks ---------------------------------------------------------------------
+    def attach(self, engine):
+        self._drafters[id(engine)] = make_drafter(self.draft, engine.backend, max_ngram=self.max_ngram)
+
+    def extra_slots(self, request):
+        return self.max_k + 1
+
+    def on_finish(self, engine, seq):
+        self._drafters[id(engine)].release(seq)
+
+    def step(self, engine, seqs):
+        drafter = self._drafters[id(engine)]
+        drafts = drafter.propose(seqs, [self._budget(engine, s) for s in seqs])
+        drafts = [_clip(d, s, engine) for d, s in zip(drafts, seqs)]
+        out = {}
+        for seq, draft, logits in zip(seqs, drafts, self._score(engine, seqs, drafts)):
+            accepted, token = _accept(seq, draft, logits)
+            num_verified = len(seq.ids) + accepted
+            engine.backend.cache.truncate(seq.handle, num_verified)  # drop rejected drafts' K/V
+            drafter.rollback(seq, num_verified)
+            self._record(seq, len(draft.tokens), accepted)
+            kept = [Proposal(t, logits[i]) for i, t in enumerate(draft.tokens[:accepted])]
+            out[seq.seq_id] = [*kept, Proposal(token, logits[accepted])]
+        return out
+
+    def stats(self, seqs):
+        drafted = sum(s.state.get("drafted", 0) for s in seqs)
+        accepted = sum(s.state.get("accepted", 0) for s in seqs)
+        steps = sum(s.state.get("steps", 0) for s in seqs)
+        hist = [sum(s.state.get("hist", [0] * (self.max_k + 1))[i] for s in seqs) for i in range(self.max_k + 1)]
+        return {
+            "draft": self.draft if isinstance(self.draft, str) else getattr(self.draft, "name", "backend"),
+            "tokens_drafted": drafted,
+            "tokens_accepted": accepted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "verify_steps": steps,
+            "mean_accepted": accepted / steps if steps else 0.0,  # accepted drafts per verify step
+            "mean_tokens_per_step": (accepted + steps) / steps if steps else 0.0,  # + the target's own token
+            "acceptance_histogram": hist,  # hist[a] = verify steps that kept exactly a drafts
+            "target_forward_passes": sum(s.num_forwards for s in seqs),  # prefill included
+        }
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _budget(self, engine, seq) -> int:
+        """Draft length for this step: the adaptive k, capped so no draft lands past max_new_tokens
+        (accepted + 1 tokens must fit) or the model's context."""
+        k = seq.state.setdefault("k", self.start_k)
+        left = seq.params.max_new_tokens - len(seq.output_ids) - 1
+        room = engine.backend.max_context - len(seq.ids) - 1
+        return max(0, min(k, left, room))
+
+    def _score(self, engine, seqs, drafts: list[Draft]) -> list:
+        """Target logits (k + 1, V) per sequence from one batched forward: the uncomputed tail plus drafts."""
+        rows, new_ids, counts = [], [], []
+        heads = []
+        for seq, draft in zip(seqs, drafts):
+            head = seq.take_next_logits()
+            tail = seq.ids[len(seq.handle):]
+            if not tail and head is None:  # nothing cached for the next position: recompute the last token
+                engine.backend.cache.truncate(seq.handle, len(seq.ids) - 1)
+                tail = seq.ids[-1:]
+            heads.append(None if tail else head)
+            if tail or draft.tokens:
+                rows.append(seq)
+                new_ids.append(tail + draft.tokens)
+                counts.append(len(draft.tokens) + (1 if tail else 0))
+        logits = dict(zip((s.seq_id for s in rows), engine.forward(rows, new_ids, counts) if rows else []))
+        out = []
+        for seq, head in zip(seqs, heads):
+            parts = ([head.unsqueeze(0)] if head is not None else []) + ([logits[seq.seq_id]] if seq.seq_id in logits
+                                                                          else [])
+            out.append(parts[0] if len(parts) == 1 else _cat(parts))
+        return out
+
+    def _record(self, seq, drafted: int, accepted: int) -> None:
+        state = seq.state
+        state["drafted"] = state.get("drafted", 0) + drafted
+        if drafted == 0:
+            return  # a plain step (no proposal): not a verify step
+        state["accepted"] = state.get("accepted", 0) + accepted
+        state["steps"] = state.get("steps", 0) + 1
+        state.setdefault("hist", [0] * (self.max_k + 1))[accepted] += 1
+        if self.adaptive:
+            k = state["k"]
+            state["k"] = min(self.max_k, k + 2) if accepted == drafted else max(1, k - 1)
+
+
+def make_drafter(draft, target, *, max_ngram: int = 3):
+    """The drafter for a ``draft`` spec, checked against the ``target`` backend."""
+    if isinstance(draft, str) and draft.startswith("ngram+"):
+        model = make_drafter(draft.removeprefix("ngram+"), target, max_ngram=max_ngram)
+        if not isinstance(model, ModelDrafter):
+            raise ValueError(f"draft {draft!r}: after 'ngram+' name a model source ('int8' or a model)")
+        return LookupThenModel(NgramDrafter(max_ngram), model)
+    if draft == "ngram":
+        return NgramDrafter(max_ngram)
+    if draft == "int8":
+        return ModelDrafter(int8_backend(target))
+    if isinstance(draft, str):
+        from decodekit.models import load_backend
+
+        draft = load_backend(draft, device=str(getattr(target, "device", "cpu")),
+                             cache_tokens=target.cache.capacity)
+    check_same_tokenizer(target, draft)
+    return ModelDrafter(draft)
+
+
+def _check_draft(draft) -> None:
+    from decodekit.backends.base import Backend
+
+    if isinstance(draft, Backend) or (isinstance(draft, str) and draft and draft != "ngram+"):
+        return
+    raise ValueError(f"draft must be 'ngram', 'int8', a model name, a Backend or 'ngram+<source>', got {draft!r}")
+
+
+def _clip(draft: Draft, seq, engine) -> Draft:
+    """Cut drafts after a stop token (nothing past EOS is worth scoring) and ids the target lacks."""
+    vocab = engine.backend.vocab_size
+    stops = set(seq.params.stop_token_ids)
+    if not seq.params.ignore_eos:
+        stops |= set(engine.tokenizer.eos_token_ids)
+    n = len(draft.tokens)
+    for i, t in enumerate(draft.tokens):
+        if t >= vocab:
+            n = i
+            break
+        if t in stops:
+            n = i + 1
+            break
+    q = draft.q
+    if q is not None:
+        q = q[:n]
+        if q.shape[1] != vocab:  # same tokenizer, padded differently: align the draft's vocab to the target's
+            q = q[:, :vocab] if q.shape[1] > vocab else _pad(q, vocab)
+    return Draft(draft.tokens[:n], q)
+
+
+def _accept(seq, draft: Draft, logits) -> tuple[int, int]:
+    if seq.params.greedy:
+        return verify_greedy(draft=draft.tokens, target=logits.argmax(-1).tolist())
+    p = probs_from_logits(logits, seq.params)  # (k + 1, V), the request's processed distributions
+    return verify_sampled(draft=draft.tokens, p=p, q=draft.q, generator=seq.generator)
+
+
+def _cat(parts):
+    return torch.cat(parts, dim=0)
+
+
+def _pad(q, vocab: int):
+    return torch.nn.functional.pad(q, (0, vocab - q.shape[1]))
