@@ -1,0 +1,242 @@
+"""The OpenAI-compatible FastAPI app: ``create_app(llm)``; ``ServerThread`` runs it on a local port.
+
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /health``,
+``GET /metrics``. One engine thread (``worker.EngineWorker``) does continuous batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import socket
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from functools import partial
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from servers.openai import errors, protocol
+from servers.openai import responses as R
+from servers.openai.calls import Call, ClientDisconnected
+from servers.openai.errors import APIError
+from servers.openai.metrics import Metrics
+from servers.openai.protocol import ChatCompletionRequest, CompletionRequest
+from servers.openai.strategies import StrategyCache
+from servers.openai.streaming import SSE_HEADERS, chat_stream, text_stream
+from servers.openai.worker import EngineWorker
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class Server:
+    """What the routes share: the model, the engine thread, counters and the strategy cache."""
+
+    def __init__(self, llm, *, model_name: str | None, api_key: str | None, max_queue: int,
+                 default_max_tokens: int):
+        if default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {default_max_tokens}")
+        self.llm = llm
+        self.model_name = model_name or llm.model_name.split(":")[0]
+        self.api_key = api_key
+        self.default_max_tokens = default_max_tokens
+        self.metrics = Metrics()
+        self.worker = EngineWorker(llm, max_queue=max_queue, on_done=self._on_done)
+        self.strategies = StrategyCache(on_evict=self._forget_strategy)
+        self.created = int(time.time())
+
+    @property
+    def engine(self):
+        return self.worker.engine
+
+    def check_model(self, model: str) -> None:
+        if model not in (self.model_name, self.llm.backend.name):
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    async def strategy_for(self, options, response_format=None):
+        if not options and response_format is None:
+            return None
+        return await asyncio.to_thread(self.strategies.resolve, options, response_format)
+
+    def params(self, body, max_tokens, default, logprobs, prompt_len):
+        return protocol.sampling_params(body, max_tokens=max_tokens, default_max_tokens=default,
+                                        prompt_len=prompt_len, max_context=self.engine.backend.max_context,
+                                        logprobs=logprobs)
+
+    def _on_done(self, sub, completion) -> None:
+        name = getattr(sub.request.strategy, "name", "strategy")
+        self.metrics.record_done(name, completion, time.perf_counter() - sub.submitted_at)
+
+    def _forget_strategy(self, strategy) -> None:
+        # the engine remembers attached strategies by id(); a later object may reuse a dead one's id
+        self.worker.call(lambda engine: getattr(engine, "_attached", set()).discard(id(strategy)))
+
+
+class Gate:
+    """Pure ASGI middleware: API-key check on /v1 routes and request counts by status."""
+
+    def __init__(self, app, server: Server):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.server.api_key and scope["path"].startswith("/v1") and not self._authorized(scope):
+                error = APIError(401, "incorrect API key provided", code="invalid_api_key")
+                await error.response()(scope, receive, send_status)
+                return
+            await self.app(scope, receive, send_status)
+        finally:
+            self.server.metrics.count_request(scope["path"], status[0])
+
+    def _authorized(self, scope) -> bool:
+        headers = dict(scope.get("headers", []))
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        key = given[7:].strip() if given.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode()
+        return hmac.compare_digest(key.encode(), self.server.api_key.encode())
+
+
+def create_app(llm, *, model_name: str | None = None, api_key: str | None = None, max_queue: int = 256,
+               default_max_tokens: int = 256) -> FastAPI:
+    """The app around a loaded ``decodekit.LLM``; the engine thread runs while the app is up."""
+    server = Server(llm, model_name=model_name, api_key=api_key, max_queue=max_queue,
+                    default_max_tokens=default_max_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.worker.start()
+        try:
+            yield
+        finally:
+            server.worker.stop()
+
+    app = FastAPI(title="decodekit", lifespan=lifespan)
+    app.state.server = server
+    errors.install(app)
+    app.add_middleware(Gate, server=server)
+    _routes(app, server)
+    return app
+
+
+def _routes(app: FastAPI, server: Server) -> None:
+    @app.get("/health")
+    async def health():
+        body = {"status": "ok" if server.worker.alive else "down", "model": server.model_name,
+                "queue_length": server.worker.queue_length, "running": server.worker.num_running}
+        return JSONResponse(body, status_code=200 if server.worker.alive else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(server.worker), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(server)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        server.check_model(model)
+        return _model_card(server)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await _chat(server, body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _text(server, body, request)
+
+
+def _model_card(server: Server) -> dict:
+    return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "decodekit",
+            "max_model_len": server.engine.backend.max_context}
+
+
+async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
+    server.check_model(body.model)
+    protocol.check_chat(body)
+    messages = protocol.chat_messages(body)
+    strategy = await server.strategy_for(body.decodekit, body.response_format)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    make = partial(server.params, body, max_tokens, server.default_max_tokens, top)
+    call = Call(server, [messages], make, strategy)
+    await call.start()
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if body.stream:
+        base = R.header("chat.completion.chunk", response_id, server.model_name)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen = chat_stream(call, base, n=body.n, want_logprobs=body.logprobs, include_usage=include_usage)
+        return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        done = await call.collect(request)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(R.chat_response(response_id, server.model_name, done[0][1], body.logprobs))
+
+
+async def _text(server: Server, body: CompletionRequest, request: Request):
+    server.check_model(body.model)
+    protocol.check_completion(body)
+    prompts = protocol.completion_prompts(body)
+    strategy = await server.strategy_for(body.decodekit)
+    make = partial(server.params, body, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs)
+    call = Call(server, prompts, make, strategy)
+    await call.start()
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    want_logprobs = body.logprobs is not None
+    if body.stream:
+        base = R.header("text_completion", response_id, server.model_name)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen = text_stream(call, base, n=body.n, echo=body.echo, want_logprobs=want_logprobs,
+                          include_usage=include_usage)
+        return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        done = await call.collect(request)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(R.text_response(response_id, server.model_name, done, body.n, body.echo, want_logprobs))
+
+
+class ServerThread:
+    """Runs an app with uvicorn in a background thread on ``host`` and a free (or given) port."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()

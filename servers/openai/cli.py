@@ -1,0 +1,38 @@
+"""``decodekit serve``: the OpenAI-compatible local server (found by decodekit/cli.py)."""
+
+from __future__ import annotations
+
+import os
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible local server with continuous batching")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("DECODEKIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DECODEKIT_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: --model)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for admission before 429")
+    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per step")
+    p.add_argument("--cache-tokens", type=int, default=16384, help="KV-cache budget in tokens")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="chat max_tokens when the client sets none")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from decodekit.api import LLM
+    from servers.openai.app import create_app
+
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, cache_tokens=args.cache_tokens,
+              max_batch_size=args.max_batch_size)
+    app = create_app(llm, model_name=args.served_model_name or args.model, api_key=args.api_key,
+                     max_queue=args.max_queue, default_max_tokens=args.default_max_tokens)
+    print(f"decodekit: serving {args.served_model_name or args.model} at http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

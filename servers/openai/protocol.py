@@ -1,0 +1,186 @@
+"""Request models of the OpenAI API (pydantic) and their mapping to decodekit ``SamplingParams``.
+
+Pydantic checks types (a wrong type is a 422); value checks raise ``APIError`` 400 naming the
+OpenAI parameter. Unknown fields are ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from decodekit.types import SamplingParams
+from servers.openai.errors import APIError, bad_value, param_of
+
+MAX_N = 64
+MAX_LOGPROBS = 20
+RENAMES = {"max_new_tokens": "max_tokens"}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class JsonSchemaSpec(_Model):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class _Sampling(_Model):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM-style extensions, accepted at the top level of the body
+    top_k: int | None = None
+    min_p: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    # decodekit strategy choice: {"strategy": "speculative", "draft": "ngram", ...}
+    decodekit: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ContentPart(_Model):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Model):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+# ---- checks -------------------------------------------------------------------------------------
+def check_common(body: _Sampling) -> None:
+    """Value checks shared by both endpoints (400 naming the OpenAI parameter)."""
+    if not 1 <= body.n <= MAX_N:
+        raise bad_value(f"n must be between 1 and {MAX_N}, got {body.n}", "n")
+    if body.temperature is not None and not 0 <= body.temperature <= 2:
+        raise bad_value(f"temperature must be between 0 and 2, got {body.temperature}", "temperature")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise bad_value(f"{name} is not supported by decodekit (use 0)", name)
+    if body.logit_bias:
+        raise bad_value("logit_bias is not supported by decodekit", "logit_bias")
+    stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    if len(stops) > 16 or any(not s for s in stops):
+        raise bad_value("stop must be up to 16 non-empty strings", "stop")
+
+
+def check_completion(body: CompletionRequest) -> None:
+    check_common(body)
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+        raise bad_value(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {body.logprobs}", "logprobs")
+    if body.suffix:
+        raise bad_value("suffix (fill-in-the-middle) is not supported", "suffix")
+    if body.best_of not in (None, 1, body.n):
+        raise bad_value("best_of other than n is not supported", "best_of")
+
+
+def check_chat(body: ChatCompletionRequest) -> None:
+    check_common(body)
+    if body.top_logprobs is not None:
+        if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise bad_value(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
+        if not body.logprobs:
+            raise bad_value("top_logprobs needs logprobs=true", "top_logprobs")
+    if body.tools:
+        raise bad_value("tools are not supported by decodekit; use response_format for structured output", "tools")
+    if not body.messages:
+        raise bad_value("messages must be a non-empty list", "messages")
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    """Messages as ``{"role", "content"}`` dicts for the chat template (text parts joined)."""
+    out = []
+    for i, m in enumerate(body.messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(p.type != "text" or p.text is None for p in content):
+                raise bad_value("only text content parts are supported", f"messages.{i}.content")
+            content = "".join(p.text for p in content)
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": content or ""})
+    return out
+
+
+def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
+    """The prompt field as a list of prompts (text or token ids)."""
+    p = body.prompt
+    if isinstance(p, str):
+        prompts = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        prompts = [list(p)]
+    else:
+        prompts = list(p)
+    if not prompts or any(len(x) == 0 for x in prompts):
+        raise bad_value("prompt must not be empty", "prompt")
+    return prompts
+
+
+def sampling_params(body: _Sampling, *, max_tokens: int | None, default_max_tokens: int, prompt_len: int,
+                    max_context: int, logprobs: int | None) -> SamplingParams:
+    """``SamplingParams`` for one prompt; ``max_tokens`` is clamped to the room left in the context."""
+    if prompt_len >= max_context:
+        raise APIError(413, f"prompt has {prompt_len} tokens; the model's context is {max_context} tokens",
+                       param="messages" if hasattr(body, "messages") else "prompt", code="context_length_exceeded")
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_value(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    room = max_context - prompt_len
+    wanted = default_max_tokens if max_tokens is None else max_tokens
+    stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    try:
+        return SamplingParams(
+            max_new_tokens=min(wanted, room),
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            seed=None if body.seed is None else body.seed % (1 << 63),  # OpenAI allows negative seeds
+            n=body.n,
+            stop=stops,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+        )
+    except ValueError as e:
+        raise bad_value(str(e), param_of(str(e), RENAMES)) from None

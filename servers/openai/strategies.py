@@ -1,0 +1,119 @@
+"""Per-request strategy choice: the ``decodekit`` body field and ``response_format``.
+
+Strategy instances are cached per option set, so a draft model loads once and every request with
+the same options shares one instance (the engine batches sequences per strategy instance).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from decodekit.strategies import by_name
+from servers.openai.errors import APIError, bad_value
+
+MAX_CACHED = 64
+
+
+def json_constraint_available() -> bool:
+    try:
+        from decodekit.strategies.constrained import Constrained  # noqa: F401
+
+        import decodekit.constraints  # noqa: F401
+        from decodekit.constraints import JsonSchema  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class StrategyCache:
+    """Builds and caches strategies; thread-safe (built off the event loop: loading can be slow)."""
+
+    def __init__(self, on_evict=None, max_cached: int = MAX_CACHED):
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._on_evict = on_evict
+        self.max_cached = max_cached
+
+    def resolve(self, options: dict | None, response_format=None):
+        """The strategy for a request (None: the engine default). Raises ``APIError`` 400."""
+        options = dict(options or {})
+        if not isinstance(options.get("strategy", ""), str):
+            raise bad_value("decodekit.strategy must be a string", "decodekit.strategy")
+        name = options.pop("strategy", None)
+        schema = json_schema_of(response_format)
+        if schema is not None:
+            if name not in (None, "constrained"):
+                raise bad_value(f"response_format needs the constrained strategy, got decodekit.strategy={name!r}",
+                                "response_format")
+            return self._get(("constrained-json", schema, options), lambda: _json_strategy(schema, options))
+        if name is None:
+            if options:
+                raise bad_value(f"decodekit options {sorted(options)} need a decodekit.strategy", "decodekit")
+            return None
+        return self._get((name, options), lambda: _named(name, options))
+
+    def _get(self, key, build):
+        text = json.dumps(key, sort_keys=True, default=str)
+        with self._lock:
+            if text in self._cache:
+                self._cache.move_to_end(text)
+                return self._cache[text]
+            strategy = build()
+            self._cache[text] = strategy
+            while len(self._cache) > self.max_cached:
+                _, old = self._cache.popitem(last=False)
+                if self._on_evict is not None:
+                    self._on_evict(old)
+            return strategy
+
+
+def _named(name: str, options: dict):
+    try:
+        return by_name(name, **options)
+    except ValueError as e:
+        raise bad_value(str(e), "decodekit.strategy" if "unknown strategy" in str(e) else "decodekit") from None
+    except TypeError as e:  # an option the strategy does not take
+        raise bad_value(f"strategy {name!r}: {e}", "decodekit") from None
+
+
+def json_schema_of(response_format) -> dict | None:
+    """The JSON schema a ``response_format`` asks for (None for text); 400 for an invalid schema."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return {"type": "object"}
+    spec = response_format.json_schema
+    if spec is None or spec.schema_ is None:
+        raise bad_value("response_format json_schema needs json_schema.schema", "response_format.json_schema")
+    _check_schema(spec.schema_)
+    return spec.schema_
+
+
+def _check_schema(schema: dict) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise bad_value(f"invalid JSON schema: {e.message}", "response_format.json_schema.schema") from None
+
+
+def _json_strategy(schema: dict, options: dict):
+    if not json_constraint_available():
+        raise APIError(400, "response_format json_object / json_schema needs decodekit's constrained generation "
+                            "(decodekit.constraints), which this build lacks", param="response_format",
+                       code="unsupported")
+    from decodekit.strategies.constrained import Constrained
+
+    from decodekit.constraints import JsonSchema
+
+    options = {"sampler": "awrs", **options}
+    try:
+        return Constrained(JsonSchema(schema), **options)
+    except ValueError as e:
+        raise bad_value(f"invalid JSON schema or options: {e}", "response_format") from None
+    except TypeError as e:
+        raise bad_value(f"constrained strategy: {e}", "decodekit") from None

@@ -1,0 +1,64 @@
+"""Server-sent event streams for chat and text completions, ending with ``data: [DONE]``.
+
+If the client disconnects, Starlette cancels the generator; ``finally`` then aborts the call's
+engine requests, which frees their cache slots before the next engine step.
+"""
+
+from __future__ import annotations
+
+from servers.openai import responses as R
+from servers.openai.errors import APIError
+
+DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def chat_stream(call, base: dict, *, n: int, want_logprobs: bool, include_usage: bool):
+    try:
+        for index in range(n):
+            yield R.sse(R.chat_chunk(base, index, {"role": "assistant", "content": ""}, include_usage=include_usage))
+        async for kind, _sub, event in call.messages():
+            if kind != "event":
+                continue
+            logprobs = event.logprobs if want_logprobs else None
+            if event.text or logprobs:
+                yield R.sse(R.chat_chunk(base, event.index, {"content": event.text}, logprobs=logprobs,
+                                         include_usage=include_usage))
+            if event.finish_reason is not None:
+                yield R.sse(R.chat_chunk(base, event.index, {}, finish=event.finish_reason,
+                                         include_usage=include_usage))
+        if include_usage:
+            yield R.sse(R.usage_chunk(base, list(call.done.values())))
+    except APIError as e:
+        yield R.sse(e.body())
+    finally:
+        call.close()
+    yield DONE
+
+
+async def text_stream(call, base: dict, *, n: int, echo: bool, want_logprobs: bool, include_usage: bool):
+    offsets: dict[int, int] = {}  # choice index -> characters sent (logprobs text_offset)
+    try:
+        if echo:
+            for sub in call.subs:
+                for i in range(n):
+                    index = sub.offset * n + i
+                    offsets[index] = len(sub.prompt_text)
+                    yield R.sse(R.text_chunk(base, index, sub.prompt_text, include_usage=include_usage))
+        async for kind, sub, event in call.messages():
+            if kind != "event":
+                continue
+            index = sub.offset * n + event.index
+            logprobs = event.logprobs if want_logprobs else None
+            if event.text or logprobs or event.finish_reason is not None:
+                yield R.sse(R.text_chunk(base, index, event.text, logprobs=logprobs,
+                                         text_offset=offsets.get(index, 0), finish=event.finish_reason,
+                                         include_usage=include_usage))
+                offsets[index] = offsets.get(index, 0) + len(event.text)
+        if include_usage:
+            yield R.sse(R.usage_chunk(base, list(call.done.values())))
+    except APIError as e:
+        yield R.sse(e.body())
+    finally:
+        call.close()
+    yield DONE

@@ -1,0 +1,250 @@
+"""The engine loop thread: continuous batching for the server.
+
+The ``Engine`` is not thread-safe, so one thread owns it. HTTP handlers (on the asyncio loop)
+hand it ``Submission``s through a thread-safe inbox; between two ``engine.step()`` calls the
+thread takes new submissions (tokenize, ``add_request``) and aborts, so requests join and leave
+the running batch between steps. Each ``TokenEvent`` goes back to its submission's asyncio queue
+with ``loop.call_soon_threadsafe``. Messages a queue receives, in order:
+``("accepted", sub, prompt_ids)``, ``("event", sub, TokenEvent)``..., ``("done", sub, Completion)``,
+or ``("error", sub, APIError)`` at any point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from decodekit.types import SamplingParams
+from servers.openai.errors import APIError, bad_value
+
+log = logging.getLogger("decodekit.server")
+
+
+class QueueFull(Exception):
+    """More requests are waiting for admission than the server's ``max_queue``."""
+
+
+@dataclass(eq=False)
+class Submission:
+    """One engine request: a prompt, how to build its params once its length is known, where to reply."""
+
+    request_id: str
+    prompt: str | list[int] | list[dict]
+    make_params: Callable[[int], SamplingParams]
+    strategy: Any
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    offset: int = 0  # choice index offset of this prompt in a batched completions call
+    prompt_text: str = ""
+    request: Any = None
+    waiting: bool = True
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def send(self, kind: str, payload=None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, self, payload))
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+
+@dataclass
+class LoopStats:
+    num_steps: int = 0
+    num_step_seqs: int = 0  # sum over steps of running sequences: / num_steps = mean batch size
+    max_running_seqs: int = 0
+    num_aborted: int = 0
+    num_failed_steps: int = 0
+
+
+class EngineWorker:
+    def __init__(self, llm, *, max_queue: int = 256, on_done: Callable | None = None):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.llm = llm
+        self.engine = llm.engine
+        self.max_queue = max_queue
+        self.stats = LoopStats()
+        self._on_done = on_done
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._active: dict[str, Submission] = {}
+        self._lock = threading.Lock()
+        self._num_waiting = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="decodekit-engine", daemon=True)
+
+    # ---- called from the HTTP side ------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def queue_length(self) -> int:
+        """Requests accepted by the server and not yet admitted into the running batch."""
+        return self._num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return len(self._active) - self._num_waiting
+
+    def submit(self, sub: Submission) -> None:
+        """Queue a submission; raises ``QueueFull`` when ``max_queue`` requests already wait."""
+        with self._lock:
+            if self._num_waiting >= self.max_queue:
+                raise QueueFull(f"{self._num_waiting} requests are waiting (max_queue={self.max_queue})")
+            self._num_waiting += 1
+        self._inbox.put(("add", sub))
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (client gone); its cache slots are freed before the next step."""
+        self._inbox.put(("abort", request_id))
+
+    def call(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
+        """Run ``fn(engine)`` on the engine thread between steps (inspection, cache checks)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", (fn, future)))
+        return future
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not self.engine.has_unfinished())
+            if self.engine.has_unfinished():
+                self._step()
+        self._fail_all(APIError(503, "server is shutting down"))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload) -> None:
+        if kind == "add":
+            self._add(payload)
+        elif kind == "abort":
+            self._abort(payload)
+        elif kind == "call":
+            fn, future = payload
+            try:
+                future.set_result(fn(self.engine))
+            except Exception as e:  # the caller sees it through the future
+                future.set_exception(e)
+
+    def _add(self, sub: Submission) -> None:
+        try:
+            text, ids = self._encode(sub.prompt)
+            params = sub.make_params(len(ids))
+            sub.request = self.engine.add_request(ids, params, sub.strategy, prompt=text, request_id=sub.request_id)
+        except APIError as e:
+            self._reject(sub, e)
+            return
+        except ValueError as e:
+            self._reject(sub, bad_value(str(e)))
+            return
+        except Exception as e:
+            log.exception("could not add request %s", sub.request_id)
+            self._reject(sub, APIError(500, f"could not start the request: {type(e).__name__}: {e}"))
+            return
+        sub.prompt_text = text
+        self._active[sub.request_id] = sub
+        sub.send("accepted", list(ids))
+
+    def _encode(self, prompt) -> tuple[str, list[int]]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            vocab = self.engine.backend.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):
+                raise bad_value(f"prompt token ids must be in [0, {vocab})", "prompt")
+            return self.engine.tokenizer.decode(prompt), list(prompt)
+        return self.llm.encode_prompt(prompt)
+
+    def _reject(self, sub: Submission, error: APIError) -> None:
+        self._leave_waiting(sub)
+        sub.send("error", error)
+
+    def _abort(self, request_id: str) -> None:
+        sub = self._active.pop(request_id, None)
+        if sub is None:
+            return
+        self._leave_waiting(sub)
+        self.engine.abort(request_id)
+        self.stats.num_aborted += 1
+
+    def _leave_waiting(self, sub: Submission) -> None:
+        if sub.waiting:
+            sub.waiting = False
+            with self._lock:
+                self._num_waiting -= 1
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed; failing the running requests")
+            self.stats.num_failed_steps += 1
+            self._fail_all(APIError(500, f"engine step failed: {type(e).__name__}: {e}"))
+            return
+        running = len(self.engine.running)
+        self.stats.num_steps += 1
+        self.stats.num_step_seqs += running
+        self.stats.max_running_seqs = max(self.stats.max_running_seqs, running)
+        for event in events:
+            sub = self._active.get(event.request_id)
+            if sub is not None:
+                sub.send("event", event)
+        self._collect()
+
+    def _collect(self) -> None:
+        for request_id, sub in list(self._active.items()):
+            if sub.waiting and sub.request.seqs:
+                self._leave_waiting(sub)
+            if sub.request.finished:
+                del self._active[request_id]
+                completion = self.engine.pop_completion(request_id)
+                if self._on_done is not None:
+                    self._on_done(sub, completion)
+                sub.send("done", completion)
+
+    def _fail_all(self, error: APIError) -> None:
+        for request_id, sub in list(self._active.items()):
+            self._active.pop(request_id, None)
+            self._leave_waiting(sub)
+            try:
+                self.engine.abort(request_id)
+            except Exception:
+                log.exception("abort of %s failed", request_id)
+            sub.send("error", error)
+        self._drain_rejecting(error)
+
+    def _drain_rejecting(self, error: APIError) -> None:
+        if not self._stop.is_set():
+            return
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._reject(payload, error)
+            elif kind == "call":
+                payload[1].cancel()
