@@ -2,7 +2,9 @@
 
 from decodekit.api import LLM, generate
 from decodekit.cache import CacheFullError
+from decodekit.constraints import Grammar, JsonSchema, OneOf, Predicate, Regex
 from decodekit.strategies import Sample, Speculative, Strategy
+from decodekit.strategies.constrained import Constrained
 from decodekit.types import Choice, Completion, RequestStats, SamplingParams, TokenEvent, TokenInfo, Usage
 
 __all__ = [
@@ -10,6 +12,12 @@ __all__ = [
     "CacheFullError",
     "Choice",
     "Completion",
+    "Constrained",
+    "Grammar",
+    "JsonSchema",
+    "OneOf",
+    "Predicate",
+    "Regex",
     "RequestStats",
     "Sample",
     "SamplingParams",

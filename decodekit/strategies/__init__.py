@@ -1,15 +1,16 @@
 """Decoding strategies; ``by_name`` maps the names used by the CLI and the server."""
 
 from decodekit.strategies.base import Proposal, Strategy
+from decodekit.strategies.constrained import Constrained
 from decodekit.strategies.sample import Sample
 from decodekit.strategies.speculative import Speculative
 
 
 def by_name(name: str, **options) -> Strategy:
-    registry = {"sample": Sample, "speculative": Speculative}
+    registry = {"sample": Sample, "constrained": Constrained, "speculative": Speculative}
     if name not in registry:
         raise ValueError(f"unknown strategy {name!r}; known: {sorted(registry)}")
     return registry[name](**options)
 
 
-__all__ = ["Proposal", "Sample", "Speculative", "Strategy", "by_name"]
+__all__ = ["Constrained", "Proposal", "Sample", "Speculative", "Strategy", "by_name"]

@@ -1,0 +1,117 @@
+"""The Constraint interface: checks on the text (bytes) of a candidate output.
+
+A constraint says whether a byte string can still be completed (``prefix_ok``) and whether it
+is a full valid output (``complete_ok``). Samplers lift these checks to tokens through each
+token's exact byte string (``tokens.token_bytes``). Automaton constraints (regular expressions,
+JSON schemas) may also give an exact full-vocabulary mask through ``automaton``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from decodekit.constraints.tokens import token_bytes
+
+
+def as_bytes(text: bytes | str) -> bytes:
+    return text.encode() if isinstance(text, str) else bytes(text)
+
+
+def decode_prefix(text: bytes) -> str | None:
+    """The text of ``text`` as UTF-8, dropping an incomplete last character; ``None`` if not UTF-8.
+
+    A token may end inside a multi-byte character; the prefix check then judges the complete
+    characters only, and the next token's check sees the whole character.
+    """
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.reason != "unexpected end of data":  # invalid bytes, not just a character cut short
+            return None
+        try:
+            return text[: e.start].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+
+def decode_complete(text: bytes) -> str | None:
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class Constraint(ABC):
+    """Checks on output text. Subclasses implement ``prefix_ok_text`` / ``complete_ok_text`` on str.
+
+    Contract: every string accepted by ``complete_ok`` has all its prefixes accepted by
+    ``prefix_ok`` (so a sampler never cuts off a valid output); ``prefix_ok`` may be optimistic
+    (a dead end is found later and gets weight zero).
+    """
+
+    name = "constraint"
+
+    def __init__(self):
+        self._indexes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def prefix_ok(self, text: bytes | str) -> bool:
+        s = decode_prefix(as_bytes(text))
+        return s is not None and self.prefix_ok_text(s)
+
+    def complete_ok(self, text: bytes | str) -> bool:
+        s = decode_complete(as_bytes(text))
+        return s is not None and self.complete_ok_text(s)
+
+    @abstractmethod
+    def prefix_ok_text(self, text: str) -> bool:
+        """Can ``text`` be extended into a valid output?"""
+
+    @abstractmethod
+    def complete_ok_text(self, text: str) -> bool:
+        """Is ``text`` a valid output?"""
+
+    def automaton(self) -> str | None:
+        """A regular expression (outlines-core syntax) whose language equals ``prefix_ok``'s, or None."""
+        return None
+
+    def index(self, tokenizer):
+        """The exact token mask (an ``AutomatonIndex``) for ``tokenizer``, or None; built once."""
+        pattern = self.automaton()
+        if pattern is None:
+            return None
+        if tokenizer not in self._indexes:
+            from decodekit.constraints.regex import AutomatonIndex
+
+            self._indexes[tokenizer] = AutomatonIndex.build(pattern, tokenizer)
+        return self._indexes[tokenizer]
+
+
+class TokenChecker:
+    """Lifts a constraint to token ids for one tokenizer, counting every check.
+
+    EOS is accepted only where the text so far is complete; special tokens never are.
+    """
+
+    def __init__(self, constraint: Constraint, tokenizer):
+        self.constraint = constraint
+        self.token_bytes = token_bytes(tokenizer)
+        self.eos_ids = frozenset(tokenizer.eos_token_ids)
+        self.num_checks = 0
+
+    def accept_fn(self, text: bytes, *, final: bool = False) -> Callable[[int], bool]:
+        """``accept(token)`` after ``text``; with ``final`` a non-EOS token must complete the text."""
+        check = self.constraint.complete_ok if final else self.constraint.prefix_ok
+
+        def accept(token: int) -> bool:
+            self.num_checks += 1
+            if token in self.eos_ids:
+                return self.constraint.complete_ok(text)
+            piece = self.token_bytes[token] if token < len(self.token_bytes) else None
+            return piece is not None and check(text + piece)
+
+        return accept
+
+    def eos_token(self) -> int:
+        return min(self.eos_ids)

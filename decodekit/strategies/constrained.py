@@ -1,0 +1,299 @@
+"""Constrained generation: every output satisfies a constraint (regex, JSON schema, grammar, ...).
+
+``Constrained(constraint, sampler="awrs" | "masked", num_particles=1, ess_threshold=0.5)``.
+With one particle each engine step draws one token per sequence (AWRS: a few constraint checks;
+masked: the whole vocabulary, or the exact automaton mask) and streams it. With
+``num_particles > 1`` each sequence runs sequential Monte Carlo inside its engine request: the
+particles fork the prompt's KV handle (no copy), advance together in one batched forward per
+step, resample by ESS, and at the end one particle, drawn by weight, is proposed to the engine
+in one go (so SMC output arrives at the end, not streamed). Particles, weights and the log
+marginal-likelihood estimate are in ``Completion.stats.extra``.
+
+The engine decides stops; this strategy only ends a sequence itself when no valid continuation
+exists: it finishes it with ``finish_reason="constraint_failed"`` (``stats.extra["constraint_error"]``
+says why), never presenting invalid text as valid. At the last allowed token a complete text is
+ended with EOS (``max_new_tokens`` counts the EOS), so outputs stop by EOS wherever possible.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decodekit.constraints.awrs import NEG_INF, TokenDraw, check_all, masked_sample, recursive_awrs
+from decodekit.constraints.base import Constraint, TokenChecker
+from decodekit.constraints.smc import RESAMPLERS, Particle, ess, log_mean_weight, normalized_weights, resample
+from decodekit.sampling import process_logits
+from decodekit.strategies.base import Proposal, Strategy
+
+SAMPLERS = ("awrs", "masked")
+
+
+class Constrained(Strategy):
+    name = "constrained"
+
+    def __init__(self, constraint: Constraint, sampler: str = "awrs", num_particles: int = 1,
+                 ess_threshold: float = 0.5, *, resampling: str = "systematic", critic=None,
+                 exact_weights: str | bool = "auto"):
+        if not isinstance(constraint, Constraint):
+            raise ValueError(f"constraint must be a decodekit Constraint (Regex, JsonSchema, ...), got {constraint!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
+            raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
+        if not isinstance(ess_threshold, (int, float)) or not 0 <= ess_threshold <= 1:
+            raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold!r}")
+        if resampling not in RESAMPLERS:
+            raise ValueError(f"resampling must be one of {sorted(RESAMPLERS)}, got {resampling!r}")
+        if critic is not None and not callable(critic):
+            raise ValueError("critic must be a callable str -> log score (float), or None")
+        if exact_weights not in ("auto", True, False):
+            raise ValueError(f"exact_weights must be 'auto', True or False, got {exact_weights!r}")
+        self.constraint = constraint
+        self.sampler = sampler
+        self.num_particles = num_particles
+        self.ess_threshold = float(ess_threshold)
+        self.resampling = resampling
+        self.critic = critic
+        self.exact_weights = exact_weights
+        self._invalid: dict[tuple, torch.Tensor] = {}
+
+    # ---- engine hooks ---------------------------------------------------------------------
+    def validate(self, request) -> None:
+        if not request.tokenizer.eos_token_ids:
+            raise ValueError("constrained decoding needs a tokenizer with an EOS token")
+
+    def extra_slots(self, request) -> int:
+        # every particle may grow its own max_new_tokens beyond the shared prompt
+        return (self.num_particles - 1) * (request.params.max_new_tokens + 1) + 1 if self.num_particles > 1 else 0
+
+    def step(self, engine, seqs):
+        if self.num_particles == 1:
+            return self._step_single(engine, seqs)
+        return self._step_smc(engine, seqs)
+
+    def on_finish(self, engine, seq) -> None:
+        run = seq.state.get("smc")
+        if run is not None:
+            for p in run["particles"]:
+                if p.handle is not None:
+                    engine.backend.cache.release(p.handle)
+                    p.handle = None
+
+    def stats(self, seqs) -> dict:
+        states = [s.state["constrained"] for s in seqs if "constrained" in s.state]
+        checks = sum(st["checker"].num_checks for st in states)
+        draws = sum(st["draws"] for st in states)
+        out = {"sampler": self.sampler, "num_particles": self.num_particles, "constraint": self.constraint.name,
+               "constraint_checks": checks, "token_draws": draws,
+               "checks_per_token": checks / draws if draws else 0.0}
+        errors = [st["error"] for st in states if st.get("error")]
+        if errors:
+            out["constraint_error"] = errors[0]
+        runs = [s.state["smc"] for s in seqs if "smc" in s.state]
+        if runs:
+            out["resampling_events"] = sum(r["resamples"] for r in runs)
+            out["ess_trace"] = runs[0]["ess_trace"]
+            out["particles_alive"] = runs[0]["alive_trace"]
+            out["log_ml"] = runs[0].get("log_ml")
+            out["particles"] = runs[0].get("results", [])
+        return out
+
+    # ---- one particle: a token per step, streamed ------------------------------------------
+    def _step_single(self, engine, seqs):
+        engine.compute_next_logits(seqs)
+        out = {}
+        for seq in seqs:
+            st = self._state(engine, seq)
+            logits = seq.take_next_logits()
+            track = st["track"]
+            if len(seq.output_ids) >= seq.params.max_new_tokens - 1 and self.constraint.complete_ok(track.text):
+                out[seq.seq_id] = [Proposal(st["checker"].eos_token(), logits)]  # complete: end it while we may
+                continue
+            draw = self._draw(engine, seq, st, track, logits)
+            if draw.logw == NEG_INF:
+                self._fail(engine, seq, st, "no token can continue the text under the constraint (dead end)")
+                continue
+            self._advance(engine, st, track, draw.token)
+            out[seq.seq_id] = [Proposal(draw.token, logits)]
+        return out
+
+    # ---- SMC: particles inside the request, one answer at the end ---------------------------
+    def _step_smc(self, engine, seqs):
+        runs = {seq.seq_id: seq.state.get("smc") or self._start_smc(engine, seq) for seq in seqs}
+        self._forward_particles(engine, seqs, runs)
+        out = {}
+        for seq in seqs:
+            run = runs[seq.seq_id]
+            self._smc_advance(engine, seq, run)
+            if all(not p.alive for p in run["particles"]):
+                proposals = self._smc_finish(engine, seq, run)
+                if proposals:
+                    out[seq.seq_id] = proposals
+        return out
+
+    def _start_smc(self, engine, seq) -> dict:
+        st = self._state(engine, seq)
+        logits = seq.take_next_logits()
+        cache = engine.backend.cache
+        particles = [Particle(cache.fork(seq.handle), [], b"", fsa_state=st["track"].fsa_state)
+                     for _ in range(self.num_particles)]
+        run = {"particles": particles, "first_logits": logits, "resamples": 0, "ess_trace": [], "alive_trace": []}
+        seq.state["smc"] = run
+        return run
+
+    def _forward_particles(self, engine, seqs, runs) -> None:
+        rows, handles, new_ids = [], [], []
+        for seq in seqs:
+            for p in runs[seq.seq_id]["particles"]:
+                if p.alive and runs[seq.seq_id]["first_logits"] is None:
+                    ids = seq.request.prompt_ids + p.out
+                    rows.append(p)
+                    handles.append(p.handle)
+                    new_ids.append(ids[len(p.handle):])
+        if rows:
+            for seq in seqs:
+                seq.num_forwards += 1
+            for p, row in zip(rows, engine.backend.forward(handles, new_ids)):
+                p.next_logits = row[-1]
+
+    def _smc_advance(self, engine, seq, run) -> None:
+        st = seq.state["constrained"]
+        first, run["first_logits"] = run["first_logits"], None
+        for p in run["particles"]:
+            if not p.alive:
+                continue
+            logits, p.next_logits = (first if first is not None else p.next_logits), None
+            if len(p.out) >= seq.params.max_new_tokens - 1:
+                self._force_eos(engine, seq, st, p, logits)
+            else:
+                draw = self._draw(engine, seq, st, p, logits)
+                p.logw += draw.logw
+                if draw.logw == NEG_INF:
+                    self._drop(engine, p)
+                elif draw.token in st["checker"].eos_ids:
+                    p.eos, p.done = draw.token, True
+                    self._drop(engine, p)
+                else:
+                    self._advance(engine, st, p, draw.token)
+                    if seq.params.logprobs is not None:
+                        p.logits.append(logits)
+            self._apply_critic(p)
+        self._maybe_resample(engine, seq, run)
+
+    def _force_eos(self, engine, seq, st, p: Particle, logits) -> None:
+        """EOS at the length limit: proposal prob 1, so the weight gains p(EOS) c(complete)."""
+        eos = st["checker"].eos_token()
+        logp = self._logp(engine, seq, logits)
+        ok = self.constraint.complete_ok(p.text)
+        p.logw += float(logp[eos]) if ok else NEG_INF
+        p.eos, p.done = eos, True
+        self._drop(engine, p)
+
+    def _apply_critic(self, p: Particle) -> None:
+        if self.critic is None or p.logw == NEG_INF:
+            return
+        score = float(self.critic(p.text.decode("utf-8", "replace")))
+        p.logw += score - p.critic  # twist: only the change of the critic's score enters each step
+        p.critic = score
+
+    def _maybe_resample(self, engine, seq, run) -> None:
+        particles = run["particles"]
+        logw = torch.tensor([p.logw for p in particles], dtype=torch.float64)
+        value = ess(logw)
+        run["ess_trace"].append(round(value, 3))
+        run["alive_trace"].append(sum(p.alive for p in particles))
+        if any(p.alive for p in particles) and value < self.ess_threshold * len(particles) and value > 0:
+            ancestors = RESAMPLERS[self.resampling](logw=logw, generator=seq.generator)
+            run["particles"] = resample(particles, ancestors, engine.backend.cache)
+            run["resamples"] += 1
+
+    def _smc_finish(self, engine, seq, run):
+        particles = run["particles"]
+        logw = torch.tensor([p.logw for p in particles], dtype=torch.float64)
+        w = normalized_weights(logw)
+        run["log_ml"] = log_mean_weight(logw)
+        run["results"] = [{"text": p.text.decode("utf-8", "replace"), "weight": float(wi), "log_weight": p.logw}
+                          for p, wi in zip(particles, w)]
+        if float(w.sum()) == 0.0:
+            self._fail(engine, seq, seq.state["constrained"], "every particle reached a dead end or the length limit")
+            return None
+        pick = int(w.argmax()) if seq.params.greedy else int(torch.multinomial(w, 1, generator=seq.generator))
+        chosen = particles[pick]
+        logits = chosen.logits + [None] * (len(chosen.out) + 1 - len(chosen.logits))
+        return [Proposal(t, lg) for t, lg in zip(chosen.out + [chosen.eos], logits)]
+
+    # ---- shared pieces -----------------------------------------------------------------------
+    def _state(self, engine, seq) -> dict:
+        st = seq.state.get("constrained")
+        if st is None:
+            index = self.constraint.index(engine.tokenizer) if self._uses_index() else None
+            track = Particle(None, [], b"", fsa_state=index.initial() if index else None)
+            st = {"checker": TokenChecker(self.constraint, engine.tokenizer), "index": index, "track": track,
+                  "draws": 0, "error": None}
+            seq.state["constrained"] = st
+        return st
+
+    def _uses_index(self) -> bool:
+        if self.sampler == "masked":
+            return True
+        return self.exact_weights is True or (self.exact_weights == "auto" and self.num_particles > 1)
+
+    def _logp(self, engine, seq, logits) -> torch.Tensor:
+        """Log-probabilities (V,) the request samples from; tokens with no bytes (specials) get -inf."""
+        logp = torch.log_softmax(process_logits(logits, seq.params).double(), -1)
+        return logp.masked_fill(self._invalid_mask(engine, logp.shape[-1]), NEG_INF)
+
+    def _invalid_mask(self, engine, vocab: int) -> torch.Tensor:
+        key = (id(engine.tokenizer), vocab)
+        if key not in self._invalid:
+            checker = TokenChecker(self.constraint, engine.tokenizer)
+            mask = torch.ones(vocab, dtype=torch.bool)
+            ok = [i for i, b in enumerate(checker.token_bytes[:vocab]) if b is not None or i in checker.eos_ids]
+            mask[torch.tensor(ok, dtype=torch.long)] = False
+            self._invalid[key] = mask
+        return self._invalid[key]
+
+    def _draw(self, engine, seq, st, track: Particle, logits) -> TokenDraw:
+        logp = self._logp(engine, seq, logits)
+        checker = st["checker"]
+        accept = checker.accept_fn(track.text)
+        gen = None if seq.params.greedy else seq.generator
+        st["draws"] += 1
+        index = st["index"]
+        if self.sampler == "masked":
+            allowed = self._exact_mask(st, track, logp) if index else check_all(logp=logp, accept=accept)
+            return masked_sample(logp=logp, allowed=allowed, generator=gen)
+        draw = recursive_awrs(logp=logp, accept=accept, generator=gen)
+        if index and track.fsa_state is not None and draw.logw > NEG_INF:
+            # an exact automaton mask exists: use the exact local normaliser as the weight
+            log_z = float(torch.logsumexp(logp.masked_fill(~self._exact_mask(st, track, logp), NEG_INF), 0))
+            draw = TokenDraw(draw.token, log_z, draw.num_checks)
+        return draw
+
+    def _exact_mask(self, st, track: Particle, logp) -> torch.Tensor:
+        allowed = st["index"].allowed(track.fsa_state)[: logp.shape[-1]]
+        if allowed.shape[-1] < logp.shape[-1]:
+            allowed = torch.cat([allowed, torch.zeros(logp.shape[-1] - allowed.shape[-1], dtype=torch.bool)])
+        complete = self.constraint.complete_ok(track.text)
+        st["checker"].num_checks += 1
+        for eos in st["checker"].eos_ids:
+            if eos < len(allowed):
+                allowed[eos] = complete
+        return allowed
+
+    def _advance(self, engine, st, track: Particle, token: int) -> None:
+        track.out.append(token)
+        piece = st["checker"].token_bytes[token]
+        track.text += piece or b""
+        if st["index"] is not None:
+            track.fsa_state = st["index"].next(track.fsa_state, token)
+
+    def _drop(self, engine, p: Particle) -> None:
+        """A finished or dead particle needs no more KV: free its slots now."""
+        if p.handle is not None:
+            engine.backend.cache.release(p.handle)
+            p.handle = None
+
+    def _fail(self, engine, seq, st, message: str) -> None:
+        st["error"] = message
+        engine._finish(seq, "constraint_failed")  # no public finish hook: the engine still does the bookkeeping
