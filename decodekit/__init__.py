@@ -3,7 +3,7 @@
 from decodekit.api import LLM, generate
 from decodekit.cache import CacheFullError
 from decodekit.constraints import Grammar, JsonSchema, OneOf, Predicate, Regex
-from decodekit.strategies import Sample, Speculative, Strategy
+from decodekit.strategies import EntropySwitch, Sample, Speculative, Strategy
 from decodekit.strategies.constrained import Constrained
 from decodekit.types import Choice, Completion, RequestStats, SamplingParams, TokenEvent, TokenInfo, Usage
 
@@ -13,6 +13,7 @@ __all__ = [
     "Choice",
     "Completion",
     "Constrained",
+    "EntropySwitch",
     "Grammar",
     "JsonSchema",
     "OneOf",

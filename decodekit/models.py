@@ -72,6 +72,9 @@ def resolve(name: str) -> tuple[str, str | None, bool]:
     if name in ALIASES:
         path = alias_gguf(name)
         return str(path.parent), path.name, ALIASES[name].prepend_bos
+    student = distilled_student(name)
+    if student is not None:
+        return student
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -83,6 +86,23 @@ def resolve(name: str) -> tuple[str, str | None, bool]:
         return name, None, False  # a hub id, for users with network
     known = ", ".join(sorted(ALIASES))
     raise ValueError(f"unknown model {name!r}: use an alias ({known}), a hub id, a local directory or a .gguf file")
+
+
+def distilled_student(name: str) -> tuple[str, None, bool] | None:
+    """A student built by ``decodekit distill`` (``<alias>-distill-<K>l``, e.g. ``smollm2-135m-distill-6l``).
+
+    Its directory is ``~/.cache/decodekit/distill/<name>``; a missing one says how to build it.
+    """
+    import re
+
+    match = re.fullmatch(r"(.+)-distill-(\d+)l", name)
+    if match is None or match.group(1) not in ALIASES:
+        return None
+    directory = cache_root() / "distill" / name
+    if not (directory / "config.json").exists():
+        raise ValueError(f"model {name!r} is not built yet: run "
+                         f"`decodekit distill --teacher {match.group(1)} --layers {match.group(2)}` first")
+    return str(directory), None, ALIASES[match.group(1)].prepend_bos
 
 
 def hf_dir(name: str) -> Path:

@@ -2,15 +2,16 @@
 
 from decodekit.strategies.base import Proposal, Strategy
 from decodekit.strategies.constrained import Constrained
+from decodekit.strategies.entropy import EntropySwitch
 from decodekit.strategies.sample import Sample
 from decodekit.strategies.speculative import Speculative
 
 
 def by_name(name: str, **options) -> Strategy:
-    registry = {"sample": Sample, "constrained": Constrained, "speculative": Speculative}
+    registry = {"sample": Sample, "constrained": Constrained, "entropy": EntropySwitch, "speculative": Speculative}
     if name not in registry:
         raise ValueError(f"unknown strategy {name!r}; known: {sorted(registry)}")
     return registry[name](**options)
 
 
-__all__ = ["Constrained", "Proposal", "Sample", "Speculative", "Strategy", "by_name"]
+__all__ = ["Constrained", "EntropySwitch", "Proposal", "Sample", "Speculative", "Strategy", "by_name"]
