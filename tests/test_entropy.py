@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -257,3 +258,26 @@ def test_real_pair_limits_and_catch_up(smollm):
         ref = no_cache_logits(small if writer == SMALL else smollm, ids)
         assert float((logits - ref).abs().max()) <= 1e-3  # float32, 30-layer model vs batched cache path
     assert smollm.cache.num_open_handles == 0 and small.cache.num_open_handles == 0
+
+
+# ---- composes with constrained decoding ------------------------------------------------------
+def test_composes_with_constraints():
+    from decodekit.constraints import Regex
+    from decodekit.strategies.constrained import Constrained
+
+    pattern = "[a-e]{3,8}"
+    small, large = mock_pair()
+    st = EntropySwitch(small=small, threshold=2.3, window=2, min_dwell=1, constraint=Regex(pattern))
+    outs = LLM(backend=large).generate(PROMPTS, strategy=st, temperature=1.0, seed=4, max_new_tokens=10)
+    for o in outs:
+        assert re.fullmatch(pattern, o.text), o.text
+        assert sum(o.stats.extra["tokens_by_model"].values()) == len(o.token_ids)
+        assert o.stats.extra["constraint_checks"] > 0
+    assert 0.0 < sum(o.stats.extra["large_share"] for o in outs) / len(outs) < 1.0
+    # threshold 0: exactly constrained decoding on the large model alone (same seed, same draws)
+    small, large = mock_pair()
+    ref = LLM(backend=MockBackend(16, seed=1)).generate("abc", strategy=Constrained(Regex(pattern)), temperature=1.0,
+                                                       seed=9, max_new_tokens=10)
+    st0 = EntropySwitch(small=small, threshold=0.0, constraint=Regex(pattern))
+    got = LLM(backend=large).generate("abc", strategy=st0, temperature=1.0, seed=9, max_new_tokens=10)
+    assert got.token_ids == ref.token_ids

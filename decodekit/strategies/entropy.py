@@ -74,11 +74,14 @@ class EntropySwitch(Strategy):
     ``large`` is the engine's model and ``small`` its distilled student ``<alias>-distill-6l``
     (``decodekit distill``). ``threshold`` (bits, >= 0, ``math.inf`` allowed), ``window`` (tokens in the
     rolling mean) and ``min_dwell`` (tokens a model writes after a switch before the next) tune it.
+    ``constraint`` (a decodekit ``Constraint``) makes every token go through constrained decoding
+    (``Constrained(constraint, sampler)``, one particle) on the writing model's logits.
     """
 
     name = "entropy"
 
-    def __init__(self, small=None, large=None, *, threshold: float = 1.0, window: int = 5, min_dwell: int = 4):
+    def __init__(self, small=None, large=None, *, threshold: float = 1.0, window: int = 5, min_dwell: int = 4,
+                 constraint=None, sampler: str = "awrs"):
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or math.isnan(threshold) \
                 or threshold < 0:
             raise ValueError(f"threshold must be a number >= 0 (bits; inf allowed), got {threshold!r}")
@@ -86,6 +89,11 @@ class EntropySwitch(Strategy):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.spec = {SMALL: small, LARGE: large}
+        self.constrained = None
+        if constraint is not None:  # the writer's logits go through constrained decoding (one particle)
+            from decodekit.strategies.constrained import Constrained
+
+            self.constrained = Constrained(constraint, sampler=sampler)
         self.threshold, self.window, self.min_dwell = float(threshold), window, min_dwell
         self.models: dict[str, _Model] = {}
         self.main_role = LARGE
@@ -114,6 +122,8 @@ class EntropySwitch(Strategy):
                        other_role: _Model(other_role, other_backend, False)}
 
     def validate(self, request) -> None:
+        if self.constrained is not None:
+            self.constrained.validate(request)
         limit = min(m.backend.max_context for m in self.models.values())
         if len(request.prompt_ids) + request.params.max_new_tokens > limit:
             raise ValueError(f"prompt + max_new_tokens exceeds the smaller model's context ({limit})")
@@ -139,12 +149,22 @@ class EntropySwitch(Strategy):
                 st = seq.state
                 st["active"], st["since_switch"], st["num_switches"] = switch[seq.seq_id], 0, st["num_switches"] + 1
                 st["entropies"][-1] = float(entropy_bits(logits[seq.seq_id]))
-        out = {}
+        out = self._choose_tokens(engine, seqs, logits)
         for seq in seqs:
-            row = logits[seq.seq_id]
-            out[seq.seq_id] = [Proposal(sample_token(row, seq.params, seq.generator), row)]
             seq.state["writers"].append(seq.state["active"])
             seq.state["since_switch"] += 1
+        return out
+
+    def _choose_tokens(self, engine, seqs, logits: dict) -> dict:
+        if self.constrained is None:
+            return {s.seq_id: [Proposal(sample_token(logits[s.seq_id], s.params, s.generator), logits[s.seq_id])]
+                    for s in seqs}
+        # Constrained takes ready ``seq.next_logits`` as they are (it computes only missing ones)
+        for seq in seqs:
+            seq.next_logits = logits[seq.seq_id]
+        out = self.constrained.step(engine, seqs)
+        for seq in seqs:
+            seq.next_logits = None  # never leave one model's logits where the main model's are expected
         return out
 
     def _compute(self, engine, seqs, role_of: dict) -> dict:
@@ -205,7 +225,9 @@ class EntropySwitch(Strategy):
         params = {role: m.backend.num_params for role, m in self.models.items()}
         fwd = {role: sum(s.state.get("forward_tokens", {}).get(role, 0) for s in seqs) for role in (SMALL, LARGE)}
         measured = (fwd[SMALL] * params[SMALL] + fwd[LARGE] * params[LARGE]) / (total * params[LARGE]) if total else 0.0
+        extra = self.constrained.stats(seqs) if self.constrained is not None else {}
         return {
+            **extra,
             "provenance": writers,  # per choice, one letter per generated token: S small, L large
             "tokens_by_model": {SMALL: num_small, LARGE: num_large},
             "large_share": num_large / total if total else 0.0,
