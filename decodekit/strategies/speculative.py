@@ -17,6 +17,7 @@ from decodekit.strategies.acceptance import verify_greedy, verify_sampled
 from decodekit.strategies.base import Proposal, Strategy
 from decodekit.strategies.drafters import (
     Draft,
+    Drafter,
     LookupThenModel,
     ModelDrafter,
     NgramDrafter,
@@ -32,8 +33,8 @@ class Speculative(Strategy):
     """Lossless speculative decoding.
 
     ``draft``: ``"ngram"`` (prompt lookup), ``"int8"`` (int8 copy of the target), a model name or
-    a ``Backend`` (same tokenizer), or ``"ngram+<any of those>"`` (lookup where the context
-    recurs, the model elsewhere). ``num_draft_tokens``: k in 1..16, or ``"adaptive"`` (start at 4,
+    a ``Backend`` (same tokenizer), ``"ngram+<any of those>"`` (lookup where the context recurs,
+    the model elsewhere) or a ready ``Drafter``. ``num_draft_tokens``: k in 1..16, or ``"adaptive"`` (start at 4,
     +2 after a fully accepted block, -1 after a rejection).
     """
 
@@ -144,6 +145,8 @@ class Speculative(Strategy):
 
 def make_drafter(draft, target, *, max_ngram: int = 3):
     """The drafter for a ``draft`` spec, checked against the ``target`` backend."""
+    if isinstance(draft, Drafter):
+        return draft
     if isinstance(draft, str) and draft.startswith("ngram+"):
         model = make_drafter(draft.removeprefix("ngram+"), target, max_ngram=max_ngram)
         if not isinstance(model, ModelDrafter):
@@ -165,9 +168,10 @@ def make_drafter(draft, target, *, max_ngram: int = 3):
 def _check_draft(draft) -> None:
     from decodekit.backends.base import Backend
 
-    if isinstance(draft, Backend) or (isinstance(draft, str) and draft and draft != "ngram+"):
+    if isinstance(draft, (Backend, Drafter)) or (isinstance(draft, str) and draft and draft != "ngram+"):
         return
-    raise ValueError(f"draft must be 'ngram', 'int8', a model name, a Backend or 'ngram+<source>', got {draft!r}")
+    raise ValueError(f"draft must be 'ngram', 'int8', a model name, a Backend, 'ngram+<source>' or a Drafter, "
+                     f"got {draft!r}")
 
 
 def _clip(draft: Draft, seq, engine) -> Draft:
