@@ -183,7 +183,7 @@ class Engine:
     def _admit(self) -> None:
         admitted: list[Request] = []
         deferred: list[Request] = []
-        while self.waiting and self._num_running_seqs(admitted) + self.waiting[0].params.n <= self.max_batch_size:
+        while self.waiting and self._has_room(admitted, self.waiting[0]):
             request = self.waiting[0]
             if not self._fits(request, admitted):
                 break
@@ -233,8 +233,10 @@ class Engine:
         per_seq = request.params.max_new_tokens + request.strategy.extra_slots(request)
         return len(request.prompt_ids) + request.params.n * per_seq
 
-    def _num_running_seqs(self, admitted: list[Request]) -> int:
-        return len(self.running) + sum(r.params.n for r in admitted)
+    def _has_room(self, admitted: list[Request], request: Request) -> bool:
+        """Batch-size check; a request with n above the batch size still runs, alone."""
+        running = len(self.running) + sum(r.params.n for r in admitted)
+        return running == 0 or running + request.params.n <= self.max_batch_size
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator:
         seed = params.seed + index if params.seed is not None else int.from_bytes(os.urandom(7), "little")
