@@ -315,14 +315,30 @@ def test_smollm_trajectories_equal_no_cache_forward(smollm):
     prompt = smollm.tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}])
     tree = TreeRollout(segment_len=4, branch_factor=2, max_width=4, first_split=2, early_stop=None)
     before = smollm.num_forward_tokens
-    (r,) = tree.run(smollm, [prompt], SamplingParams(max_new_tokens=10, seed=0, temperature=1.0))
+    (r,) = tree.run(smollm, [prompt], SamplingParams(max_new_tokens=8, seed=0, temperature=1.0))
     assert smollm.num_forward_tokens - before == r.stats["forward_tokens"]
     assert len(r.trajectories) == 4 and r.stats["tree_tokens"] < r.stats["trajectory_tokens"]
-    with torch.inference_mode():
-        for t in r.trajectories:
-            ids = torch.tensor([list(prompt) + list(t.token_ids)])
-            logp = torch.log_softmax(smollm.model(ids).logits[0].float(), -1)  # (T, V), no cache
-            want = [float(logp[len(prompt) - 1 + j, tok]) for j, tok in enumerate(t.token_ids)]
-            assert t.logprobs == pytest.approx(want, abs=2e-3)
+    width = max(len(t.token_ids) for t in r.trajectories)
+    rows = [list(prompt) + list(t.token_ids) + [0] * (width - len(t.token_ids)) for t in r.trajectories]
+    with torch.inference_mode():  # one no-cache forward; right padding does not change causal logits
+        logp = torch.log_softmax(smollm.model(torch.tensor(rows)).logits.float(), -1)  # (B, T, V)
+    for b, t in enumerate(r.trajectories):
+        want = [float(logp[b, len(prompt) - 1 + j, tok]) for j, tok in enumerate(t.token_ids)]
+        assert t.logprobs == pytest.approx(want, abs=2e-3)
     assert smollm.cache.num_open_handles == 0
     smollm.cache.check_integrity()
+
+
+def test_constrained_segments(ctx_mock):
+    from decodekit.constraints import Regex
+
+    regex = Regex(r"[a-c]{3,6}")
+    tree = TreeRollout(segment_len=2, max_width=6, first_split=2, early_stop=None, constraint=regex)
+    (r,) = tree.run(ctx_mock, [[4, 5]], SamplingParams(max_new_tokens=10, seed=2))
+    assert len(r.trajectories) == 6
+    for t in r.trajectories:
+        assert t.valid and t.finish_reason == "stop" and 3 <= len(t.text) <= 6
+        assert math.isfinite(t.log_weight) and t.log_weight <= 1e-9  # a product of local normalisers Z <= 1
+    assert ctx_mock.cache.num_open_handles == 0
+    with pytest.raises(ValueError, match="constraint"):
+        TreeRollout(constraint="[a-c]+")

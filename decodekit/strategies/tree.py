@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from decodekit.constraints.base import Constraint
 from decodekit.strategies.tree_budget import SPLIT_MODES, EarlyStop
-from decodekit.strategies.tree_driver import _Driver, _Tree
-from decodekit.strategies.tree_types import RolloutResult
+from decodekit.strategies.tree_driver import _Driver
+from decodekit.strategies.tree_types import RolloutResult, _Tree
 from decodekit.types import SamplingParams
 
 
@@ -28,7 +29,9 @@ class TreeRollout:
     segments branch more)). ``max_depth`` segments at most (default: as many as ``max_new_tokens``
     needs). ``early_stop`` ends paths on answer patterns / repetition (None: only EOS, stop strings
     and length). ``fallback``: when a prompt has no live path and spare width, re-branch finished
-    paths from their last segment boundary.
+    paths from their last segment boundary. ``constraint`` (a ``decodekit.constraints`` Constraint):
+    every token is drawn by AWRS under it, each path carries its importance weight (``log_weight``)
+    and whether its text is complete and valid (``valid``); a dead end ends it ("constraint_failed").
     """
 
     segment_len: int = 32
@@ -39,6 +42,7 @@ class TreeRollout:
     budget_split: str = "even"
     early_stop: EarlyStop | None = EarlyStop()
     fallback: bool = True
+    constraint: Constraint | None = None
 
     def __post_init__(self):
         for name in ("segment_len", "branch_factor", "max_width", "first_split"):
@@ -49,6 +53,8 @@ class TreeRollout:
             raise ValueError(f"first_split ({self.first_split}) must be <= max_width ({self.max_width})")
         if self.budget_split not in SPLIT_MODES:
             raise ValueError(f"budget_split must be one of {SPLIT_MODES}, got {self.budget_split!r}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError(f"constraint must be a decodekit Constraint (Regex, ...), got {self.constraint!r}")
         if self.early_stop is not None and not isinstance(self.early_stop, EarlyStop):
             raise ValueError(f"early_stop must be an EarlyStop or None, got {self.early_stop!r}")
 
@@ -68,7 +74,7 @@ class TreeRollout:
         results: list[RolloutResult | None] = [None] * len(prompts)
         for wave in driver.waves(prompts):
             for tree in driver.run_wave([_Tree(i, prompts[i], texts[i]) for i in wave]):
-                results[tree.index] = tree.result(backend.tokenizer)
+                results[tree.index] = tree.result(backend.tokenizer, self.constraint)
         return results
 
 

@@ -13,93 +13,13 @@ import time
 
 import torch
 
-from decodekit.sampling import entropy_bits, sample_token
-from decodekit.strategies.tree_budget import branch_weights, fallback_plan, find_answer, next_width, split_budget
-from decodekit.strategies.tree_types import RolloutResult, Trajectory, TreeNode
+from decodekit.constraints.awrs import recursive_awrs
+from decodekit.constraints.base import TokenChecker
+from decodekit.sampling import entropy_bits, process_logits, sample_token
+from decodekit.strategies.tree_budget import branch_weights, fallback_plan, next_width, split_budget
+from decodekit.strategies.tree_types import _Node, _Tree
 
 SHARED_PREFIX_DEFER = 16  # prefill a prompt sharing this many uncached tokens with another one round later
-
-
-class _Node:
-    """A segment being grown (a leaf) or grown (an inner node keeping its handle and end logits)."""
-
-    def __init__(self, tree: _Tree, parent: _Node | None, handle, logits, generator):
-        self.tree, self.parent = tree, parent
-        self.node_id = len(tree.nodes)
-        self.depth = 0 if parent is None else parent.depth + 1
-        self.prefix: list[int] = [] if parent is None else parent.output_ids
-        self.prefix_logp = 0.0 if parent is None else parent.cum_logprob
-        self.handle, self.next_logits, self.generator = handle, logits, generator
-        self.tokens: list[int] = []
-        self.logprobs: list[float] = []
-        self.entropies: list[float] = []
-        self.children: list[_Node] = []
-        self.finish_reason: str | None = None
-        self.text: str | None = None  # output text so far (cut at a stop string), when tracked
-        tree.nodes.append(self)
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.prefix + self.tokens
-
-    @property
-    def cum_logprob(self) -> float:
-        return self.prefix_logp + sum(self.logprobs)
-
-    def record(self, tokenizer) -> TreeNode:
-        mean_entropy = sum(self.entropies) / len(self.entropies) if self.entropies else 0.0
-        return TreeNode(self.node_id, None if self.parent is None else self.parent.node_id, self.depth,
-                        tuple(self.tokens), tokenizer.decode(self.tokens), tuple(self.logprobs),
-                        self.cum_logprob, mean_entropy, self.finish_reason,
-                        tuple(c.node_id for c in self.children))
-
-
-class _Tree:
-    """One prompt's tree and counters."""
-
-    def __init__(self, index: int, prompt_ids: list[int], text: str):
-        self.index, self.prompt_ids, self.text = index, list(prompt_ids), text
-        self.nodes: list[_Node] = []
-        self.root: _Node | None = None
-        self.live: list[_Node] = []
-        self.num_finished = 0
-        self.num_fallbacks = 0
-        self.prefill_tokens = 0
-        self.decode_tokens = 0
-        self.wall_time_s = 0.0
-
-    def leaves(self) -> list[_Node]:
-        return [n for n in self.nodes if n.finish_reason is not None]
-
-    def result(self, tokenizer) -> RolloutResult:
-        trajectories = []
-        for leaf in sorted(self.leaves(), key=_path):
-            ids = leaf.output_ids
-            text = leaf.text if leaf.text is not None else tokenizer.decode(ids)
-            logps = [lp for n in _path_nodes(leaf) for lp in n.logprobs]
-            trajectories.append(Trajectory(len(trajectories), _path(leaf), tuple(ids), text, tuple(logps),
-                                           leaf.cum_logprob, leaf.finish_reason,
-                                           find_answer(text, ("boxed", "gsm8k", "answer_is"))))
-        tree_tokens = sum(len(n.tokens) for n in self.nodes)
-        stats = {"forward_tokens": self.prefill_tokens + self.decode_tokens, "prefill_tokens": self.prefill_tokens,
-                 "decode_tokens": self.decode_tokens, "tree_tokens": tree_tokens,
-                 "trajectory_tokens": sum(len(t.token_ids) for t in trajectories), "num_nodes": len(self.nodes),
-                 "num_trajectories": len(trajectories), "max_depth": max(n.depth for n in self.nodes),
-                 "num_fallbacks": self.num_fallbacks, "wall_time_s": self.wall_time_s}
-        return RolloutResult(self.text, tuple(self.prompt_ids), tuple(n.record(tokenizer) for n in self.nodes),
-                             tuple(trajectories), stats)
-
-
-def _path_nodes(node: _Node) -> list[_Node]:
-    out = []
-    while node is not None:
-        out.append(node)
-        node = node.parent
-    return out[::-1]
-
-
-def _path(node: _Node) -> tuple[int, ...]:
-    return tuple(n.node_id for n in _path_nodes(node))
 
 
 class _Driver:
@@ -113,6 +33,8 @@ class _Driver:
         self.max_tokens = min(limits)
         self.max_depth = config.max_depth or -(-params.max_new_tokens // config.segment_len)
         self.track_text = bool(params.stop) or config.early_stop is not None
+        self.checker = TokenChecker(config.constraint, backend.tokenizer) if config.constraint is not None else None
+        self._invalid: torch.Tensor | None = None
 
     # ---- waves and prefill --------------------------------------------------------------------
     def waves(self, prompts: list[list[int]]):
@@ -196,7 +118,11 @@ class _Driver:
         logp = torch.log_softmax(logits.float(), dim=-1)
         entropy = entropy_bits(logits)  # (B,)
         for i, leaf in enumerate(leaves):
-            token = sample_token(leaf.next_logits, self.params, leaf.generator)
+            token = self._draw(leaf) if self.checker is not None else sample_token(
+                leaf.next_logits, self.params, leaf.generator)
+            if token < 0:
+                self._finish(leaf, "constraint_failed")
+                continue
             if token in self.params.stop_token_ids or (
                     token in self.tokenizer.eos_token_ids and not self.params.ignore_eos):
                 self._finish(leaf, "stop")
@@ -207,6 +133,25 @@ class _Driver:
             reason = self._stop_reason(leaf)
             if reason is not None:
                 self._finish(leaf, reason)
+
+    def _draw(self, leaf: _Node) -> int:
+        """A constrained token by AWRS (-1 at a dead end); the path's importance weight grows by log Z."""
+        logp = torch.log_softmax(process_logits(leaf.next_logits, self.params).double(), -1)
+        logp = logp.masked_fill(self._no_bytes(logp.shape[-1]), float("-inf"))
+        text = b"".join(self.checker.token_bytes[t] or b"" for t in leaf.output_ids)
+        gen = None if self.params.greedy else leaf.generator
+        draw = recursive_awrs(logp=logp, accept=self.checker.accept_fn(text), generator=gen)
+        leaf.log_weight += draw.logw
+        return draw.token if draw.logw > float("-inf") else -1
+
+    def _no_bytes(self, vocab: int) -> torch.Tensor:
+        """Tokens a constraint can never accept (special tokens other than EOS), masked before AWRS."""
+        if self._invalid is None or self._invalid.shape[-1] != vocab:
+            pieces = self.checker.token_bytes[:vocab]
+            ok = [i for i, b in enumerate(pieces) if b is not None or i in self.checker.eos_ids]
+            self._invalid = torch.ones(vocab, dtype=torch.bool)
+            self._invalid[torch.tensor(ok, dtype=torch.long)] = False
+        return self._invalid
 
     def _stop_reason(self, leaf: _Node) -> str | None:
         """Checks in the engine's order (stop string, then length), early stops between them."""

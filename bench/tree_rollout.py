@@ -1,0 +1,166 @@
+"""Tree rollouts (TreePO) vs independent sampling on GSM8K: 16 trajectories per prompt.
+
+Contenders, same model, prompts, max tokens and temperature, interleaved:
+- ``tree``: ``LLM.rollout`` with a ``TreeRollout`` (segments sharing prefixes, early stops);
+- ``independent``: ``LLM.generate(..., n=16)`` (16 samples forked from the prompt's cache);
+- ``independent_es`` (the full run): 16 independent paths with the tree's early stops
+  (``TreeRollout(branch_factor=1, first_split=16)``), to separate prefix sharing from early stopping.
+
+Measured: forward tokens computed, wall-clock, trajectories/s, tokens/s, distinct final answers per
+prompt (diversity) and pass@16. The prefix cache is emptied before every run.
+
+    .venv/bin/python bench/tree_rollout.py [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import md_table, median, parser, require_data, write_results  # noqa: E402
+from decodekit import LLM  # noqa: E402
+from decodekit.strategies.tree import EarlyStop, TreeRollout  # noqa: E402
+from decodekit.strategies.tree_budget import find_answer  # noqa: E402
+
+INSTRUCTION = "\nSolve it step by step. End with the final answer as '#### <number>'."
+WIDTH = 16
+
+
+def gsm8k(k: int) -> list[dict]:
+    rows = [json.loads(line) for line in require_data("gsm8k/test.jsonl").read_text().splitlines()[:k]]
+    return [{"question": r["question"], "gold": _number(r["answer"].split("####")[-1])} for r in rows]
+
+
+def _number(text: str | None) -> str | None:
+    if text is None:
+        return None
+    m = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    if not m:
+        return None
+    value = m[-1].replace(",", "").rstrip(".")
+    return value[:-2] if value.endswith(".0") else value
+
+
+def final_answer(text: str) -> str | None:
+    """The pattern answer (#### / boxed / "the answer is") or else the last number in the text."""
+    return _number(find_answer(text, ("gsm8k", "boxed", "answer_is")) or text)
+
+
+def quality(texts_per_prompt: list[list[str]], golds: list[str]) -> dict:
+    answers = [[final_answer(t) for t in texts] for texts in texts_per_prompt]
+    distinct = [len({a for a in row if a is not None}) for row in answers]
+    hits = [sum(a == g for a in row) for row, g in zip(answers, golds)]
+    return {"distinct_answers": sum(distinct) / len(distinct), "pass_at_16": sum(h > 0 for h in hits) / len(hits),
+            "mean_accuracy": sum(hits) / (WIDTH * len(hits))}
+
+
+def run_once(llm: LLM, name: str, prompts, sampling: dict, tree: TreeRollout | None) -> dict:
+    backend = llm.backend
+    backend.cache.tree.evict(backend.cache.capacity)  # no prefix left from the previous contender
+    f0, t0 = backend.num_forward_tokens, time.perf_counter()
+    if name == "independent":
+        done = llm.generate(prompts, n=WIDTH, **sampling)
+        texts = [[c.text for c in d.choices] for d in done]
+        out_tokens = sum(len(c.token_ids) for d in done for c in d.choices)
+        reasons = [c.finish_reason for d in done for c in d.choices]
+    else:
+        done = llm.rollout(prompts, tree=tree, **sampling)
+        texts = [r.texts for r in done]
+        out_tokens = sum(len(t.token_ids) for r in done for t in r.trajectories)
+        reasons = [t.finish_reason for r in done for t in r.trajectories]
+    wall = time.perf_counter() - t0
+    per_prompt = [d.stats["forward_tokens"] for d in done] if name != "independent" else None
+    return {"wall_s": wall, "forward_tokens": backend.num_forward_tokens - f0, "output_tokens": out_tokens,
+            "texts": texts, "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
+            "forward_tokens_per_prompt": per_prompt}
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--prompts", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--segment-len", type=int, default=None)
+    p.add_argument("--first-split", type=int, default=4)
+    p.add_argument("--branch-factor", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=None)
+    args = p.parse_args()
+    k = args.prompts or (2 if args.quick else 6)
+    max_new = args.max_new_tokens or (64 if args.quick else 256)
+    segment = args.segment_len or (16 if args.quick else 32)
+    repeats = args.repeats or 1
+    rows = gsm8k(k)
+    prompts = [[{"role": "user", "content": r["question"] + INSTRUCTION}] for r in rows]
+    llm = LLM(args.model, device=args.device, cache_tokens=k * (WIDTH * max_new + 300) + 1024,
+              max_batch_size=k * WIDTH)
+    sampling = {"max_new_tokens": max_new, "temperature": args.temperature, "seed": 0}
+    tree = TreeRollout(segment_len=segment, branch_factor=args.branch_factor, max_width=WIDTH,
+                       first_split=args.first_split, early_stop=EarlyStop())
+    contenders = {"tree": tree, "independent": None}
+    if not args.quick:
+        contenders["independent_es"] = TreeRollout(segment_len=segment, branch_factor=1, max_width=WIDTH,
+                                                   first_split=WIDTH, early_stop=EarlyStop())
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for rep in range(repeats):
+        for name, cfg in contenders.items():
+            sampling["seed"] = rep
+            runs[name].append(run_once(llm, name, prompts, sampling, cfg))
+            print(f"{name} rep {rep}: {runs[name][-1]['wall_s']:.1f}s {runs[name][-1]['forward_tokens']} fwd tokens",
+                  file=sys.stderr, flush=True)
+    golds = [r["gold"] for r in rows]
+    summary_rows, per = [], {}
+    for name, rs in runs.items():
+        wall = median([r["wall_s"] for r in rs])
+        q = quality(rs[0]["texts"], golds)
+        per[name] = {"wall_s": wall, "forward_tokens": median([r["forward_tokens"] for r in rs]),
+                     "trajectories_per_s": k * WIDTH / wall,
+                     "tokens_per_s": median([r["output_tokens"] for r in rs]) / wall,
+                     **q, "finish_reasons": rs[0]["finish_reasons"]}
+        summary_rows.append([name, per[name]["forward_tokens"], wall, per[name]["trajectories_per_s"],
+                             per[name]["tokens_per_s"], q["distinct_answers"], q["pass_at_16"], q["mean_accuracy"]])
+    t, i = per["tree"], per["independent"]
+    summary = {"bench": "tree_rollout", "forward_tokens_ratio": round(t["forward_tokens"] / i["forward_tokens"], 3),
+               "wall_ratio": round(t["wall_s"] / i["wall_s"], 3),
+               "trajectories_per_s_ratio": round(t["trajectories_per_s"] / i["trajectories_per_s"], 3),
+               "distinct_answers": {"tree": round(t["distinct_answers"], 2),
+                                    "independent": round(i["distinct_answers"], 2)},
+               "pass_at_16": {"tree": t["pass_at_16"], "independent": i["pass_at_16"]}}
+    header = ["contender", "forward tokens", "wall s", "trajectories/s", "tokens/s", "distinct answers",
+              "pass@16", "mean acc"]
+    settings = (f"{k} GSM8K prompts x {WIDTH} trajectories, {args.model}, max_new_tokens={max_new}, "
+                f"temperature={args.temperature}, tree: segment_len={segment}, branch_factor={args.branch_factor}, "
+                f"first_split={args.first_split}, early stops on '####' / boxed / repetition; repeats={repeats}")
+    plot(runs, args.out)
+    write_results("tree_rollout", summary, settings + "\n\n" + md_table(header, summary_rows), args.out,
+                  details={"contenders": per, "settings": settings,
+                           "samples": {name: rs[0]["texts"][0][:3] for name, rs in runs.items()}})
+
+
+def plot(runs: dict, out_dir: str) -> None:
+    """Forward tokens per contender (bars), tree split per prompt on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(runs)
+    values = [runs[n][0]["forward_tokens"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(names, values, color=["tab:green", "tab:gray", "tab:blue"][: len(names)])
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v}", ha="center", va="bottom")
+    ax.set_ylabel("forward tokens computed")
+    ax.set_title(f"GSM8K, {WIDTH} trajectories per prompt")
+    fig.tight_layout()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    fig.savefig(Path(out_dir) / "tree_rollout.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
