@@ -56,6 +56,24 @@ class LLM:
                 self.engine.abort(request.request_id)
             self.engine.requests.pop(request.request_id, None)
 
+    def rollout(self, prompts, tree=None, **sampling):
+        """Tree-structured segment rollouts (TreePO): ``max_width`` trajectories per prompt sharing
+        prefixes in the KV cache. One prompt -> ``RolloutResult``, a list -> list; ``tree`` is a
+        ``TreeRollout`` (default settings when None). Runs on this model's backend while the engine is idle.
+        """
+        from decodekit.strategies.tree import TreeRollout
+
+        single = _is_single(prompts)
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise ValueError("prompts is empty")
+        if self.engine.has_unfinished():
+            raise ValueError("rollout needs an idle engine: finish or abort running requests first")
+        encoded = [self.encode_prompt(p) for p in batch]
+        results = (tree or TreeRollout()).run(self.backend, [ids for _, ids in encoded], sampling_params(**sampling),
+                                              texts=[text for text, _ in encoded])
+        return results[0] if single else results
+
     def encode_prompt(self, prompt) -> tuple[str, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
