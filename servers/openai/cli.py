@@ -19,6 +19,7 @@ def add_serve(sub) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256, help="chat max_tokens when the client sets none")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
 
@@ -29,6 +30,10 @@ def _serve(args) -> int:
     from decodekit.api import LLM
     from servers.openai.app import create_app
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, cache_tokens=args.cache_tokens,
               max_batch_size=args.max_batch_size)
     app = create_app(llm, model_name=args.served_model_name or args.model, api_key=args.api_key,

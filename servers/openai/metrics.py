@@ -38,7 +38,7 @@ class Metrics:
             self.cached_prompt_tokens += completion.stats.cached_prompt_tokens
             self.latency_sum += latency_s
             for key, value in completion.stats.extra.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if _is_counter(key, value):
                     self.strategy_stats[(strategy_name, key)] += value
 
     def record_ttft(self, seconds: float) -> None:
@@ -52,9 +52,8 @@ class Metrics:
 
     def acceptance_rate(self) -> float | None:
         """Speculative acceptance: accepted / drafted tokens summed over finished requests."""
-        accepted = sum(v for (_, k), v in self.strategy_stats.items() if "accept" in k and "rate" not in k)
-        drafted = sum(v for (_, k), v in self.strategy_stats.items()
-                      if ("draft" in k or "propos" in k) and "accept" not in k and "rate" not in k)
+        accepted = sum(v for (_, k), v in self.strategy_stats.items() if k == "tokens_accepted")
+        drafted = sum(v for (_, k), v in self.strategy_stats.items() if k == "tokens_drafted")
         return accepted / drafted if drafted else None
 
     def render(self, worker) -> str:
@@ -86,6 +85,12 @@ class Metrics:
                     [({"strategy": s, "stat": k}, v) for (s, k), v in sorted(self.strategy_stats.items())])
         _engine_metrics(out, worker)
         return "\n".join(out) + "\n"
+
+
+def _is_counter(key: str, value) -> bool:
+    """Numeric strategy stats that add up over requests (not rates or means)."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return numeric and "rate" not in key and "mean" not in key
 
 
 def _engine_metrics(out: list[str], worker) -> None:

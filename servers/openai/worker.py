@@ -187,8 +187,14 @@ class EngineWorker:
         if sub is None:
             return
         self._leave_waiting(sub)
-        self.engine.abort(request_id)
+        self._engine_abort(request_id)
         self.stats.num_aborted += 1
+
+    def _engine_abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        # Engine.abort leaves the finished sequences in engine.running; the next step would run the
+        # strategy on their released handles (leaking slots), so drop them here.
+        self.engine.running = [s for s in self.engine.running if not s.finished]
 
     def _leave_waiting(self, sub: Submission) -> None:
         if sub.waiting:
@@ -230,7 +236,7 @@ class EngineWorker:
             self._active.pop(request_id, None)
             self._leave_waiting(sub)
             try:
-                self.engine.abort(request_id)
+                self._engine_abort(request_id)
             except Exception:
                 log.exception("abort of %s failed", request_id)
             sub.send("error", error)
