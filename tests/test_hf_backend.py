@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import spec_bench_prompts, tiny_llama
+
 from decodekit import LLM
 from decodekit.backends.hf import HFBackend
 from decodekit.backends.mock import MockTokenizer

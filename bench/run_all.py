@@ -1,0 +1,116 @@
+"""Run every benchmark script, continue past failures, and write bench/results/REPORT.md.
+
+Each script runs in its own process (`python -m bench.<name>`), its progress bars pass through,
+and its last stdout line (one JSON object) is its summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench.common import RESULTS, machine
+from bench.targets import check
+
+BENCHMARKS = ["throughput", "speculative", "constraints", "entropy_switch", "tree_rollout", "server_load"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="decodekit bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="each script's ~1 minute mode")
+    p.add_argument("--only", nargs="+", metavar="NAME", help=f"a subset of {BENCHMARKS}")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--package", default="bench", help=argparse.SUPPRESS)  # tests point this at stub scripts
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per script")
+    return p
+
+
+def run_script(name: str, args) -> dict:
+    """Run one benchmark; returns {"summary": dict | None, "error": str | None, "seconds": float}."""
+    cmd = [sys.executable, "-m", f"{args.package}.{name}", "--model", args.model, "--out", args.out]
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--device", args.device] if args.device else []
+    start = time.perf_counter()
+    tail: deque[str] = deque(maxlen=30)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=Path(__file__).resolve().parents[1])
+        stdout, stderr = proc.communicate(timeout=args.timeout)
+        tail.extend(stderr.replace("\r", "\n").splitlines())
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return {"summary": None, "error": f"timed out after {args.timeout:.0f} s", "seconds": args.timeout}
+    seconds = time.perf_counter() - start
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if proc.returncode != 0 or not lines:
+        return {"summary": None, "error": f"exit code {proc.returncode}\n" + "\n".join(tail), "seconds": seconds}
+    try:
+        return {"summary": json.loads(lines[-1]), "error": None, "seconds": seconds}
+    except json.JSONDecodeError:
+        return {"summary": None, "error": f"last stdout line is not JSON: {lines[-1][:200]}", "seconds": seconds}
+
+
+def report(results: dict[str, dict], args, command: str) -> str:
+    out = Path(args.out)
+    m = machine()
+    lines = ["# decodekit benchmark report", "",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", f"- command: `{command}`",
+             f"- mode: {'quick' if args.quick else 'full'}; model: `{args.model}`",
+             f"- machine: {m['platform']}, CPU `{m['cpu'] or 'unknown'}`, torch threads {m['threads']}, "
+             f"GPU: {m.get('gpu', 'none')}",
+             f"- torch {m['torch']}, transformers {m['transformers']}, python {m['python']}", "",
+             "## Targets", "", "| benchmark | figure | target | measured | verdict |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        for label, target, figure, verdict in check(name, r["summary"]):
+            lines.append(f"| {name} | {label} | {target} | {figure} | {verdict} |")
+    for name, r in results.items():
+        lines += ["", f"## {name}", "", f"run time: {r['seconds']:.0f} s", ""]
+        if r["error"]:
+            lines += ["**failed**:", "", "```", r["error"].strip()[-3000:], "```"]
+            continue
+        md = out / f"{name}.md"
+        if md.exists():
+            lines += [md.read_text().split("\n", 1)[-1].strip(), ""]
+        lines += [f"![{p.stem}]({p.name})" for p in sorted(out.glob(f"{name}*.png"))]
+        lines += ["", f"raw: [`{name}.json`]({name}.json)", "", "```json", json.dumps(r["summary"]), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def run(args, command: str | None = None) -> dict[str, dict]:
+    names = args.only or BENCHMARKS
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown and args.package == "bench":
+        raise ValueError(f"unknown benchmark(s) {unknown}; known: {BENCHMARKS}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in tqdm(names, desc="benchmarks", unit="script"):
+        tqdm.write(f"== {name}")
+        results[name] = run_script(name, args)
+        tqdm.write(f"   {'ok' if results[name]['error'] is None else 'FAILED'} in {results[name]['seconds']:.0f} s")
+    command = command or " ".join(["python -m bench.run_all", *sys.argv[1:]])
+    (Path(args.out) / "REPORT.md").write_text(report(results, args, command))
+    (Path(args.out) / "summary.json").write_text(json.dumps(
+        {n: r["summary"] for n, r in results.items()}, indent=2))
+    print(json.dumps({"bench": "all", "ok": [n for n, r in results.items() if not r["error"]],
+                      "failed": [n for n, r in results.items() if r["error"]],
+                      "report": str(Path(args.out) / "REPORT.md")}))
+    return results
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

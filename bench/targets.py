@@ -1,0 +1,118 @@
+"""The targets each issue names, checked against a benchmark's summary JSON."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Target(NamedTuple):
+    bench: str
+    label: str
+    target: str
+    measure: object  # summary dict -> (figure, met: bool)
+
+
+def _get(summary, *path):
+    for key in path:
+        if not isinstance(summary, dict) or key not in summary:
+            raise KeyError("/".join(path))
+        summary = summary[key]
+    return summary
+
+
+def _at_least(threshold, *path):
+    def measure(s):
+        value = _get(s, *path)
+        return value, value >= threshold
+    return measure
+
+
+def _at_most(threshold, *path):
+    def measure(s):
+        value = _get(s, *path)
+        return value, value <= threshold
+    return measure
+
+
+def _best_at_least(threshold, *path):
+    def measure(s):
+        values = _get(s, *path)
+        best = max(values, key=values.get)
+        return f"{values[best]} ({best})", values[best] >= threshold
+    return measure
+
+
+def _all_equal(expected, *path):
+    def measure(s):
+        values = _get(s, *path)
+        flat = list(_numbers(values))
+        return min(flat) if flat else values, bool(flat) and all(v == expected for v in flat)
+    return measure
+
+
+def _numbers(x):
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from _numbers(v)
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        yield x
+
+
+def _entropy_point(s):
+    ok = [p for p in _get(s, "points") if p["large_share"] <= 0.45 and p["quality_ratio"] >= 0.95
+          and p["wall_ratio_vs_large"] < 1.0]
+    best = min(ok, key=lambda p: p["large_share"]) if ok else None
+    return (f"tau={best['threshold']}: share {best['large_share']}, quality {best['quality_ratio']}" if best
+            else "no such threshold"), best is not None
+
+
+def _tree_diversity(s):
+    tree, independent = _get(s, "distinct_answers", "tree"), _get(s, "distinct_answers", "independent")
+    return f"{tree} vs {independent}", tree >= 0.9 * independent
+
+
+def _speculative_vs_assisted(s):
+    best = max(_get(s, "mean_speedup").items(), key=lambda kv: kv[1])[0]
+    value = _get(s, "speedup_vs_hf_assisted").get(best)
+    return f"{value} ({best})", value is not None and value >= 1.2
+
+
+TARGETS = [
+    Target("throughput", "tokens/s vs transformers, batch 1", ">= 1.0x", _at_least(1.0, "ratio_vs_hf_bs1")),
+    Target("throughput", "tokens/s vs transformers, batch 8", ">= 1.0x", _at_least(1.0, "ratio_vs_hf_bs8")),
+    Target("throughput", "shared-prefix prefill tokens saved", ">= 0.80", _at_least(0.8, "prefill_tokens_saved_frac")),
+    Target("speculative", "best draft: speedup over plain decoding", ">= 1.5x", _best_at_least(1.5, "mean_speedup")),
+    Target("speculative", "best draft vs transformers assisted generation", ">= 1.2x", _speculative_vs_assisted),
+    Target("speculative", "greedy output identical to plain", "true",
+           lambda s: (_get(s, "greedy_identical"), _get(s, "greedy_identical") is True)),
+    Target("constraints", "fewer constraint checks per token than masked", ">= 50x",
+           _at_least(50, "eval_reduction_vs_masked")),
+    Target("constraints", "wall-clock speedup vs masked, grammar", ">= 10x",
+           _at_least(10, "speedup_vs_masked", "grammar")),
+    Target("constraints", "wall-clock speedup vs masked, pattern matching", ">= 1.3x",
+           _at_least(1.3, "speedup_vs_masked", "pattern_matching")),
+    Target("constraints", "validity of returned outputs", "100%", _all_equal(1.0, "valid_rate")),
+    Target("entropy_switch", "large share <= 45%, quality >= 95%, faster than large-only", "a threshold exists",
+           _entropy_point),
+    Target("tree_rollout", "forward tokens, tree / independent", "<= 0.65", _at_most(0.65, "forward_tokens_ratio")),
+    Target("tree_rollout", "wall-clock, tree / independent", "<= 0.75", _at_most(0.75, "wall_ratio")),
+    Target("tree_rollout", "distinct answers vs independent", ">= 90%", _tree_diversity),
+    Target("server_load", "16 clients vs one at a time, output tokens/s", ">= 3x",
+           _at_least(3.0, "batching_speedup_16")),
+    Target("server_load", "errors", "0", _at_most(0, "errors")),
+]
+
+
+def check(bench: str, summary: dict | None) -> list[tuple[str, str, str, str]]:
+    """(label, target, figure, verdict) rows for one benchmark's summary."""
+    rows = []
+    for t in (t for t in TARGETS if t.bench == bench):
+        if summary is None:
+            rows.append((t.label, t.target, "n/a", "not run"))
+            continue
+        try:
+            figure, met = t.measure(summary)
+            rows.append((t.label, t.target, str(figure), "met" if met else "missed"))
+        except (KeyError, TypeError, ValueError) as e:
+            rows.append((t.label, t.target, "n/a", f"missing field {e}"))
+    return rows

@@ -1,0 +1,3 @@
+"""A stand-in benchmark that crashes, for the runner's failure path."""
+
+raise RuntimeError("draft model exploded on purpose")

@@ -1,0 +1,52 @@
+"""The benchmark runner: report sections, targets, JSON, PNG, and failures reported, not fatal."""
+
+import json
+import struct
+import sys
+
+from bench.run_all import BENCHMARKS, build_parser, run
+from bench.targets import TARGETS, check
+
+
+def test_runner_writes_report_and_survives_a_failing_script(tmp_path):
+    args = build_parser().parse_args(["--quick", "--out", str(tmp_path), "--package", "tests.bench_stubs",
+                                      "--only", "throughput", "speculative"])
+    results = run(args, command="decodekit bench --quick")
+    assert results["throughput"]["error"] is None and results["throughput"]["summary"]["quick"] is True
+    assert "draft model exploded on purpose" in results["speculative"]["error"]
+    report = (tmp_path / "REPORT.md").read_text()
+    for section in ("## Targets", "## throughput", "## speculative", "**failed**", "torch", "decodekit bench --quick"):
+        assert section in report
+    assert "| throughput | tokens/s vs transformers, batch 8 | >= 1.0x | 0.9 | missed |" in report
+    assert "| throughput | shared-prefix prefill tokens saved | >= 0.80 | 0.85 | met |" in report
+    assert "![throughput_plot](throughput_plot.png)" in report
+    assert json.loads((tmp_path / "throughput.json").read_text())["machine"]["torch"]
+    assert json.loads((tmp_path / "summary.json").read_text())["speculative"] is None
+    png = (tmp_path / "throughput_plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24])[0] > 0
+
+
+def test_every_benchmark_has_targets_and_missing_fields_are_reported():
+    assert {t.bench for t in TARGETS} == set(BENCHMARKS)
+    rows = check("tree_rollout", {"bench": "tree_rollout", "wall_ratio": 0.5})
+    assert ("wall-clock, tree / independent", "<= 0.75", "0.5", "met") in rows
+    assert any(verdict.startswith("missing field") for *_, verdict in rows)
+    assert all(verdict == "not run" for *_, verdict in check("server_load", None))
+
+
+def test_entropy_and_speculative_targets():
+    points = {"points": [{"threshold": 1.0, "large_share": 0.4, "quality_ratio": 0.97, "wall_ratio_vs_large": 0.8},
+                         {"threshold": 3.0, "large_share": 0.1, "quality_ratio": 0.5, "wall_ratio_vs_large": 0.5}]}
+    assert check("entropy_switch", points)[0][3] == "met"
+    spec = {"mean_speedup": {"ngram": 1.7, "int8": 1.2}, "speedup_vs_hf_assisted": {"ngram": 1.1},
+            "greedy_identical": True}
+    verdicts = [r[3] for r in check("speculative", spec)]
+    assert verdicts == ["met", "missed", "met"]
+
+
+def test_cli_exposes_bench(monkeypatch):
+    from decodekit.cli import build_parser as cli_parser
+
+    args = cli_parser().parse_args(["bench", "--quick", "--only", "throughput"])
+    assert args.quick and args.only == ["throughput"] and args.command == "bench"
+    assert sys.executable
