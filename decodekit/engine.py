@@ -140,6 +140,7 @@ class Engine:
         for seq in request.seqs:
             if not seq.finished:
                 self._finish(seq, "abort")
+        self.running = [s for s in self.running if s.request is not request]
         self.requests.pop(request_id, None)
 
     def has_unfinished(self) -> bool:

@@ -182,3 +182,21 @@ def test_entropy_of_uniform_mock_is_log2_v():
     flat = MockBackend(vocab_size=8, logits_fn=lambda ctx: torch.zeros(8))
     c = LLM(backend=flat).generate("ab", max_new_tokens=1, logprobs=1, temperature=1.0, seed=0, ignore_eos=True)
     assert c.choices[0].logprobs[0].logprob == pytest.approx(-math.log(8), abs=1e-6)
+
+
+def test_abort_mid_run_leaves_other_requests_running():
+    llm = make_llm()
+    engine = llm.engine
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    keep = engine.add_request(llm.tokenizer.encode("abc"), params)
+    gone = engine.add_request(llm.tokenizer.encode("xyz"), params)
+    engine.step()
+    engine.step()
+    engine.abort(gone.request_id)
+    assert all(s.request is keep for s in engine.running)
+    while engine.has_unfinished():
+        engine.step()
+    done = engine.pop_completion(keep.request_id)
+    assert list(done.token_ids) == greedy_reference(llm.backend, llm.tokenizer.encode("abc"), 12, eos=-1)
+    assert llm.backend.cache.num_open_handles == 0
+    llm.backend.cache.check_integrity()
