@@ -189,7 +189,7 @@ def test_abort_mid_run_leaves_other_requests_running():
     engine = llm.engine
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     keep = engine.add_request(llm.tokenizer.encode("abc"), params)
-    gone = engine.add_request(llm.tokenizer.encode("xyz"), params)
+    gone = engine.add_request(llm.tokenizer.encode("dfe"), params)
     engine.step()
     engine.step()
     engine.abort(gone.request_id)
