@@ -17,7 +17,11 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per step")
     p.add_argument("--cache-tokens", type=int, default=16384, help="KV-cache budget in tokens")
     p.add_argument("--default-max-tokens", type=int, default=256, help="chat max_tokens when the client sets none")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on the hf backend, bfloat16 on vllm")
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="transformers (hf) or vLLM")
+    p.add_argument("--engine-args", default="{}", help='vLLM engine arguments as JSON (--backend vllm), e.g. '
+                   '\'{"tensor_parallel_size": 2, "max_model_len": 4096}\'')
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info")
@@ -34,8 +38,13 @@ def _serve(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, cache_tokens=args.cache_tokens,
-              max_batch_size=args.max_batch_size)
+    import json
+
+    engine_args = json.loads(args.engine_args)
+    if not isinstance(engine_args, dict) or (engine_args and args.backend != "vllm"):
+        raise ValueError("--engine-args must be a JSON object and needs --backend vllm")
+    llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, cache_tokens=args.cache_tokens,
+              max_batch_size=args.max_batch_size, **engine_args)
     app = create_app(llm, model_name=args.served_model_name or args.model, api_key=args.api_key,
                      max_queue=args.max_queue, default_max_tokens=args.default_max_tokens)
     print(f"decodekit: serving {args.served_model_name or args.model} at http://{args.host}:{args.port}/v1", flush=True)
