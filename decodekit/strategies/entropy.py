@@ -176,8 +176,11 @@ class EntropySwitch(Strategy):
                 continue
             started = time.perf_counter()
             rows = self._main_logits(engine, group, model) if model.is_main else self._other_logits(group, model)
-            model.forward_time_s += time.perf_counter() - started
-            out.update({s.seq_id: r for s, r in zip(group, rows)})
+            took = time.perf_counter() - started
+            model.forward_time_s += took
+            for seq, row in zip(group, rows):
+                out[seq.seq_id] = row
+                seq.state["forward_time_s"][role] += took / len(group)  # a batched call's time, split evenly
         return out
 
     def _main_logits(self, engine, seqs, model: _Model) -> list:
@@ -235,6 +238,8 @@ class EntropySwitch(Strategy):
             "cost_param_weighted": param_weighted_cost(num_small, num_large, params[SMALL], params[LARGE]),
             "forward_tokens": fwd,  # decode + catch-up prefill, the engine's prompt prefill excluded
             "cost_measured_param_weighted": measured,
+            "forward_time_s": {role: sum(s.state.get("forward_time_s", {}).get(role, 0.0) for s in seqs)
+                               for role in (SMALL, LARGE)},
             "mean_entropy_bits": sum(sum(s.state.get("entropies", [])) for s in seqs)
             / max(1, sum(len(s.state.get("entropies", [])) for s in seqs)),
         }
@@ -246,7 +251,8 @@ class EntropySwitch(Strategy):
 
 def _init_state(seq, main_role: str) -> None:
     seq.state.update(active=main_role, since_switch=0, entropies=[], writers=[], num_switches=0,
-                     forward_tokens={SMALL: 0, LARGE: 0}, other_forwards=0, handle=None)
+                     forward_tokens={SMALL: 0, LARGE: 0}, forward_time_s={SMALL: 0.0, LARGE: 0.0},
+                     other_forwards=0, handle=None)
     seq.state["since_switch"] = 1 << 30  # the first position may go to either model at once
 
 
