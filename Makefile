@@ -71,4 +71,4 @@ endif
 
 # Only the vLLM tests, in .venv-vllm (the default `make test` skips them: no vLLM in .venv).
 test-vllm: setup-vllm
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VPY) -m pytest -q tests/vllm
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VPY) -m pytest -q tests/vllm_backend

@@ -40,7 +40,8 @@ class VLLMBackend:
     ``speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}``.
     Defaults decodekit sets unless given: ``enable_prefix_caching=True``, ``disable_log_stats=False``
     (prefix-cache and speculative counters come from vLLM's stats), ``seed=0``, and on CPU
-    ``enforce_eager=True`` (torch.compile warm-up takes minutes on a small CPU machine).
+    ``enforce_eager=True`` (torch.compile warm-up takes minutes on a small CPU machine) and ``block_size=32``
+    (prefix caching shares whole blocks; vLLM-CPU's default 128 rarely shares a tree segment's context).
     """
 
     def __init__(self, model: str, *, dtype: str = "bfloat16", **engine_args):
@@ -53,6 +54,7 @@ class VLLMBackend:
         args = {"enable_prefix_caching": True, "disable_log_stats": False, "seed": 0, **engine_args}
         if _on_cpu():
             args.setdefault("enforce_eager", True)
+            args.setdefault("block_size", 32)  # CPU default 128: too coarse for prefix sharing between segments
         self.engine_args = args
         self.llm = vllm.LLM(model=prepared.path, dtype=dtype, **args)
         self.prepared = prepared

@@ -1,4 +1,6 @@
-"""vLLM backend tests: they run only where vLLM imports (``make test-vllm`` builds and uses .venv-vllm).
+"""vLLM backend tests (this folder is not named ``vllm``: pytest puts ``tests/`` on ``sys.path``, where a
+``vllm`` folder would shadow the package). They run only where vLLM imports (``make test-vllm`` builds
+and uses .venv-vllm).
 
 In the main environment (no vLLM) every test here is skipped at collection with the reason, so the
 default ``pytest`` run stays fast. Engines are session fixtures: each vLLM engine starts a process.
@@ -15,7 +17,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the CPU machines ar
 
 
 def _vllm_missing() -> str | None:
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:  # absent, or only a namespace folder of that name
         return "vLLM is not installed in this environment: run `make test-vllm` (builds .venv-vllm)"
     try:
         import vllm  # noqa: F401
