@@ -56,10 +56,11 @@ class Server:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    async def strategy_for(self, options, response_format=None):
-        if not options and response_format is None:
+    async def strategy_for(self, body, response_format=None):
+        guided = protocol.guided(body)
+        if not body.decodekit and response_format is None and not any(v is not None for v in guided.values()):
             return None
-        return await asyncio.to_thread(self.strategies.resolve, options, response_format)
+        return await asyncio.to_thread(self.strategies.resolve, body.decodekit, response_format, guided)
 
     def params(self, body, max_tokens, default, logprobs, prompt_len):
         return protocol.sampling_params(body, max_tokens=max_tokens, default_max_tokens=default,
@@ -168,7 +169,7 @@ async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     server.check_model(body.model)
     protocol.check_chat(body)
     messages = protocol.chat_messages(body)
-    strategy = await server.strategy_for(body.decodekit, body.response_format)
+    strategy = await server.strategy_for(body, body.response_format)
     top = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     make = partial(server.params, body, max_tokens, server.default_max_tokens, top)
@@ -191,7 +192,7 @@ async def _text(server: Server, body: CompletionRequest, request: Request):
     server.check_model(body.model)
     protocol.check_completion(body)
     prompts = protocol.completion_prompts(body)
-    strategy = await server.strategy_for(body.decodekit)
+    strategy = await server.strategy_for(body)
     make = partial(server.params, body, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs)
     call = Call(server, prompts, make, strategy)
     await call.start()

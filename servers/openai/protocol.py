@@ -57,6 +57,10 @@ class _Sampling(_Model):
     min_p: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # decodekit strategy choice: {"strategy": "speculative", "draft": "ngram", ...}
     decodekit: dict[str, Any] | None = None
 
@@ -127,6 +131,12 @@ def check_chat(body: ChatCompletionRequest) -> None:
         raise bad_value("tools are not supported by decodekit; use response_format for structured output", "tools")
     if not body.messages:
         raise bad_value("messages must be a non-empty list", "messages")
+
+
+def guided(body: _Sampling) -> dict:
+    """vLLM-style constraint fields by kind (``json``, ``regex``, ``choice``, ``grammar``)."""
+    return {"json": body.guided_json, "regex": body.guided_regex, "choice": body.guided_choice,
+            "grammar": body.guided_grammar}
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict]:

@@ -7,13 +7,10 @@ import time
 
 from decodekit.types import Completion, TokenInfo
 
-FINISH_REASONS = {"stop", "length"}
-
 
 def finish_reason(reason: str | None) -> str | None:
-    if reason is None:
-        return None
-    return reason if reason in FINISH_REASONS else "stop"
+    """OpenAI's reasons pass through; decodekit's own (``constraint_failed``) too, so clients can tell."""
+    return reason
 
 
 def usage(completions: list[Completion]) -> dict:

@@ -19,10 +19,9 @@ MAX_CACHED = 64
 
 def json_constraint_available() -> bool:
     try:
-        from decodekit.strategies.constrained import Constrained  # noqa: F401
-
         import decodekit.constraints  # noqa: F401
         from decodekit.constraints import JsonSchema  # noqa: F401
+        from decodekit.strategies.constrained import Constrained  # noqa: F401
     except ImportError:
         return False
     return True
@@ -37,18 +36,21 @@ class StrategyCache:
         self._on_evict = on_evict
         self.max_cached = max_cached
 
-    def resolve(self, options: dict | None, response_format=None):
-        """The strategy for a request (None: the engine default). Raises ``APIError`` 400."""
+    def resolve(self, options: dict | None, response_format=None, guided: dict | None = None):
+        """The strategy for a request (None: the engine default). Raises ``APIError`` 400.
+
+        ``guided``: vLLM-style constraint fields (``{"regex": ...}``, ``json``, ``choice``, ``grammar``).
+        """
         options = dict(options or {})
         if not isinstance(options.get("strategy", ""), str):
             raise bad_value("decodekit.strategy must be a string", "decodekit.strategy")
         name = options.pop("strategy", None)
-        schema = json_schema_of(response_format)
-        if schema is not None:
+        spec = constraint_spec(response_format, guided)
+        if spec is not None:
             if name not in (None, "constrained"):
-                raise bad_value(f"response_format needs the constrained strategy, got decodekit.strategy={name!r}",
-                                "response_format")
-            return self._get(("constrained-json", schema, options), lambda: _json_strategy(schema, options))
+                raise bad_value(f"constrained output needs the constrained strategy, got decodekit.strategy={name!r}",
+                                "decodekit.strategy")
+            return self._get(("constrained", spec, options), lambda: _constrained(spec, options))
         if name is None:
             if options:
                 raise bad_value(f"decodekit options {sorted(options)} need a decodekit.strategy", "decodekit")
@@ -79,8 +81,24 @@ def _named(name: str, options: dict):
         raise bad_value(f"strategy {name!r}: {e}", "decodekit") from None
 
 
+def constraint_spec(response_format, guided: dict | None) -> tuple[str, object] | None:
+    """(kind, value) of the one constraint a request asks for, or None; 400 for two or an invalid schema."""
+    specs = [(k, v) for k, v in (guided or {}).items() if v is not None]
+    schema = json_schema_of(response_format)
+    if schema is not None:
+        specs.append(("json", schema))
+    if len(specs) > 1:
+        raise bad_value(f"give one output constraint, got {[k for k, _ in specs]}", "response_format")
+    if not specs:
+        return None
+    kind, value = specs[0]
+    if kind == "json":
+        value = _parse_schema(value)
+    return kind, value
+
+
 def json_schema_of(response_format) -> dict | None:
-    """The JSON schema a ``response_format`` asks for (None for text); 400 for an invalid schema."""
+    """The JSON schema a ``response_format`` asks for (None for text)."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
@@ -88,32 +106,38 @@ def json_schema_of(response_format) -> dict | None:
     spec = response_format.json_schema
     if spec is None or spec.schema_ is None:
         raise bad_value("response_format json_schema needs json_schema.schema", "response_format.json_schema")
-    _check_schema(spec.schema_)
     return spec.schema_
 
 
-def _check_schema(schema: dict) -> None:
+def _parse_schema(schema) -> dict:
     import jsonschema
 
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise bad_value(f"JSON schema is not valid JSON: {e}", "guided_json") from None
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         raise bad_value(f"invalid JSON schema: {e.message}", "response_format.json_schema.schema") from None
+    return schema
 
 
-def _json_strategy(schema: dict, options: dict):
+def _constrained(spec: tuple[str, object], options: dict):
     if not json_constraint_available():
-        raise APIError(400, "response_format json_object / json_schema needs decodekit's constrained generation "
-                            "(decodekit.constraints), which this build lacks", param="response_format",
-                       code="unsupported")
+        raise APIError(400, "constrained output (response_format json, guided_*) needs decodekit.constraints, "
+                            "which this build lacks", param="response_format", code="unsupported")
+    from decodekit import constraints as C
     from decodekit.strategies.constrained import Constrained
 
-    from decodekit.constraints import JsonSchema
-
+    kind, value = spec
+    builders = {"json": C.JsonSchema, "regex": C.Regex, "choice": C.OneOf, "grammar": C.Grammar}
     options = {"sampler": "awrs", **options}
     try:
-        return Constrained(JsonSchema(schema), **options)
+        return Constrained(builders[kind](value), **options)
     except ValueError as e:
-        raise bad_value(f"invalid JSON schema or options: {e}", "response_format") from None
+        raise bad_value(f"invalid {kind} constraint or options: {e}", "response_format" if kind == "json"
+                        else f"guided_{kind}") from None
     except TypeError as e:
         raise bad_value(f"constrained strategy: {e}", "decodekit") from None
