@@ -95,6 +95,7 @@ class Constrained(Strategy):
             out["ess_trace"] = runs[0]["ess_trace"]
             out["particles_alive"] = runs[0]["alive_trace"]
             out["log_ml"] = runs[0].get("log_ml")
+            out["log_ml_per_choice"] = [r.get("log_ml") for r in runs]
             out["particles"] = runs[0].get("results", [])
         return out
 
@@ -106,12 +107,16 @@ class Constrained(Strategy):
             st = self._state(engine, seq)
             logits = seq.take_next_logits()
             track = st["track"]
-            if len(seq.output_ids) >= seq.params.max_new_tokens - 1 and self.constraint.complete_ok(track.text):
+            final = len(seq.output_ids) >= seq.params.max_new_tokens - 1
+            if final and self.constraint.complete_ok(track.text):
                 out[seq.seq_id] = [Proposal(st["checker"].eos_token(), logits)]  # complete: end it while we may
                 continue
-            draw = self._draw(engine, seq, st, track, logits)
+            # the last token must complete the text (the engine then ends it with "length")
+            draw = self._draw(engine, seq, st, track, logits, final=final)
             if draw.logw == NEG_INF:
-                self._fail(engine, seq, st, "no token can continue the text under the constraint (dead end)")
+                why = ("max_new_tokens reached before the text could be completed" if final
+                       else "no token can continue the text under the constraint (dead end)")
+                self._fail(engine, seq, st, why)
                 continue
             self._advance(engine, st, track, draw.token)
             out[seq.seq_id] = [Proposal(draw.token, logits)]
@@ -253,13 +258,13 @@ class Constrained(Strategy):
             self._invalid[key] = mask
         return self._invalid[key]
 
-    def _draw(self, engine, seq, st, track: Particle, logits) -> TokenDraw:
+    def _draw(self, engine, seq, st, track: Particle, logits, final: bool = False) -> TokenDraw:
         logp = self._logp(engine, seq, logits)
         checker = st["checker"]
-        accept = checker.accept_fn(track.text)
+        accept = checker.accept_fn(track.text, final=final)
         gen = None if seq.params.greedy else seq.generator
         st["draws"] += 1
-        index = st["index"]
+        index = None if final else st["index"]
         if self.sampler == "masked":
             allowed = self._exact_mask(st, track, logp) if index else check_all(logp=logp, accept=accept)
             return masked_sample(logp=logp, allowed=allowed, generator=gen)
