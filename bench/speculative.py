@@ -112,9 +112,12 @@ def main():
     p.add_argument("--per-category", type=int, default=None)
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--categories", default=None, help="comma-separated Spec-Bench categories (default: all)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids thread contention on busy cores)")
     args = p.parse_args()
     args.per_category = args.per_category or (1 if args.quick else 2)
-    args.tokens = args.tokens or (32 if args.quick else 96)
+    args.tokens = args.tokens or (16 if args.quick else 64)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     backend = load_backend(args.model, device=args.device or "cpu")
     draft_backend = int8_backend(backend)
@@ -122,7 +125,7 @@ def main():
     args.strategies = {"ngram": Speculative(draft="ngram"), "int8": Speculative(draft=draft_backend),
                        "ngram+int8": Speculative(draft=lookup_then_int8)}
     engine = Engine(backend, max_batch_size=32)
-    questions = spec_bench(args.per_category)
+    questions = spec_bench(args.per_category, args.categories.split(",") if args.categories else None)
     encode = backend.tokenizer.apply_chat_template
     prompts = [(q["category"], encode([{"role": "user", "content": q["turns"][0]}])) for q in questions]
 
@@ -136,7 +139,9 @@ def main():
         records.append({"category": category, "prompt_tokens": len(ids),
                         **{name: r[0] for name, r in runs.items()}})
         print(category, {name: round(tokens_per_s(r[0]), 1) for name, r in runs.items()}, file=sys.stderr)
-    batch = batch_run(engine, [ids for _, ids in prompts[: args.batch]], args)
+        summary, table, details = summarize(records, None, speed, args)
+        write_results("speculative", summary, table, args.out, details)  # partial results so far
+    batch = batch_run(engine, [ids for _, ids in prompts[: args.batch]], args) if args.batch > 1 else None
     summary, table, details = summarize(records, batch, speed, args)
     write_results("speculative", summary, table, args.out, details)
 
@@ -171,7 +176,7 @@ def summarize(records: list[dict], batch: dict, speed: dict, args):
     summary = {"bench": "speculative", "speedup": speedup, "mean_speedup": mean_speedup,
                "speedup_vs_hf_assisted": vs_hf, "mean_accepted": mean_accepted, "greedy_identical": identical,
                "best_source": best, "mean_speedup_t0.7": {s: sum(v.values()) / len(v) for s, v in warm_speedup.items()},
-               "batch_speedup": {s: batch[s]["speedup"] for s in SOURCES},
+               "batch_speedup": {s: batch[s]["speedup"] for s in SOURCES} if batch else None,
                "int8_decode_ms": speed["int8"], "float32_decode_ms": speed["float32"],
                "targets": {"mean_speedup>=1.5": mean_speedup[best] >= 1.5,
                            "vs_hf>=1.2": vs_hf[best] >= 1.2,
@@ -192,9 +197,10 @@ def _tables(records, categories, speedup, warm, vs_hf, accepted, batch, speed, a
             *[f"{s} x (t=0.7)" for s in SOURCES]]
     hf_rows = [[name, value] for name, value in vs_hf.items()]
     acc_rows = [[s, accepted[s]] for s in SOURCES]
-    batch_rows = [[s, b["tokens_per_s"], b["speedup"], b["identical"]] for s, b in batch.items()]
+    batch_rows = [[s, b["tokens_per_s"], b["speedup"], b["identical"]] for s, b in (batch or {}).items()]
     return "\n\n".join([
-        f"SmolLM2-135M float32, CPU, batch 1, {args.tokens} new tokens, {args.per_category} prompt(s) per category; "
+        f"SmolLM2-135M float32, CPU ({args.threads} thread), batch 1, {args.tokens} new tokens, "
+        f"{args.per_category} prompt(s) per category; "
         "speedup = median over prompts of tokens/s ratio against decodekit plain decoding (interleaved).",
         md_table(head, rows),
         "Against transformers assisted generation with the same draft (greedy, batch 1; ngram+int8 has no HF "
@@ -202,7 +208,7 @@ def _tables(records, categories, speedup, warm, vs_hf, accepted, batch, speed, a
         md_table(["source", "decodekit / HF assisted"], hf_rows),
         "Mean tokens per verify step (accepted drafts + 1), greedy:",
         md_table(["source", "tokens / step"], acc_rows),
-        f"Batch of {len(batch['plain']['tokens'])} prompts, greedy:",
+        f"Batch of {args.batch} prompts, greedy{'' if batch else ': not run yet'}:",
         md_table(["strategy", "tok/s", "speedup", "identical to plain"], batch_rows),
         f"Decode step, batch 1: float32 {speed['float32']:.1f} ms, int8 copy {speed['int8']:.1f} ms "
         f"({speed['float32'] / speed['int8']:.2f}x).",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from conftest import spec_bench_prompts
 
 from decodekit import LLM, SamplingParams, Speculative
 from decodekit.backends.mock import MockBackend
@@ -18,8 +21,6 @@ from decodekit.strategies.drafters import (
     int8_backend,
     ngram_propose,
 )
-
-from conftest import spec_bench_prompts
 
 V = 8
 
@@ -281,17 +282,24 @@ def _greedy_match(backend, prompts, drafts, max_new_tokens):
     assert backend.cache.num_open_handles == 0
 
 
+# The full size (128 new tokens, several Spec-Bench prompts) with DECODEKIT_SPEC_FULL=1; the default
+# keeps the file within its time budget on a shared 2-core machine.
+FULL = os.environ.get("DECODEKIT_SPEC_FULL") == "1"
+
+
 @pytest.mark.real
 def test_real_smollm_greedy_identical(smollm):
     int8 = int8_backend(smollm)
-    _greedy_match(smollm, spec_bench_prompts(3), ["ngram", int8, "ngram+int8"], 128)
+    prompts = spec_bench_prompts(6)[: 4 if FULL else 2]
+    _greedy_match(smollm, prompts, ["ngram", int8, "ngram+int8"], 128 if FULL else 48)
     int8.cache.check_integrity()
     assert int8.cache.num_open_handles == 0
 
 
 @pytest.mark.real
 def test_real_gemma_greedy_identical(gemma):
-    _greedy_match(gemma, spec_bench_prompts(6, per_category=1)[4:6], ["ngram", "int8", gemma], 32)
+    prompts = spec_bench_prompts(6)[4:6 if FULL else 5]
+    _greedy_match(gemma, prompts, ["ngram", "int8", gemma], 128 if FULL else 24)
 
 
 @pytest.mark.real
