@@ -19,21 +19,38 @@ def as_bytes(text: bytes | str) -> bytes:
     return text.encode() if isinstance(text, str) else bytes(text)
 
 
-def decode_prefix(text: bytes) -> str | None:
-    """The text of ``text`` as UTF-8, dropping an incomplete last character; ``None`` if not UTF-8.
-
-    A token may end inside a multi-byte character; the prefix check then judges the complete
-    characters only, and the next token's check sees the whole character.
-    """
+def split_utf8(text: bytes) -> tuple[str | None, bytes]:
+    """(complete characters, trailing bytes of a character cut short); (None, b"") if not UTF-8."""
     try:
-        return text.decode("utf-8")
+        return text.decode("utf-8"), b""
     except UnicodeDecodeError as e:
         if e.reason != "unexpected end of data":  # invalid bytes, not just a character cut short
-            return None
+            return None, b""
         try:
-            return text[: e.start].decode("utf-8")
+            return text[: e.start].decode("utf-8"), text[e.start :]
         except UnicodeDecodeError:
-            return None
+            return None, b""
+
+
+def completions_of(partial: bytes) -> list[str]:
+    """Characters that start with the bytes ``partial`` (a token may end inside a character).
+
+    Exact (all 64) when one continuation byte is missing; a spread sample (every next byte, a few
+    last bytes) when more are missing, so a check stays cheap.
+    """
+    need = {0xC: 2, 0xD: 2, 0xE: 3, 0xF: 4}.get(partial[0] >> 4, 0) - len(partial)
+    if need <= 0:
+        return []
+    tails = [bytes([b]) for b in range(0x80, 0xC0)]
+    for _ in range(need - 1):
+        tails = [t + bytes([b]) for t in tails for b in (0x80, 0x9F, 0xA0, 0xBF)]
+    out = []
+    for tail in tails:
+        try:
+            out.append((partial + tail).decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+    return out
 
 
 def decode_complete(text: bytes) -> str | None:
@@ -57,8 +74,13 @@ class Constraint(ABC):
         self._indexes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def prefix_ok(self, text: bytes | str) -> bool:
-        s = decode_prefix(as_bytes(text))
-        return s is not None and self.prefix_ok_text(s)
+        """Text ending inside a character passes if it does with some character those bytes can start."""
+        s, partial = split_utf8(as_bytes(text))
+        if s is None:
+            return False
+        if not partial:
+            return self.prefix_ok_text(s)
+        return any(self.prefix_ok_text(s + c) for c in completions_of(partial))
 
     def complete_ok(self, text: bytes | str) -> bool:
         s = decode_complete(as_bytes(text))
