@@ -3,8 +3,10 @@
 Contenders, same model, prompts, max tokens and temperature, interleaved:
 - ``tree``: ``LLM.rollout`` with a ``TreeRollout`` (segments sharing prefixes, early stops);
 - ``independent``: ``LLM.generate(..., n=16)`` (16 samples forked from the prompt's cache);
-- ``independent_es`` (the full run): 16 independent paths with the tree's early stops
+- ``independent_es`` (``--es-baseline``): 16 independent paths with the tree's early stops
   (``TreeRollout(branch_factor=1, first_split=16)``), to separate prefix sharing from early stopping.
+  Without it, that baseline's forward tokens are derived exactly by cutting the independent run's
+  trajectories where the early stops fire.
 
 Measured: forward tokens computed, wall-clock, trajectories/s, tokens/s, distinct final answers per
 prompt (diversity) and pass@16. The prefix cache is emptied before every run.
@@ -63,21 +65,41 @@ def run_once(llm: LLM, name: str, prompts, sampling: dict, tree: TreeRollout | N
     backend = llm.backend
     backend.cache.tree.evict(backend.cache.capacity)  # no prefix left from the previous contender
     f0, t0 = backend.num_forward_tokens, time.perf_counter()
+    es_tokens = None
     if name == "independent":
         done = llm.generate(prompts, n=WIDTH, **sampling)
+        wall = time.perf_counter() - t0
         texts = [[c.text for c in d.choices] for d in done]
+        decode = sum(_decode_tokens(c, len(c.token_ids)) for d in done for c in d.choices)
+        prefill = backend.num_forward_tokens - f0 - decode
+        es_tokens = prefill + sum(_early_stop_decode_tokens(llm.tokenizer, c) for d in done for c in d.choices)
         out_tokens = sum(len(c.token_ids) for d in done for c in d.choices)
         reasons = [c.finish_reason for d in done for c in d.choices]
     else:
         done = llm.rollout(prompts, tree=tree, **sampling)
+        wall = time.perf_counter() - t0
         texts = [r.texts for r in done]
         out_tokens = sum(len(t.token_ids) for r in done for t in r.trajectories)
         reasons = [t.finish_reason for r in done for t in r.trajectories]
-    wall = time.perf_counter() - t0
     per_prompt = [d.stats["forward_tokens"] for d in done] if name != "independent" else None
     return {"wall_s": wall, "forward_tokens": backend.num_forward_tokens - f0, "output_tokens": out_tokens,
             "texts": texts, "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
-            "forward_tokens_per_prompt": per_prompt}
+            "forward_tokens_per_prompt": per_prompt, "early_stop_forward_tokens": es_tokens}
+
+
+def _early_stop_decode_tokens(tokenizer, choice) -> int:
+    """Decode tokens the engine would have computed for ``choice`` had it stopped where the tree's early
+    stops fire (the same trajectory, cut): the last token before a stop needs no forward."""
+    rule, ids = EarlyStop(), choice.token_ids
+    for j in range(1, len(ids) + 1):
+        if rule.reason(tokenizer.decode(ids[:j])) is not None:
+            return j - 1
+    return _decode_tokens(choice, len(ids))
+
+
+def _decode_tokens(choice, n: int) -> int:
+    """Output tokens the engine computed: all after an EOS ending, all but the last otherwise."""
+    return n if choice.finish_reason == "stop" else n - 1
 
 
 def main() -> None:
@@ -86,12 +108,20 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--segment-len", type=int, default=None)
-    p.add_argument("--first-split", type=int, default=4)
+    p.add_argument("--first-split", type=int, default=2)
     p.add_argument("--branch-factor", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 on a shared machine: oversubscribed threads run ~10x slower)")
+    p.add_argument("--es-baseline", action="store_true",
+                   help="also run 16 independent paths with the tree's early stops (otherwise derived by cutting "
+                        "the independent run's trajectories where the early stops fire)")
     args = p.parse_args()
-    k = args.prompts or (2 if args.quick else 6)
-    max_new = args.max_new_tokens or (64 if args.quick else 256)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    k = args.prompts or (2 if args.quick else 4)
+    max_new = args.max_new_tokens or (64 if args.quick else 128)
     segment = args.segment_len or (16 if args.quick else 32)
     repeats = args.repeats or 1
     rows = gsm8k(k)
@@ -102,7 +132,7 @@ def main() -> None:
     tree = TreeRollout(segment_len=segment, branch_factor=args.branch_factor, max_width=WIDTH,
                        first_split=args.first_split, early_stop=EarlyStop())
     contenders = {"tree": tree, "independent": None}
-    if not args.quick:
+    if args.es_baseline:
         contenders["independent_es"] = TreeRollout(segment_len=segment, branch_factor=1, max_width=WIDTH,
                                                    first_split=WIDTH, early_stop=EarlyStop())
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
@@ -130,6 +160,9 @@ def main() -> None:
                "distinct_answers": {"tree": round(t["distinct_answers"], 2),
                                     "independent": round(i["distinct_answers"], 2)},
                "pass_at_16": {"tree": t["pass_at_16"], "independent": i["pass_at_16"]}}
+    es = runs["independent"][0]["early_stop_forward_tokens"]
+    summary["forward_tokens_ratio_vs_early_stopped_independent"] = round(t["forward_tokens"] / es, 3)
+    per["independent"]["early_stop_forward_tokens"] = es
     header = ["contender", "forward tokens", "wall s", "trajectories/s", "tokens/s", "distinct answers",
               "pass@16", "mean acc"]
     settings = (f"{k} GSM8K prompts x {WIDTH} trajectories, {args.model}, max_new_tokens={max_new}, "
