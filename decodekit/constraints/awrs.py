@@ -106,6 +106,7 @@ def masked_sample(*, logp: torch.Tensor, allowed: torch.Tensor, generator: torch
 def check_all(*, logp: torch.Tensor, accept: Callable[[int], bool]) -> torch.Tensor:
     """The exact mask by checking every token with non-zero probability (the baseline's cost)."""
     allowed = torch.zeros(logp.shape, dtype=torch.bool)
-    for tok in torch.nonzero(torch.isfinite(logp)).flatten().tolist():
-        allowed[tok] = accept(tok)
+    ok = [tok for tok in torch.nonzero(torch.isfinite(logp)).flatten().tolist() if accept(tok)]
+    if ok:
+        allowed[torch.tensor(ok, dtype=torch.long)] = True
     return allowed
