@@ -4,6 +4,8 @@ transformers backend: greedy decoding, fixed new tokens (EOS ignored), batch 1, 
 Run in the vLLM environment: ``.venv-vllm/bin/python -m bench.throughput_vllm [--quick]``. The last
 stdout line is JSON with ``vllm_overhead_ratio`` (decodekit-on-vLLM tokens/s over direct vLLM, the
 minimum over batch sizes) and ``vllm_vs_hf_backend`` ({batch: decodekit-on-vLLM / transformers backend}).
+Direct vLLM and decodekit-on-vLLM share one engine (same engine arguments), interleaved, prefix cache
+reset before each run; the transformers backend runs first, alone (see ``_measure_hf``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,6 @@ import time
 from bench.common import interleaved, md_table, median, parser, spec_bench, write_results
 
 BATCHES = (1, 8, 32)
-
-
-def _prompts(tokenizer, k: int) -> list[list[int]]:
-    rows = spec_bench(per_category=6)
-    texts = [q["turns"][0] for q in rows][:k]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": t}])[:200] for t in texts]
 
 
 def _runner_direct(backend, prompts, new_tokens):
@@ -58,26 +54,47 @@ def _params(new_tokens):
     return SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
 
 
+def _measure_hf(args, prompts_text, new_tokens, repeats) -> dict[int, list[float]]:
+    """The transformers backend, measured before any vLLM engine starts: vLLM's engine core busy-polls
+    a CPU core while idle, which on a 2-core machine would starve a transformers run in the same process."""
+    from decodekit import LLM
+
+    hf_llm = LLM(args.model, dtype=args.hf_dtype)
+    prompts = [hf_llm.tokenizer.apply_chat_template([{"role": "user", "content": t}])[:200] for t in prompts_text]
+    out = {}
+    for bs in BATCHES:
+        run = _runner_decodekit(hf_llm, prompts[:bs], new_tokens)
+        out[bs] = [run() for _ in range(repeats)]
+        print(f"hf batch {bs}: {out[bs]}", flush=True)
+    return out
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--hf-dtype", default="float32", help="dtype of the transformers backend (its default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the transformers backend (vLLM-CPU's "
+                   "worker uses 1 on this 2-core machine; 2 threads stall on OpenMP barriers when the cores are busy)")
     args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from decodekit import LLM
 
     new_tokens, repeats = (32, 1) if args.quick else (64, 3)
+    texts = [q["turns"][0] for q in spec_bench(per_category=6)][: max(BATCHES)]
+    hf = _measure_hf(args, texts, new_tokens, repeats)
     vllm_llm = LLM(args.model, backend="vllm", max_model_len=1024, max_num_seqs=max(BATCHES))
-    hf_llm = LLM(args.model, dtype=args.hf_dtype)
-    prompts = _prompts(vllm_llm.tokenizer, max(BATCHES))
+    prompts = [vllm_llm.tokenizer.apply_chat_template([{"role": "user", "content": t}])[:200] for t in texts]
     rows, details, overhead, vs_hf = [], {}, {}, {}
     for bs in BATCHES:
         batch = prompts[:bs]
         runners = {"vllm_direct": _runner_direct(vllm_llm.backend, batch, new_tokens),
                    "decodekit_vllm": _runner_decodekit(vllm_llm, batch, new_tokens,
-                                                       reset=vllm_llm.backend.llm.reset_prefix_cache),
-                   "decodekit_hf": _runner_decodekit(hf_llm, batch, new_tokens)}
+                                                       reset=vllm_llm.backend.llm.reset_prefix_cache)}
         runners["vllm_direct"]()  # warm-up (first-call allocation)
         res = interleaved(runners, repeats)
+        res["decodekit_hf"] = hf[bs]
         med = {name: median(v) for name, v in res.items()}
         overhead[bs] = med["decodekit_vllm"] / med["vllm_direct"]
         vs_hf[bs] = med["decodekit_vllm"] / med["decodekit_hf"]
@@ -87,8 +104,10 @@ def main() -> None:
     summary = {"vllm_overhead_ratio": round(min(overhead.values()), 3),
                "vllm_overhead_ratio_by_bs": {bs: round(x, 3) for bs, x in overhead.items()},
                "vllm_vs_hf_backend": {bs: round(x, 2) for bs, x in vs_hf.items()},
-               "tokens_per_s": {bs: {k: round(v, 1) for k, v in d["tokens_per_s"].items()} for bs, d in details.items()},
-               "new_tokens": new_tokens, "repeats": repeats, "hf_dtype": args.hf_dtype, "vllm_dtype": "bfloat16"}
+               "tokens_per_s": {bs: {k: round(v, 1) for k, v in d["tokens_per_s"].items()}
+                                for bs, d in details.items()},
+               "new_tokens": new_tokens, "repeats": repeats, "hf_dtype": args.hf_dtype, "vllm_dtype": "bfloat16",
+               "hf_threads": args.threads}
     table = md_table(["batch", "vLLM direct tok/s", "decodekit on vLLM tok/s", f"decodekit hf ({args.hf_dtype}) tok/s",
                       "overhead ratio", "vLLM / hf"], rows)
     name = "throughput_vllm_quick" if args.quick else "throughput_vllm"

@@ -1,10 +1,10 @@
 """``VLLMEngine``: the public surface of ``decodekit.engine.Engine`` over vLLM's ``LLMEngine``.
 
 Each decodekit sample (``n`` per request) is one vLLM request with seed ``seed + index`` (the
-engine's per-sample seeds); the prompt is shared through vLLM's automatic prefix caching. vLLM
-schedules, batches, stops on EOS / stop ids / length and stop strings; decodekit decodes the text
-with its own tokenizer (``TextState``, which also cuts at stop strings) so text matches the
-transformers backend for the same token ids.
+engine's per-sample seeds; outputs come as deltas, no per-step copies); the prompt is shared through
+vLLM's automatic prefix caching. vLLM schedules, batches, stops on EOS / stop ids / length and stop
+strings; decodekit decodes the text with its own tokenizer (``TextState``, which also cuts at stop
+strings) so text matches the transformers backend for the same token ids.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ class VLLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         options = [request_options(self.backend, params, strategy, index) for index in range(params.n)]
         request = VLLMRequest(request_id, prompt, prompt_ids, params, strategy, self.tokenizer)
-        request.metrics_before = self.backend.metrics()
+        if self.backend.speculative_config is not None:  # a metrics snapshot costs: only when it is reported
+            request.metrics_before = self.backend.metrics()
         for index, vparams in enumerate(options):
             sample = _Sample(request, index, f"{request_id}#{next(self._vllm_ids)}")
             self.core.add_request(sample.vllm_id, self._tokens_prompt(prompt_token_ids=list(prompt_ids)), vparams)
@@ -144,9 +145,8 @@ class VLLMEngine:
 
     def _update(self, sample: _Sample, out) -> TokenEvent | None:
         completion = out.outputs[0]
-        ids = _without_stop_token(completion, sample.request, out.finished)
-        new_ids = ids[len(sample.output_ids):]  # outputs are cumulative
-        infos = self._token_infos(completion, len(sample.output_ids), new_ids, sample.request.params.logprobs)
+        new_ids = _without_stop_token(completion, sample.request, out.finished)  # outputs are deltas
+        infos = self._token_infos(completion, new_ids, sample.request.params.logprobs)
         sample.output_ids.extend(new_ids)
         sample.logprobs.extend(infos)
         sample.num_steps += 1
@@ -167,12 +167,12 @@ class VLLMEngine:
         return TokenEvent(sample.request.request_id, sample.index, tuple(new_ids), text, sample.finish_reason,
                           tuple(infos))
 
-    def _token_infos(self, completion, start: int, new_ids: list[int], top_n: int | None) -> list[TokenInfo]:
+    def _token_infos(self, completion, new_ids: list[int], top_n: int | None) -> list[TokenInfo]:
         if top_n is None or not completion.logprobs:
             return []
         name = self.tokenizer.token_str
         infos = []
-        for pos, token in enumerate(new_ids, start):
+        for pos, token in enumerate(new_ids):
             entry = completion.logprobs[pos]
             top = sorted(((t, lp.logprob) for t, lp in entry.items()), key=lambda x: -x[1])[:top_n]
             infos.append(TokenInfo(token, name(token), float(entry[token].logprob),
@@ -186,7 +186,7 @@ class VLLMEngine:
 
 
 def _without_stop_token(completion, request, finished: bool) -> list[int]:
-    """Output ids without a final EOS / stop token id: decodekit never appends the token that stops it."""
+    """This step's new ids without a final EOS / stop token id: decodekit never appends the token that stops it."""
     ids = list(completion.token_ids)
     if finished and ids and completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str):
         params = request.params

@@ -80,7 +80,7 @@ def request_options(backend, params: SamplingParams, strategy, index: int):
                    top_p=params.top_p, min_p=params.min_p, seed=seed, stop=list(params.stop) or None,
                    stop_token_ids=list(params.stop_token_ids) or None, ignore_eos=params.ignore_eos,
                    logprobs=params.logprobs, structured_outputs=structured,
-                   detokenize=bool(params.stop), output_kind=RequestOutputKind.CUMULATIVE)
+                   detokenize=bool(params.stop), output_kind=RequestOutputKind.DELTA)
 
 
 def _structured(backend, strategy):
