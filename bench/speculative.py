@@ -130,7 +130,7 @@ def main():
     prompts = [(q["category"], encode([{"role": "user", "content": q["turns"][0]}])) for q in questions]
 
     warm_ids = prompts[0][1]
-    for fn in contenders(engine, backend, draft_backend, warm_ids[:64], argparse_tokens(args, 8)).values():
+    for fn in contenders(engine, backend, draft_backend, warm_ids[:64], argparse_tokens(args, 2)).values():
         fn()  # warm-up: first calls allocate the pools and page in the int8 weights
     speed = draft_speed(backend, draft_backend, warm_ids)
     records = []
