@@ -59,11 +59,12 @@ def _walk(keys: torch.Tensor):
 
 
 def recursive_awrs(*, logp: torch.Tensor, accept: Callable[[int], bool],
-                   generator: torch.Generator | None) -> TokenDraw:
+                   generator: torch.Generator | None, max_checks: int | None = None) -> TokenDraw:
     """One AWRS draw. ``logp`` (V,): log-probabilities (sum <= 1; -inf for tokens known invalid).
 
     ``generator=None`` walks greedily by probability (constrained greedy; the weight is then not
-    an importance weight).
+    an importance weight). ``max_checks`` gives up (weight -inf) after that many rejections: a
+    bounded search where a dead end is likely (the weight is then no longer unbiased).
     """
     log_mass = float(torch.logsumexp(logp.double(), 0))
     if log_mass == NEG_INF:
@@ -84,7 +85,7 @@ def recursive_awrs(*, logp: torch.Tensor, accept: Callable[[int], bool],
             tail = 0.0 if accept(nxt) else log_q  # log(q + (1 - q) * coin)
             return TokenDraw(tok, log_mass + log_mult + tail, checks)
         rejected += math.exp(float(logp[tok]))
-        if nxt is None or rejected >= 1 - 1e-12 or log_q == 0.0:
+        if nxt is None or rejected >= 1 - 1e-12 or log_q == 0.0 or (max_checks and checks >= max_checks):
             break
         log_mult += math.log1p(-math.exp(log_q))  # the rest keeps (1 - q) of the mass
     return TokenDraw(tok, NEG_INF, checks)

@@ -35,15 +35,14 @@ def split_utf8(text: bytes) -> tuple[str | None, bytes]:
 def completions_of(partial: bytes) -> list[str]:
     """Characters that start with the bytes ``partial`` (a token may end inside a character).
 
-    Exact (all 64) when one continuation byte is missing; a spread sample (every next byte, a few
-    last bytes) when more are missing, so a check stays cheap.
+    Exact (all 64) when one continuation byte is missing; a spread sample (every next byte, the
+    lowest and highest last bytes) when more are missing, so a check stays cheap (<= 128 checks).
     """
     need = {0xC: 2, 0xD: 2, 0xE: 3, 0xF: 4}.get(partial[0] >> 4, 0) - len(partial)
     if need <= 0:
         return []
-    tails = [bytes([b]) for b in range(0x80, 0xC0)]
-    for _ in range(need - 1):
-        tails = [t + bytes([b]) for t in tails for b in (0x80, 0x9F, 0xA0, 0xBF)]
+    tails = [bytes([b]) + pad * (need - 1) for b in range(0x80, 0xC0) for pad in ((b"\x80", b"\xbf") if need > 1
+                                                                                 else (b"",))]
     out = []
     for tail in tails:
         try:
@@ -78,9 +77,9 @@ class Constraint(ABC):
         s, partial = split_utf8(as_bytes(text))
         if s is None:
             return False
-        if not partial:
-            return self.prefix_ok_text(s)
-        return any(self.prefix_ok_text(s + c) for c in completions_of(partial))
+        if not self.prefix_ok_text(s):  # cheap first: the complete characters must pass already
+            return False
+        return not partial or any(self.prefix_ok_text(s + c) for c in completions_of(partial))
 
     def complete_ok(self, text: bytes | str) -> bool:
         s = decode_complete(as_bytes(text))

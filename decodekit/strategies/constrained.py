@@ -26,6 +26,7 @@ from decodekit.sampling import process_logits
 from decodekit.strategies.base import Proposal, Strategy
 
 SAMPLERS = ("awrs", "masked")
+FINAL_CHECKS = 256  # one-particle last token: tokens tried before declaring the text incompletable
 
 
 class Constrained(Strategy):
@@ -268,7 +269,8 @@ class Constrained(Strategy):
         if self.sampler == "masked":
             allowed = self._exact_mask(st, track, logp) if index else check_all(logp=logp, accept=accept)
             return masked_sample(logp=logp, allowed=allowed, generator=gen)
-        draw = recursive_awrs(logp=logp, accept=accept, generator=gen)
+        # the last token must complete the text: often impossible, so search only the likely tokens
+        draw = recursive_awrs(logp=logp, accept=accept, generator=gen, max_checks=FINAL_CHECKS if final else None)
         if index and track.fsa_state is not None and draw.logw > NEG_INF:
             # an exact automaton mask exists: use the exact local normaliser as the weight
             log_z = float(torch.logsumexp(logp.masked_fill(~self._exact_mask(st, track, logp), NEG_INF), 0))
