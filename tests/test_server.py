@@ -38,12 +38,12 @@ def srv(smollm):
 
 @pytest.fixture(scope="module")
 def client(srv):
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=600)
 
 
 def on_engine(srv, fn):
     """Run ``fn(engine)`` on the engine thread between steps."""
-    return srv.worker.call(fn).result(timeout=60)
+    return srv.worker.call(fn).result(timeout=600)
 
 
 def assert_cache_clean(srv):
@@ -105,7 +105,7 @@ def test_stream_equals_non_stream_with_usage_chunk(client):
 def test_chat_stream_ends_with_done(srv):
     body = {"model": MODEL, "messages": CAPITAL, "max_tokens": 6, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=600) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
@@ -200,7 +200,7 @@ def test_32_concurrent_streams_batch_and_stay_independent(srv, client):
         return p, "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     async def run_all():
-        async with openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=120) as aclient:
+        async with openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=600) as aclient:
             return await asyncio.gather(*[one(aclient, prompts[i % 4]) for i in range(32)])
 
     results = asyncio.run(run_all())
@@ -282,7 +282,7 @@ def test_full_queue_answers_429(srv, client):
             status, body = _status(lambda: client.completions.create(model=MODEL, prompt="Hi", max_tokens=2))
             assert (status, body["code"]) == (429, "queue_full")
             gate.set()
-            assert first.result(timeout=60).usage.completion_tokens >= 1
+            assert first.result(timeout=600).usage.completion_tokens >= 1
     finally:
         srv.worker.max_queue = old
         gate.set()
