@@ -48,7 +48,7 @@ def on_engine(srv, fn):
 
 def assert_cache_clean(srv):
     """No request left, no handle open, every slot free or held by an evictable cache node."""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while srv.worker._active and time.monotonic() < deadline:
         time.sleep(0.05)
 
@@ -224,7 +224,7 @@ def test_client_disconnect_cancels_and_frees_slots(srv, client):
         if got >= 3:
             break
     stream.close()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while srv.server.metrics.cancelled == cancelled0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert srv.server.metrics.cancelled == cancelled0 + 1
@@ -276,7 +276,7 @@ def test_full_queue_answers_429(srv, client):
     try:
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(client.completions.create, model=MODEL, prompt="Hi", max_tokens=2)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60
             while srv.worker.queue_length < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
             status, body = _status(lambda: client.completions.create(model=MODEL, prompt="Hi", max_tokens=2))
