@@ -33,8 +33,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     args = p.parse_args()
-    num_requests = args.requests or (16 if args.quick else 32)
-    max_tokens = args.max_tokens or (16 if args.quick else 32)
+    num_requests = args.requests or 16
+    max_tokens = args.max_tokens or 16
     rounds = args.rounds or (1 if args.quick else 2)
     prompts = [q["turns"][0] for q in spec_bench(per_category=4)][:num_requests]
     with Server(args) as url:
