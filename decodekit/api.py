@@ -46,8 +46,8 @@ class LLM:
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise ValueError("prompts is empty")
+        strategy = resolve_strategy(strategy, sampling)
         params = sampling_params(**sampling)
-        strategy = resolve_strategy(strategy)
         requests = [self._add(p, params, strategy) for p in batch]
         self._run()
         done = [self.engine.pop_completion(r.request_id) for r in requests]
@@ -57,7 +57,8 @@ class LLM:
         """Yield ``TokenEvent``s (text deltas per choice) as tokens are accepted."""
         if not _is_single(prompt):
             raise ValueError("stream takes one prompt (a string or a list of chat messages)")
-        request = self._add(prompt, sampling_params(**sampling), resolve_strategy(strategy))
+        strategy = resolve_strategy(strategy, sampling)
+        request = self._add(prompt, sampling_params(**sampling), strategy)
         try:
             while not request.finished:
                 for event in self.engine.step():
@@ -112,7 +113,20 @@ def sampling_params(**sampling) -> SamplingParams:
     return SamplingParams(**sampling)
 
 
-def resolve_strategy(strategy: Strategy | str | None) -> Strategy | None:
+def resolve_strategy(strategy: Strategy | str | None, sampling: dict | None = None) -> Strategy | None:
+    """A Strategy from an instance or a name; ``constraint=`` (with optional ``sampler=``,
+    ``particles=``) in ``sampling`` is popped and becomes ``Constrained(...)``."""
+    constraint = sampling.pop("constraint", None) if sampling is not None else None
+    options = {k: sampling.pop(k) for k in ("sampler", "particles") if sampling and k in sampling}
+    if constraint is not None:
+        if strategy is not None:
+            raise ValueError("give either strategy= or constraint=, not both (Constrained(...) is a strategy)")
+        from decodekit.strategies.constrained import Constrained
+
+        return Constrained(constraint, sampler=options.get("sampler", "awrs"),
+                           num_particles=options.get("particles", 1))
+    if options:
+        raise ValueError(f"{sorted(options)} only apply together with constraint=")
     if strategy is None or isinstance(strategy, Strategy):
         return strategy
     from decodekit.strategies import by_name

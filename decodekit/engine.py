@@ -282,6 +282,11 @@ class Engine:
             return "length"
         return None
 
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End ``seq`` now with ``reason`` (e.g. a strategy's "constraint_failed"); frees its cache slots."""
+        if not seq.finished:
+            self._finish(seq, reason)
+
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         seq.next_logits = None

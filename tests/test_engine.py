@@ -200,3 +200,15 @@ def test_abort_mid_run_leaves_other_requests_running():
     assert list(done.token_ids) == greedy_reference(llm.backend, llm.tokenizer.encode("abc"), 12, eos=-1)
     assert llm.backend.cache.num_open_handles == 0
     llm.backend.cache.check_integrity()
+
+
+def test_constraint_keyword_maps_to_the_constrained_strategy():
+    from decodekit import Regex
+
+    llm = make_llm()
+    c = llm.generate("abc", constraint=Regex("[a-e]{3}"), max_new_tokens=6, temperature=1.0, seed=0)
+    assert c.finish_reason in ("stop", "length") and len(c.text) == 3 and set(c.text) <= set("abcde")
+    with pytest.raises(ValueError, match="not both"):
+        llm.generate("abc", constraint=Regex("a"), strategy="sample")
+    with pytest.raises(ValueError, match="constraint="):
+        llm.generate("abc", particles=3)

@@ -303,4 +303,4 @@ class Constrained(Strategy):
 
     def _fail(self, engine, seq, st, message: str) -> None:
         st["error"] = message
-        engine._finish(seq, "constraint_failed")  # no public finish hook: the engine still does the bookkeeping
+        engine.finish(seq, "constraint_failed")
