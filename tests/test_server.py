@@ -189,7 +189,7 @@ def test_json_schema_response_format(client):
 # ---- concurrency ----------------------------------------------------------------------------------
 def test_32_concurrent_streams_batch_and_stay_independent(srv, client):
     prompts = ["Name a fruit.", "What is 2+2?", "Say hello in French.", "Name a color."]
-    solo = {p: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=8,
+    solo = {p: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=6,
                                               temperature=0).choices[0].message.content for p in prompts}
     steps0, calls0 = srv.worker.stats.num_steps, srv.server.engine.backend.num_forward_calls
     srv.worker.stats.max_running_seqs = 0
