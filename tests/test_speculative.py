@@ -299,7 +299,7 @@ def test_real_smollm_greedy_identical(smollm):
 @pytest.mark.real
 def test_real_gemma_greedy_identical(gemma):
     prompts = spec_bench_prompts(6)[4:6 if FULL else 5]
-    _greedy_match(gemma, prompts, ["ngram", "int8", gemma], 128 if FULL else 16)
+    _greedy_match(gemma, prompts, ["ngram", "int8", gemma] if FULL else ["ngram", gemma], 128 if FULL else 12)
 
 
 @pytest.mark.real
