@@ -101,7 +101,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, Request] = {}
-        self._attached: set[int] = set()
+        self._attached: dict[int, Strategy] = {}  # holds the object so its id is never reused
         self._seq_ids = itertools.count()
         self._req_ids = itertools.count()
 
@@ -244,9 +244,9 @@ class Engine:
         return torch.Generator().manual_seed(seed)
 
     def _attach(self, strategy: Strategy) -> None:
-        if id(strategy) not in self._attached:
+        if self._attached.get(id(strategy)) is not strategy:
             strategy.attach(self)
-            self._attached.add(id(strategy))
+            self._attached[id(strategy)] = strategy
 
     # ---- postprocess ----------------------------------------------------------------------
     def _append(self, seq: Sequence, proposals: list[Proposal]) -> list[TokenEvent]:

@@ -72,8 +72,8 @@ class Server:
         self.metrics.record_done(name, completion, time.perf_counter() - sub.submitted_at)
 
     def _forget_strategy(self, strategy) -> None:
-        # the engine remembers attached strategies by id(); a later object may reuse a dead one's id
-        self.worker.call(lambda engine: getattr(engine, "_attached", set()).discard(id(strategy)))
+        # the engine keeps attached strategies alive; drop an evicted one so its draft models can be freed
+        self.worker.call(lambda engine: getattr(engine, "_attached", {}).pop(id(strategy), None))
 
 
 class Gate:
