@@ -14,6 +14,7 @@ from collections import deque
 
 import torch
 
+from decodekit.cache.radix import common_prefix_len
 from decodekit.output import TextState
 from decodekit.sampling import token_logprobs
 from decodekit.strategies.base import Proposal, Strategy
@@ -30,6 +31,14 @@ from decodekit.types import (
 )
 
 SHARED_PREFIX_DEFER = 16  # defer a request sharing this many uncached tokens with one admitted now
+
+
+def check_prompt(prompt_ids: list[int], max_context: int) -> None:
+    """``ValueError`` for an empty prompt or one that leaves no room in the model's context."""
+    if not prompt_ids:
+        raise ValueError("prompt is empty: give at least one token")
+    if len(prompt_ids) >= max_context:
+        raise ValueError(f"prompt has {len(prompt_ids)} tokens, the model's context is {max_context}")
 
 
 class Sequence:
@@ -109,11 +118,7 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, strategy: Strategy | None = None,
                     *, prompt: str = "", request_id: str | None = None) -> Request:
         """Queue a request; raises ``ValueError`` for an empty or too long prompt or a bad strategy."""
-        if not prompt_ids:
-            raise ValueError("prompt is empty: give at least one token")
-        if len(prompt_ids) >= self.backend.max_context:
-            raise ValueError(
-                f"prompt has {len(prompt_ids)} tokens, the model's context is {self.backend.max_context}")
+        check_prompt(prompt_ids, self.backend.max_context)
         strategy = strategy or self.default_strategy
         self._attach(strategy)
         request_id = request_id or f"req-{next(self._req_ids)}"
@@ -222,7 +227,7 @@ class Engine:
     def _shares_uncached_prefix(self, request: Request, admitted: list[Request]) -> bool:
         ids = request.prompt_ids
         for other in admitted:
-            common = _common_prefix_len(ids, other.prompt_ids)
+            common = common_prefix_len(ids, other.prompt_ids)
             if common >= SHARED_PREFIX_DEFER and common > len(self.backend.cache.tree.match_prefix(ids)[0]):
                 return True
         return False
@@ -302,10 +307,3 @@ class Engine:
         name = self.tokenizer.token_str
         return TokenInfo(token, name(token), logp, tuple(TopLogprob(t, name(t), lp) for t, lp in top))
 
-
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

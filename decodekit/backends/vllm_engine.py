@@ -13,6 +13,7 @@ import itertools
 import time
 
 from decodekit.backends.vllm_strategies import request_options, strategy_stats
+from decodekit.engine import check_prompt
 from decodekit.output import TextState
 from decodekit.strategies.base import Strategy
 from decodekit.types import Choice, Completion, RequestStats, SamplingParams, TokenEvent, TokenInfo, TopLogprob, Usage
@@ -84,11 +85,7 @@ class VLLMEngine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, strategy: Strategy | None = None,
                     *, prompt: str = "", request_id: str | None = None) -> VLLMRequest:
         """Queue a request; ``ValueError`` for an empty or too long prompt or a strategy vLLM cannot run."""
-        if not prompt_ids:
-            raise ValueError("prompt is empty: give at least one token")
-        if len(prompt_ids) >= self.backend.max_context:
-            raise ValueError(
-                f"prompt has {len(prompt_ids)} tokens, the model's context is {self.backend.max_context}")
+        check_prompt(prompt_ids, self.backend.max_context)
         request_id = request_id or f"req-{next(self._req_ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")

@@ -43,7 +43,7 @@ class RadixTree(PrefixCache):
         node.last_access = now
         while i < len(ids) and ids[i] in node.children:
             child = node.children[ids[i]]
-            n = _common_len(child.key, ids[i:])
+            n = common_prefix_len(child.key, ids[i:])
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now
@@ -142,7 +142,8 @@ class RadixTree(PrefixCache):
             stack.extend(node.children.values())
 
 
-def _common_len(a: list[int], b: list[int]) -> int:
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Number of leading token ids ``a`` and ``b`` share."""
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:

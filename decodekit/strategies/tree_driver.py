@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from decodekit.cache.radix import common_prefix_len
 from decodekit.constraints.awrs import recursive_awrs
 from decodekit.constraints.base import TokenChecker
 from decodekit.sampling import entropy_bits, process_logits, sample_token
@@ -85,7 +86,7 @@ class _Driver:
             batch, later = [], []
             for tree in pending:
                 cached = len(self.cache.tree.match_prefix(tree.prompt_ids[:-1])[0])
-                shares = any(_common_len(tree.prompt_ids, o.prompt_ids) >= max(SHARED_PREFIX_DEFER, cached + 1)
+                shares = any(common_prefix_len(tree.prompt_ids, o.prompt_ids) >= max(SHARED_PREFIX_DEFER, cached + 1)
                              for o in batch)
                 (later if shares else batch).append(tree)
             handles = [self.cache.open(t.prompt_ids) for t in batch]
@@ -240,12 +241,3 @@ def _seeded(seed: int | None, index: int) -> torch.Generator:
 def _derived(parent: torch.Generator) -> torch.Generator:
     """A new child's generator, seeded from its parent's stream (deterministic given the seed)."""
     return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=parent)))
-
-
-def _common_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
