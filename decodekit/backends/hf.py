@@ -64,6 +64,15 @@ class StepCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
 
+    # With one row there is no padding: transformers builds the causal (and sliding-window) mask
+    # itself from these sizes, and skips it entirely for a plain decode step, which lets sdpa run
+    # grouped-query attention without repeating K/V heads.
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.gather_idx.shape[1] - self.write_idx.shape[0]
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.gather_idx.shape[1], 0
+
 
 class HFBackend(Backend):
     def __init__(self, model, tokenizer, *, name: str, cache_tokens: int = 16384, prefix_cache: bool = True):
@@ -87,7 +96,7 @@ class HFBackend(Backend):
     @torch.inference_mode()
     def forward_rows(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
         inputs = _assemble(rows, self.device)
-        masks = self._masks(inputs)
+        masks = self._masks(inputs) if len(rows) > 1 else None
         step = StepCache(self.kv, inputs["write_idx"], inputs["gather_idx"], inputs["span"])
         keep = max(r.num_logits for r in rows)
         out = self.model(
@@ -102,7 +111,7 @@ class HFBackend(Backend):
         return [logits[b, keep - r.num_logits :] for b, r in enumerate(rows)]
 
     def _masks(self, inputs):
-        allowed = inputs["allowed"]  # (B, T, L) bool
+        allowed = _allowed(inputs)  # (B, T, L) bool
         full = self._format_mask(allowed)
         if not self.mask_by_type:
             return full
@@ -111,7 +120,7 @@ class HFBackend(Backend):
             qpos = inputs["position_ids"].unsqueeze(-1)
             kpos = torch.arange(allowed.shape[-1], device=self.device)
             in_window = kpos > qpos - self.sliding_window
-            masks["sliding_attention"] = self._format_mask(allowed & (in_window | inputs["pad_query"]))
+            masks["sliding_attention"] = self._format_mask(allowed & (in_window | inputs["pad_query"].unsqueeze(-1)))
         return masks
 
     def _format_mask(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -149,19 +158,25 @@ def _assemble(rows: list[ForwardRow], device) -> dict:
         write_idx[i, t - n :] = torch.tensor(r.slots[total - n :])
         gather_idx[i, :total] = torch.tensor(r.slots)
         pad_query[i, : t - n] = True
-    kpos = torch.arange(length)
-    allowed = (kpos <= position_ids.unsqueeze(-1)) & (kpos < lens.view(b, 1, 1))
-    allowed[:, :, 0] |= pad_query  # padded queries attend to one key so softmax stays finite
     span = _contiguous_span(rows[0].slots) if b == 1 else None
     return {
         "input_ids": input_ids.to(device),
         "position_ids": position_ids.to(device),
         "write_idx": write_idx.view(-1).to(device),
         "gather_idx": gather_idx.to(device),
-        "allowed": allowed.to(device),
-        "pad_query": pad_query.unsqueeze(-1).to(device),
+        "lens": lens.to(device),
+        "pad_query": pad_query.to(device),
         "span": span,
     }
+
+
+def _allowed(inputs) -> torch.Tensor:
+    """Causal mask of a left-padded ragged batch: (B, T, L) bool."""
+    position_ids, lens, pad_query = inputs["position_ids"], inputs["lens"], inputs["pad_query"]
+    kpos = torch.arange(inputs["gather_idx"].shape[1], device=position_ids.device)
+    allowed = (kpos <= position_ids.unsqueeze(-1)) & (kpos < lens.view(-1, 1, 1))
+    allowed[:, :, 0] |= pad_query  # padded queries attend to one key so softmax stays finite
+    return allowed
 
 
 def _contiguous_span(slots: list[int]) -> tuple[int, int] | None:

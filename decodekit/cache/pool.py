@@ -7,6 +7,8 @@ sized by ``capacity``; the pool only decides which slot holds which token.
 
 from __future__ import annotations
 
+import heapq
+
 
 class CacheFullError(ValueError):
     """A request needs more KV slots than the budget can give, even after eviction."""
@@ -18,7 +20,9 @@ class SlotPool:
             raise ValueError(f"cache capacity must be >= 1 token, got {capacity}")
         self.capacity = capacity
         self._refs = [0] * (capacity + 1)
-        self._free = list(range(capacity, 0, -1))  # stack: pops low slot ids first
+        # A min-heap: the lowest free ids go out first, so a sequence written into a free region
+        # gets ascending, contiguous slots and the backend can read its K/V as a view, not a gather.
+        self._free = list(range(1, capacity + 1))
 
     @property
     def num_free(self) -> int:
@@ -35,7 +39,7 @@ class SlotPool:
         """Hand out ``n`` slots with reference count 1. Raises ``CacheFullError`` if short."""
         if n > len(self._free):
             raise CacheFullError(f"KV cache needs {n} free slots, has {len(self._free)} of {self.capacity}")
-        slots = [self._free.pop() for _ in range(n)]
+        slots = [heapq.heappop(self._free) for _ in range(n)]
         for s in slots:
             self._refs[s] = 1
         return slots
@@ -54,7 +58,7 @@ class SlotPool:
                 raise RuntimeError(f"decref of free slot {s}")
             self._refs[s] -= 1
             if self._refs[s] == 0:
-                self._free.append(s)
+                heapq.heappush(self._free, s)
                 freed += 1
         return freed
 
