@@ -122,3 +122,26 @@ def test_shared_200_token_prefix_is_reused(smollm):
                           max_new_tokens=2, temperature=0)
     assert first.usage.prompt_tokens >= 200
     assert second.stats.prefill_tokens_computed <= 0.1 * first.usage.prompt_tokens
+
+
+def test_forward_uses_gqa_sdpa_and_leaves_the_model_setting(monkeypatch):
+    """decodekit's forward runs grouped-query sdpa; the model called directly keeps plain sdpa."""
+    from transformers import AttentionInterface
+
+    from decodekit.backends import hf
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return hf.gqa_sdpa_attention(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, hf.GQA_SDPA, counting)
+    model = tiny_llama()
+    backend = HFBackend(model, MockTokenizer(16), name="tiny", cache_tokens=256)
+    rows = [list(range(1, 20)), list(range(3, 11))]
+    backend.forward([backend.open(ids) for ids in rows], rows)
+    assert len(calls) == model.config.num_hidden_layers
+    assert model.config._attn_implementation == "sdpa"
+    no_cache_logits(model, rows[0])
+    assert len(calls) == model.config.num_hidden_layers

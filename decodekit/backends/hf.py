@@ -9,8 +9,12 @@ the keys/values gathered along that row's slot list. The forward call gets expli
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from decodekit.backends.base import Backend, ForwardRow
 from decodekit.cache import CacheManager
@@ -59,7 +63,13 @@ class StepCache:
             return keys[start:stop].unsqueeze(0).transpose(1, 2), values[start:stop].unsqueeze(0).transpose(1, 2)
         keys.index_copy_(0, self.write_idx, flat_k)
         values.index_copy_(0, self.write_idx, flat_v)
-        return keys[self.gather_idx].transpose(1, 2), values[self.gather_idx].transpose(1, 2)  # (B, H, L, D)
+        return self._gather(keys), self._gather(values)
+
+    def _gather(self, store: torch.Tensor) -> torch.Tensor:
+        """(B, H, L, D) K or V along each row's slot list; index_select is ~4x faster than fancy indexing."""
+        b, length = self.gather_idx.shape
+        rows = store.index_select(0, self.gather_idx.view(-1))
+        return rows.view(b, length, *store.shape[1:]).transpose(1, 2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -72,6 +82,29 @@ class StepCache:
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.gather_idx.shape[1], 0
+
+
+GQA_SDPA = "decodekit_sdpa"
+
+
+def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                       **kwargs):
+    """transformers' sdpa attention, but grouped-query heads go to sdpa as they are even with a mask.
+
+    transformers repeats K/V heads whenever a mask is given (some CUDA kernels need that); on CPU,
+    sdpa's ``enable_gqa`` with a mask is exact and ~4x faster for a padded decode batch.
+    """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = attention_mask is None and q_len > 1
+    if causal and kv_len != q_len:  # masking_utils only skips the mask when queries and keys align
+        raise RuntimeError("causal attention without a mask needs as many keys as queries")
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, is_causal=causal, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GQA_SDPA, gqa_sdpa_attention)
+AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
 
 
 class HFBackend(Backend):
@@ -92,6 +125,7 @@ class HFBackend(Backend):
         self.sliding_window = getattr(config, "sliding_window", None) if "sliding_attention" in layer_types else None
         self.mask_by_type = _accepts_mask_mapping(model)
         self.eager = config._attn_implementation == "eager"
+        self._configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
 
     @torch.inference_mode()
     def forward_rows(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
@@ -99,16 +133,30 @@ class HFBackend(Backend):
         masks = self._masks(inputs) if len(rows) > 1 else None
         step = StepCache(self.kv, inputs["write_idx"], inputs["gather_idx"], inputs["span"])
         keep = max(r.num_logits for r in rows)
-        out = self.model(
-            input_ids=inputs["input_ids"],
-            position_ids=inputs["position_ids"],
-            attention_mask=masks,
-            past_key_values=step,
-            use_cache=True,
-            logits_to_keep=keep,
-        )
+        with self._gqa_attention():
+            out = self.model(
+                input_ids=inputs["input_ids"],
+                position_ids=inputs["position_ids"],
+                attention_mask=masks,
+                past_key_values=step,
+                use_cache=True,
+                logits_to_keep=keep,
+            )
         logits = out.logits.float()  # (B, keep, V)
         return [logits[b, keep - r.num_logits :] for b, r in enumerate(rows)]
+
+    @contextmanager
+    def _gqa_attention(self):
+        """Run sdpa models with ``gqa_sdpa_attention`` for this call only: the model, which the
+        caller may also use directly, keeps its own setting."""
+        swapped = [c for c in self._configs.values() if getattr(c, "_attn_implementation", None) == "sdpa"]
+        for c in swapped:
+            c._attn_implementation = GQA_SDPA
+        try:
+            yield
+        finally:
+            for c in swapped:
+                c._attn_implementation = "sdpa"
 
     def _masks(self, inputs):
         allowed = _allowed(inputs)  # (B, T, L) bool
