@@ -139,7 +139,7 @@ def test_forward_uses_gqa_sdpa_and_leaves_the_model_setting(monkeypatch):
     monkeypatch.setitem(AttentionInterface._global_mapping, hf.GQA_SDPA, counting)
     model = tiny_llama()
     backend = HFBackend(model, MockTokenizer(16), name="tiny", cache_tokens=256)
-    rows = [list(range(1, 20)), list(range(3, 11))]
+    rows = [list(range(1, 12)), list(range(3, 9))]  # short rows: one padded forward call
     backend.forward([backend.open(ids) for ids in rows], rows)
     assert len(calls) == model.config.num_hidden_layers
     assert model.config._attn_implementation == "sdpa"
