@@ -255,7 +255,7 @@ def test_adaptive_k_and_stats():
 
 def test_validation_and_registry():
     for bad in [dict(num_draft_tokens=0), dict(num_draft_tokens=17), dict(num_draft_tokens="fast"),
-                dict(draft=""), dict(draft=3), dict(max_ngram=0)]:
+                dict(draft=""), dict(draft=3), dict(max_ngram=0), dict(min_ngram=0), dict(min_ngram=4)]:
         with pytest.raises(ValueError):
             Speculative(**bad)
     assert isinstance(by_name("speculative", draft="ngram"), Speculative)
@@ -267,6 +267,37 @@ def test_validation_and_registry():
         llm.generate("abc", strategy=Speculative(draft="int8"), temperature=0)
 
 
+def test_adaptive_k_pauses_drafting_after_single_token_misses():
+    """k grows on full acceptance, shrinks on rejection; a rejected single draft pauses drafting for
+    1, 2, 4, ... plain steps (capped at 16), and any acceptance resets the pause."""
+    from types import SimpleNamespace
+
+    spec = Speculative()
+    engine = SimpleNamespace(backend=SimpleNamespace(max_context=10**6))
+    seq = SimpleNamespace(state={}, params=SamplingParams(max_new_tokens=10**4), output_ids=[], ids=[1])
+
+    def budgets(n):
+        return [spec._budget(engine, seq) for _ in range(n)]
+
+    assert budgets(1) == [4]
+    spec._record(seq, 4, 4)
+    assert budgets(1) == [6]
+    for k in (6, 5, 4, 3, 2):
+        spec._record(seq, k, 0)
+    assert budgets(1) == [1]
+    pauses = []
+    for _ in range(6):
+        spec._record(seq, 1, 0)
+        pauses.append(budgets(20).index(1))
+    assert pauses == [1, 2, 4, 8, 16, 16]
+    spec._record(seq, 1, 1)  # an acceptance: k grows, the next miss pauses for one step only
+    spec._record(seq, 3, 0)
+    assert budgets(1) == [2]
+    seq.state["k"] = 1
+    spec._record(seq, 1, 0)
+    assert budgets(2) == [0, 1]
+
+
 # ---- real models ----------------------------------------------------------------------------------
 
 def _greedy_match(backend, prompts, drafts, max_new_tokens):
@@ -274,7 +305,9 @@ def _greedy_match(backend, prompts, drafts, max_new_tokens):
     chats = [[{"role": "user", "content": p}] for p in prompts]
     plain = llm.generate(chats, temperature=0, max_new_tokens=max_new_tokens)
     for draft in drafts:
-        fast = llm.generate(chats, strategy=Speculative(draft=draft), temperature=0, max_new_tokens=max_new_tokens)
+        # fixed k: every step verifies drafts (adaptive k may pause drafting on short outputs)
+        fast = llm.generate(chats, strategy=Speculative(draft=draft, num_draft_tokens=4), temperature=0,
+                            max_new_tokens=max_new_tokens)
         for a, b in zip(plain, fast):
             assert a.token_ids == b.token_ids, f"draft {draft!r} diverged"
         assert sum(c.stats.extra["tokens_accepted"] for c in fast) > 0

@@ -27,6 +27,7 @@ from decodekit.strategies.drafters import (
 
 MAX_DRAFT_TOKENS = 16
 ADAPTIVE_START = 4
+MAX_PAUSE = 16  # plain steps at most between two drafting attempts after repeated misses
 
 
 class Speculative(Strategy):
@@ -35,12 +36,15 @@ class Speculative(Strategy):
     ``draft``: ``"ngram"`` (prompt lookup), ``"int8"`` (int8 copy of the target), a model name or
     a ``Backend`` (same tokenizer), ``"ngram+<any of those>"`` (lookup where the context recurs,
     the model elsewhere) or a ready ``Drafter``. ``num_draft_tokens``: k in 1..16, or ``"adaptive"`` (start at 4,
-    +2 after a fully accepted block, -1 after a rejection).
+    +2 after a fully accepted block, -1 after a rejection; a single draft token rejected outright
+    pauses drafting for 1, 2, 4, ... up to 16 plain steps, since a verify step costs more than a
+    plain one on CPU). ``max_ngram`` / ``min_ngram``: the suffix sizes n-gram lookup tries.
     """
 
     name = "speculative"
 
-    def __init__(self, draft="ngram", num_draft_tokens: int | str = "adaptive", *, max_ngram: int = 3):
+    def __init__(self, draft="ngram", num_draft_tokens: int | str = "adaptive", *, max_ngram: int = 3,
+                 min_ngram: int = 1):
         _check_draft(draft)
         adaptive = num_draft_tokens == "adaptive"
         if not adaptive and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
@@ -49,16 +53,18 @@ class Speculative(Strategy):
                              f"got {num_draft_tokens!r}")
         if not isinstance(max_ngram, int) or isinstance(max_ngram, bool) or max_ngram < 1:
             raise ValueError(f"max_ngram must be an integer >= 1, got {max_ngram!r}")
+        if not isinstance(min_ngram, int) or isinstance(min_ngram, bool) or not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"min_ngram must be an integer in 1..max_ngram ({max_ngram}), got {min_ngram!r}")
         self.draft = draft
         self.adaptive = adaptive
         self.max_k = MAX_DRAFT_TOKENS if adaptive else num_draft_tokens
         self.start_k = min(ADAPTIVE_START, self.max_k) if adaptive else num_draft_tokens
-        self.max_ngram = max_ngram
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self._drafters: dict[int, object] = {}  # per engine (a strategy may serve several)
 
     # ---- Strategy hooks ---------------------------------------------------------------------
     def attach(self, engine):
-        self._drafters[id(engine)] = make_drafter(self.draft, engine.backend, max_ngram=self.max_ngram)
+        self._drafters[id(engine)] = make_drafter(self.draft, engine.backend, ngram=(self.min_ngram, self.max_ngram))
 
     def extra_slots(self, request):
         return self.max_k + 1
@@ -103,6 +109,9 @@ class Speculative(Strategy):
         """Draft length for this step: the adaptive k, capped so no draft lands past max_new_tokens
         (accepted + 1 tokens must fit) or the model's context."""
         k = seq.state.setdefault("k", self.start_k)
+        if seq.state.get("pause", 0) > 0:
+            seq.state["pause"] -= 1
+            return 0
         left = seq.params.max_new_tokens - len(seq.output_ids) - 1
         room = engine.backend.max_context - len(seq.ids) - 1
         return max(0, min(k, left, room))
@@ -141,19 +150,24 @@ class Speculative(Strategy):
         if self.adaptive:
             k = state["k"]
             state["k"] = min(self.max_k, k + 2) if accepted == drafted else max(1, k - 1)
+            if accepted:
+                state["backoff"] = 1
+            elif drafted == 1:
+                backoff = state.get("backoff", 1)
+                state["pause"], state["backoff"] = backoff, min(MAX_PAUSE, 2 * backoff)
 
 
-def make_drafter(draft, target, *, max_ngram: int = 3):
+def make_drafter(draft, target, *, ngram: tuple[int, int] = (1, 3)):
     """The drafter for a ``draft`` spec, checked against the ``target`` backend."""
     if isinstance(draft, Drafter):
         return draft
     if isinstance(draft, str) and draft.startswith("ngram+"):
-        model = make_drafter(draft.removeprefix("ngram+"), target, max_ngram=max_ngram)
+        model = make_drafter(draft.removeprefix("ngram+"), target, ngram=ngram)
         if not isinstance(model, ModelDrafter):
             raise ValueError(f"draft {draft!r}: after 'ngram+' name a model source ('int8' or a model)")
-        return LookupThenModel(NgramDrafter(max_ngram), model)
+        return LookupThenModel(NgramDrafter(ngram[1], ngram[0]), model)
     if draft == "ngram":
-        return NgramDrafter(max_ngram)
+        return NgramDrafter(ngram[1], ngram[0])
     if draft == "int8":
         return ModelDrafter(int8_backend(target))
     if isinstance(draft, str):
