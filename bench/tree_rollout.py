@@ -11,7 +11,12 @@ Contenders, same model, prompts, max tokens and temperature, interleaved:
 Measured: forward tokens computed, wall-clock, trajectories/s, tokens/s, distinct final answers per
 prompt (diversity) and pass@16. The prefix cache is emptied before every run.
 
+``--backend vllm`` runs the same comparison on vLLM (segment-level tree driver over automatic prefix
+caching; ``n=16`` sampling for the independent run); forward tokens there are vLLM's own counters:
+prompt tokens not found in the prefix cache plus generated tokens. Results go to ``tree_rollout_vllm``.
+
     .venv/bin/python bench/tree_rollout.py [--quick]
+    .venv-vllm/bin/python -m bench.tree_rollout --backend vllm [--quick]
 """
 
 from __future__ import annotations
@@ -61,17 +66,41 @@ def quality(texts_per_prompt: list[list[str]], golds: list[str]) -> dict:
             "mean_accuracy": sum(hits) / (WIDTH * len(hits))}
 
 
+class ForwardCounter:
+    """Forward tokens computed: the engine's own count, or on vLLM prompt tokens missing the prefix
+    cache plus generated tokens (vLLM's counters). ``reset`` empties the prefix cache."""
+
+    VLLM = ("vllm:prompt_tokens", "vllm:prompt_tokens_cached", "vllm:generation_tokens")
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.vllm = hasattr(backend, "llm")
+
+    def reset(self) -> None:
+        if self.vllm:
+            self.backend.llm.reset_prefix_cache()
+        else:
+            self.backend.cache.tree.evict(self.backend.cache.capacity)
+
+    def read(self) -> int:
+        if not self.vllm:
+            return self.backend.num_forward_tokens
+        m = self.backend.metrics()
+        prompt, cached, generated = (m.get(name, 0) for name in self.VLLM)
+        return int(prompt - cached + generated)
+
+
 def run_once(llm: LLM, name: str, prompts, sampling: dict, tree: TreeRollout | None) -> dict:
-    backend = llm.backend
-    backend.cache.tree.evict(backend.cache.capacity)  # no prefix left from the previous contender
-    f0, t0 = backend.num_forward_tokens, time.perf_counter()
+    counter = ForwardCounter(llm.backend)
+    counter.reset()  # no prefix left from the previous contender
+    f0, t0 = counter.read(), time.perf_counter()
     es_tokens = None
     if name == "independent":
         done = llm.generate(prompts, n=WIDTH, **sampling)
         wall = time.perf_counter() - t0
         texts = [[c.text for c in d.choices] for d in done]
         decode = sum(_decode_tokens(c, len(c.token_ids)) for d in done for c in d.choices)
-        prefill = backend.num_forward_tokens - f0 - decode
+        prefill = counter.read() - f0 - decode
         es_tokens = prefill + sum(_early_stop_decode_tokens(llm.tokenizer, c) for d in done for c in d.choices)
         out_tokens = sum(len(c.token_ids) for d in done for c in d.choices)
         reasons = [c.finish_reason for d in done for c in d.choices]
@@ -81,8 +110,9 @@ def run_once(llm: LLM, name: str, prompts, sampling: dict, tree: TreeRollout | N
         texts = [r.texts for r in done]
         out_tokens = sum(len(t.token_ids) for r in done for t in r.trajectories)
         reasons = [t.finish_reason for r in done for t in r.trajectories]
-    per_prompt = [d.stats["forward_tokens"] for d in done] if name != "independent" else None
-    return {"wall_s": wall, "forward_tokens": backend.num_forward_tokens - f0, "output_tokens": out_tokens,
+    per_prompt = [d.stats.get("forward_tokens", d.stats.get("computed_tokens")) for d in done] \
+        if name != "independent" else None
+    return {"wall_s": wall, "forward_tokens": counter.read() - f0, "output_tokens": out_tokens,
             "texts": texts, "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
             "forward_tokens_per_prompt": per_prompt, "early_stop_forward_tokens": es_tokens}
 
@@ -113,6 +143,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 on a shared machine: oversubscribed threads run ~10x slower)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="vllm: the same comparison on the vLLM backend (needs `make setup-vllm`)")
     p.add_argument("--es-baseline", action="store_true",
                    help="also run 16 independent paths with the tree's early stops (otherwise derived by cutting "
                         "the independent run's trajectories where the early stops fire)")
@@ -126,8 +158,12 @@ def main() -> None:
     repeats = args.repeats or 1
     rows = gsm8k(k)
     prompts = [[{"role": "user", "content": r["question"] + INSTRUCTION}] for r in rows]
-    llm = LLM(args.model, device=args.device, cache_tokens=k * (WIDTH * max_new + 300) + 1024,
-              max_batch_size=k * WIDTH)
+    if args.backend == "vllm":
+        llm = LLM(args.model, backend="vllm", max_model_len=1024, max_num_seqs=k * WIDTH)
+    else:
+        llm = LLM(args.model, device=args.device, cache_tokens=k * (WIDTH * max_new + 300) + 1024,
+                  max_batch_size=k * WIDTH)
+    bench_name = "tree_rollout" if args.backend == "hf" else "tree_rollout_vllm"
     sampling = {"max_new_tokens": max_new, "temperature": args.temperature, "seed": 0}
     tree = TreeRollout(segment_len=segment, branch_factor=args.branch_factor, max_width=WIDTH,
                        first_split=args.first_split, early_stop=EarlyStop())
@@ -154,7 +190,8 @@ def main() -> None:
         summary_rows.append([name, per[name]["forward_tokens"], wall, per[name]["trajectories_per_s"],
                              per[name]["tokens_per_s"], q["distinct_answers"], q["pass_at_16"], q["mean_accuracy"]])
     t, i = per["tree"], per["independent"]
-    summary = {"bench": "tree_rollout", "forward_tokens_ratio": round(t["forward_tokens"] / i["forward_tokens"], 3),
+    summary = {"bench": bench_name, "backend": args.backend,
+               "forward_tokens_ratio": round(t["forward_tokens"] / i["forward_tokens"], 3),
                "wall_ratio": round(t["wall_s"] / i["wall_s"], 3),
                "trajectories_per_s_ratio": round(t["trajectories_per_s"] / i["trajectories_per_s"], 3),
                "distinct_answers": {"tree": round(t["distinct_answers"], 2),
@@ -165,16 +202,16 @@ def main() -> None:
     per["independent"]["early_stop_forward_tokens"] = es
     header = ["contender", "forward tokens", "wall s", "trajectories/s", "tokens/s", "distinct answers",
               "pass@16", "mean acc"]
-    settings = (f"{k} GSM8K prompts x {WIDTH} trajectories, {args.model}, max_new_tokens={max_new}, "
+    settings = (f"{k} GSM8K prompts x {WIDTH} trajectories, {args.model} ({args.backend}), max_new_tokens={max_new}, "
                 f"temperature={args.temperature}, tree: segment_len={segment}, branch_factor={args.branch_factor}, "
                 f"first_split={args.first_split}, early stops on '####' / boxed / repetition; repeats={repeats}")
-    plot(runs, args.out)
-    write_results("tree_rollout", summary, settings + "\n\n" + md_table(header, summary_rows), args.out,
+    plot(runs, args.out, bench_name)
+    write_results(bench_name, summary, settings + "\n\n" + md_table(header, summary_rows), args.out,
                   details={"contenders": per, "settings": settings,
                            "samples": {name: rs[0]["texts"][0][:3] for name, rs in runs.items()}})
 
 
-def plot(runs: dict, out_dir: str) -> None:
+def plot(runs: dict, out_dir: str, name: str) -> None:
     """Forward tokens per contender (bars), tree split per prompt on top."""
     import matplotlib
 
@@ -191,7 +228,7 @@ def plot(runs: dict, out_dir: str) -> None:
     ax.set_title(f"GSM8K, {WIDTH} trajectories per prompt")
     fig.tight_layout()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    fig.savefig(Path(out_dir) / "tree_rollout.png", dpi=120)
+    fig.savefig(Path(out_dir) / f"{name}.png", dpi=120)
     plt.close(fig)
 
 
