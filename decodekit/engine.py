@@ -14,7 +14,6 @@ from collections import deque
 
 import torch
 
-from decodekit.cache.radix import common_prefix_len
 from decodekit.output import TextState
 from decodekit.sampling import token_logprobs
 from decodekit.strategies.base import Proposal, Strategy
@@ -29,8 +28,6 @@ from decodekit.types import (
     TopLogprob,
     Usage,
 )
-
-SHARED_PREFIX_DEFER = 16  # defer a request sharing this many uncached tokens with one admitted now
 
 
 def check_prompt(prompt_ids: list[int], max_context: int) -> None:
@@ -225,12 +222,7 @@ class Engine:
         return self.backend.cache.available() - reserved >= self._worst_case_slots(request)
 
     def _shares_uncached_prefix(self, request: Request, admitted: list[Request]) -> bool:
-        ids = request.prompt_ids
-        for other in admitted:
-            common = common_prefix_len(ids, other.prompt_ids)
-            if common >= SHARED_PREFIX_DEFER and common > len(self.backend.cache.tree.match_prefix(ids)[0]):
-                return True
-        return False
+        return self.backend.cache.shares_uncached_prefix(request.prompt_ids, [r.prompt_ids for r in admitted])
 
     def _seq_budget(self, request: Request) -> int:
         return len(request.prompt_ids) + request.params.max_new_tokens + request.strategy.extra_slots(request)

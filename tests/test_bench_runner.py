@@ -50,3 +50,20 @@ def test_cli_exposes_bench(monkeypatch):
     args = cli_parser().parse_args(["bench", "--quick", "--only", "throughput"])
     assert args.quick and args.only == ["throughput"] and args.command == "bench"
     assert sys.executable
+
+
+def test_keep_merges_earlier_results_and_missing_venv_is_reported(tmp_path, monkeypatch):
+    import bench.run_all as run_all
+
+    base = ["--quick", "--out", str(tmp_path), "--package", "tests.bench_stubs"]
+    run(build_parser().parse_args([*base, "--only", "throughput"]), command="first")
+    run(build_parser().parse_args([*base, "--only", "speculative", "--keep"]), command="second")
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "## throughput" in report and "## speculative" in report
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["throughput"]["summary"]["quick"] is True and stored["speculative"]["error"]
+    assert stored["throughput"]["date"]
+
+    monkeypatch.setattr(run_all, "ROOT", tmp_path)  # no .venv-peers there
+    result = run_all.run_script("constraint_peers", build_parser().parse_args(["--out", str(tmp_path)]))
+    assert result["summary"] is None and "make setup-peers" in result["error"]

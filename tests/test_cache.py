@@ -22,6 +22,27 @@ def test_pool_refcounts_and_free_list():
         pool.decref([a[0]])
 
 
+def test_pool_hands_out_lowest_free_slots_first():
+    """Sequences written into a free region get ascending, contiguous slots (read as a view)."""
+    pool = SlotPool(16)
+    a, b = pool.allocate(4), pool.allocate(3)
+    assert a == [1, 2, 3, 4] and b == [5, 6, 7]
+    pool.decref(list(reversed(a)))
+    assert pool.allocate(2) == [1, 2] and [pool.allocate(1)[0] for _ in range(3)] == [3, 4, 8]
+
+
+def test_shared_uncached_prefix_defers_only_when_worth_it():
+    cache = CacheManager(256)
+    shared = list(range(1, 21))
+    assert cache.shares_uncached_prefix(shared + [99], [shared + [98]])
+    assert not cache.shares_uncached_prefix(shared[:10] + [99], [shared[:10] + [98]])  # < 16 shared tokens
+    handle = cache.open(shared + [98])
+    cache.extend(handle, len(shared) + 1 - len(handle))
+    cache.commit(handle, shared + [98])
+    cache.release(handle)
+    assert not cache.shares_uncached_prefix(shared + [99], [shared + [97]])  # the shared part is cached already
+
+
 def test_prefix_reuse_leaves_last_token_to_compute():
     cache = CacheManager(64)
     h = cache.open([1, 2, 3, 4])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.constraints import ARITH  # the arithmetic grammar the benchmark uses
 from decodekit.api import LLM
 from decodekit.backends.mock import MockBackend
 from decodekit.constraints import Grammar, JsonSchema, OneOf, Predicate, Regex, TokenChecker, token_bytes
@@ -17,14 +18,6 @@ from decodekit.constraints.awrs import check_all
 from decodekit.strategies.constrained import Constrained
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-ARITH = r"""
-?start: sum
-?sum: product | sum "+" product | sum "-" product
-?product: atom | product "*" atom | product "/" atom
-?atom: NUMBER | "(" sum ")"
-NUMBER: /[0-9]+(\.[0-9]+)?/
-%ignore " "
-"""
 
 
 def test_regex_partial_and_non_regular():

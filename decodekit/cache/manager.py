@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from decodekit.cache.base import NaivePrefixCache
 from decodekit.cache.pool import CacheFullError, SlotPool
-from decodekit.cache.radix import RadixTree
+from decodekit.cache.radix import RadixTree, common_prefix_len
+
+SHARED_PREFIX_DEFER = 16  # see CacheManager.shares_uncached_prefix
 
 
 class KVHandle:
@@ -68,6 +70,14 @@ class CacheManager:
         self.stats.lookup_tokens += len(ids)
         self.stats.hit_tokens += len(slots)
         return self._new_handle(list(slots), node)
+
+    def shares_uncached_prefix(self, ids: list[int], others: list[list[int]]) -> bool:
+        """Whether ``ids`` shares at least ``SHARED_PREFIX_DEFER`` tokens, not all in the cache yet,
+        with one of ``others`` (prompts computed in the same forward): prefilled a round later, it
+        reuses their K/V instead of computing the shared part twice."""
+        cached = len(self.tree.match_prefix(ids)[0])
+        least = max(SHARED_PREFIX_DEFER, cached + 1)
+        return any(common_prefix_len(ids, other) >= least for other in others)
 
     def fork(self, handle: KVHandle) -> KVHandle:
         """A second handle sharing every slot of ``handle`` (no copy)."""

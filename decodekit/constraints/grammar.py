@@ -31,6 +31,7 @@ class Grammar(Constraint):
 
         if not isinstance(lark_text, str) or not lark_text.strip():
             raise ValueError("lark_text must be a non-empty Lark grammar string")
+        self.lark_text = lark_text
         try:
             self._lark = lark.Lark(lark_text, parser="lalr", lexer="basic", start=start)
         except Exception as e:  # lark's GrammarError, ConfigurationError, ...

@@ -13,14 +13,11 @@ import time
 
 import torch
 
-from decodekit.cache.radix import common_prefix_len
 from decodekit.constraints.awrs import recursive_awrs
 from decodekit.constraints.base import TokenChecker
 from decodekit.sampling import entropy_bits, process_logits, sample_token
 from decodekit.strategies.tree_budget import branch_weights, fallback_plan, next_width, split_budget
 from decodekit.strategies.tree_types import _Node, _Tree
-
-SHARED_PREFIX_DEFER = 16  # prefill a prompt sharing this many uncached tokens with another one round later
 
 
 class _Driver:
@@ -85,9 +82,7 @@ class _Driver:
         while pending:
             batch, later = [], []
             for tree in pending:
-                cached = len(self.cache.tree.match_prefix(tree.prompt_ids[:-1])[0])
-                shares = any(common_prefix_len(tree.prompt_ids, o.prompt_ids) >= max(SHARED_PREFIX_DEFER, cached + 1)
-                             for o in batch)
+                shares = self.cache.shares_uncached_prefix(tree.prompt_ids, [o.prompt_ids for o in batch])
                 (later if shares else batch).append(tree)
             handles = [self.cache.open(t.prompt_ids) for t in batch]
             for tree, handle in zip(batch, handles):

@@ -13,52 +13,57 @@ DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def chat_stream(call, base: dict, *, n: int, want_logprobs: bool, include_usage: bool):
+async def _framed(call, base: dict, chunks, include_usage: bool):
+    """``chunks`` as SSE, then the usage chunk if asked, an API error as its body, and ``[DONE]``."""
     try:
-        for index in range(n):
-            yield R.sse(R.chat_chunk(base, index, {"role": "assistant", "content": ""}, include_usage=include_usage))
-        async for kind, _sub, event in call.messages():
-            if kind != "event":
-                continue
-            logprobs = event.logprobs if want_logprobs else None
-            if event.text or logprobs:
-                yield R.sse(R.chat_chunk(base, event.index, {"content": event.text}, logprobs=logprobs,
-                                         include_usage=include_usage))
-            if event.finish_reason is not None:
-                yield R.sse(R.chat_chunk(base, event.index, {}, finish=event.finish_reason,
-                                         include_usage=include_usage))
+        async for chunk in chunks:
+            yield R.sse(chunk)
         if include_usage:
             yield R.sse(R.usage_chunk(base, list(call.done.values())))
     except APIError as e:
         yield R.sse(e.body())
     finally:
+        await chunks.aclose()
         call.close()
     yield DONE
 
 
-async def text_stream(call, base: dict, *, n: int, echo: bool, want_logprobs: bool, include_usage: bool):
+def chat_stream(call, base: dict, *, n: int, want_logprobs: bool, include_usage: bool):
+    return _framed(call, base, _chat_chunks(call, base, n, want_logprobs, include_usage), include_usage)
+
+
+def text_stream(call, base: dict, *, n: int, echo: bool, want_logprobs: bool, include_usage: bool):
+    return _framed(call, base, _text_chunks(call, base, n, echo, want_logprobs, include_usage), include_usage)
+
+
+async def _chat_chunks(call, base: dict, n: int, want_logprobs: bool, include_usage: bool):
+    for index in range(n):
+        yield R.chat_chunk(base, index, {"role": "assistant", "content": ""}, include_usage=include_usage)
+    async for kind, _sub, event in call.messages():
+        if kind != "event":
+            continue
+        logprobs = event.logprobs if want_logprobs else None
+        if event.text or logprobs:
+            yield R.chat_chunk(base, event.index, {"content": event.text}, logprobs=logprobs,
+                               include_usage=include_usage)
+        if event.finish_reason is not None:
+            yield R.chat_chunk(base, event.index, {}, finish=event.finish_reason, include_usage=include_usage)
+
+
+async def _text_chunks(call, base: dict, n: int, echo: bool, want_logprobs: bool, include_usage: bool):
     offsets: dict[int, int] = {}  # choice index -> characters sent (logprobs text_offset)
-    try:
-        if echo:
-            for sub in call.subs:
-                for i in range(n):
-                    index = sub.offset * n + i
-                    offsets[index] = len(sub.prompt_text)
-                    yield R.sse(R.text_chunk(base, index, sub.prompt_text, include_usage=include_usage))
-        async for kind, sub, event in call.messages():
-            if kind != "event":
-                continue
-            index = sub.offset * n + event.index
-            logprobs = event.logprobs if want_logprobs else None
-            if event.text or logprobs or event.finish_reason is not None:
-                yield R.sse(R.text_chunk(base, index, event.text, logprobs=logprobs,
-                                         text_offset=offsets.get(index, 0), finish=event.finish_reason,
-                                         include_usage=include_usage))
-                offsets[index] = offsets.get(index, 0) + len(event.text)
-        if include_usage:
-            yield R.sse(R.usage_chunk(base, list(call.done.values())))
-    except APIError as e:
-        yield R.sse(e.body())
-    finally:
-        call.close()
-    yield DONE
+    if echo:
+        for sub in call.subs:
+            for i in range(n):
+                index = sub.offset * n + i
+                offsets[index] = len(sub.prompt_text)
+                yield R.text_chunk(base, index, sub.prompt_text, include_usage=include_usage)
+    async for kind, sub, event in call.messages():
+        if kind != "event":
+            continue
+        index = sub.offset * n + event.index
+        logprobs = event.logprobs if want_logprobs else None
+        if event.text or logprobs or event.finish_reason is not None:
+            yield R.text_chunk(base, index, event.text, logprobs=logprobs, text_offset=offsets.get(index, 0),
+                               finish=event.finish_reason, include_usage=include_usage)
+            offsets[index] = offsets.get(index, 0) + len(event.text)
