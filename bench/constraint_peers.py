@@ -5,11 +5,14 @@ and token limits as ``bench/constraints.py`` (pattern matching, JSON schemas, th
 grammar), one process, contenders interleaved per prompt:
 
 - ``decodekit_awrs``, ``decodekit_awrs_smc5``: ``Constrained(..., sampler="awrs")``, 1 and 5 particles;
-- ``genlm_awrs_smc5``: genlm-control 0.4.1 (the AWRS reference implementation), ``AWRS`` over
-  ``BoolFSA.from_regex`` / ``JsonSchema`` / ``BoolCFG.from_lark``, ``smc(n_particles=5,
-  ess_threshold=0.5)``; its output is the top sequence of the decoded posterior;
+- ``genlm_awrs_smc5``: genlm-control 0.4.1 (the AWRS reference implementation), ``AWRS`` with
+  ``smc(n_particles=5, ess_threshold=0.5)``; patterns through a byte-level potential calling the
+  same ``regex``-module checks decodekit uses (most patterns use ``regex``-only syntax that
+  ``BoolFSA.from_regex`` rejects), JSON through its ``JsonSchema``, the grammar through
+  ``BoolCFG.from_lark``; its output is the top sequence of the decoded posterior;
 - ``outlines``: outlines 1.3.3's transformers integration (full-vocabulary masking through
-  outlines-core), sampling at temperature 1; index building is timed apart from generation.
+  outlines-core), sampling at temperature 1; building its index (a warm-up call) is timed as
+  preparation, apart from generation.
 
 A constraint a peer cannot express (a back-reference pattern for an automaton, a grammar feature)
 is recorded as unsupported with the error. Needs ``make setup-peers`` (``.venv-peers``); ``decodekit
@@ -33,7 +36,7 @@ class Decodekit:
     def __init__(self, llm):
         self.llm = llm
 
-    def prepare(self, constraint):
+    def prepare(self, constraint, prompt):
         return constraint
 
     def run(self, prepared, prompt, max_new, seed, particles):
@@ -53,12 +56,12 @@ class Genlm:
         self.llm = PromptedLLM.from_name(model_dir, backend="hf")
         self.loop = asyncio.new_event_loop()
 
-    def prepare(self, constraint):
-        from genlm.control import AWRS, BoolCFG, BoolFSA, JsonSchema
+    def prepare(self, constraint, prompt):
+        from genlm.control import AWRS, BoolCFG, JsonSchema
 
         kind = type(constraint).__name__
         if kind == "Regex":
-            potential = BoolFSA.from_regex(constraint.pattern)
+            potential = _python_check(constraint)
         elif kind == "JsonSchema":
             potential = JsonSchema(constraint.schema)
         else:
@@ -83,7 +86,7 @@ class Outlines:
         self.model = outlines.from_transformers(model, tokenizer)
         self.tokenizer = tokenizer
 
-    def prepare(self, constraint):
+    def prepare(self, constraint, prompt):
         from outlines.types import CFG, JsonSchema, Regex
 
         kind = type(constraint).__name__
@@ -93,7 +96,9 @@ class Outlines:
             term = JsonSchema(constraint.schema)
         else:
             term = CFG(constraint.lark_text)
-        return self.outlines.Generator(self.model, term)
+        generator = self.outlines.Generator(self.model, term)
+        generator(prompt, max_new_tokens=1)  # builds the index over the vocabulary
+        return generator
 
     def run(self, generator, prompt, max_new, seed, particles):
         import torch
@@ -101,6 +106,20 @@ class Outlines:
         torch.manual_seed(seed)
         text = generator(prompt, max_new_tokens=max_new, do_sample=True, temperature=1.0, top_k=0)
         return text, len(self.tokenizer.encode(text, add_special_tokens=False)), True
+
+
+def _python_check(constraint):
+    """A genlm-control potential over bytes that asks ``constraint.prefix_ok`` / ``complete_ok``."""
+    from genlm.control import Potential
+
+    class PythonCheck(Potential):
+        async def prefix(self, context):
+            return 0.0 if constraint.prefix_ok(bytes(context)) else float("-inf")
+
+        async def complete(self, context):
+            return 0.0 if constraint.complete_ok(bytes(context)) else float("-inf")
+
+    return PythonCheck(list(range(256)))
 
 
 def contenders(llm, model: str) -> dict:
@@ -121,7 +140,7 @@ def contenders(llm, model: str) -> dict:
 def run_item(runner, particles, constraint, prompt, max_new, seed) -> dict:
     t0 = time.perf_counter()
     try:
-        prepared = runner.prepare(constraint)
+        prepared = runner.prepare(constraint, prompt)
     except Exception as e:
         return {"unsupported": f"{type(e).__name__}: {e}"[:300]}
     prepare_s = time.perf_counter() - t0
