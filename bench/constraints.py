@@ -96,7 +96,7 @@ def main():
     plan = {  # task: (items, max_new_tokens, masked items, masked max_new_tokens); masked per-token speed
         # is measured on fewer tokens where each token checks the whole vocabulary
         "pattern_matching": (pattern_task(2 if quick else 4), 10 if quick else 16, 1 if quick else 2, 4),
-        "json": (json_task(1 if quick else 2), 24 if quick else 40, None, None),
+        "json": (json_task(1 if quick else 2), 24 if quick else 64, None, None),
         "grammar": (grammar_task(1 if quick else 2), 8 if quick else 14, 1, 2),
     }
     details: dict[str, dict[str, list]] = {}
