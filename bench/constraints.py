@@ -134,9 +134,9 @@ def main():
     write_results("constraints", result, md_table(header, rows), args.out, details=details)
 
 
-PEERS = {
-    "outlines": "not run: not installed in the project venv (see README)",
-    "genlm-control": "not run: not installed in the project venv (see README)",
+PEERS = {  # they need their own venv (make setup-peers): measured side by side in bench/constraint_peers.py
+    "outlines": "see constraint_peers (.venv-peers)",
+    "genlm-control": "see constraint_peers (.venv-peers)",
 }
 
 if __name__ == "__main__":

@@ -76,10 +76,24 @@ def _run_script(name: str, args) -> dict:
     lines = [line for line in stdout.splitlines() if line.strip()]
     if proc.returncode != 0 or not lines:
         return {"summary": None, "error": f"exit code {proc.returncode}\n" + "\n".join(tail), "seconds": seconds}
-    try:
-        return {"summary": json.loads(lines[-1]), "error": None, "seconds": seconds}
-    except json.JSONDecodeError:
-        return {"summary": None, "error": f"last stdout line is not JSON: {lines[-1][:200]}", "seconds": seconds}
+    summary = _last_json_object(lines)
+    if summary is None:
+        error = f"no JSON summary on stdout; last line: {lines[-1][:200]}"
+        return {"summary": None, "error": error, "seconds": seconds}
+    return {"summary": summary, "error": None, "seconds": seconds}
+
+
+def _last_json_object(lines: list[str]) -> dict | None:
+    """The script's summary: its last stdout line holding a JSON object (vLLM logs to stdout after it)."""
+    for line in reversed(lines):
+        if line.lstrip().startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return None
 
 
 def report(results: dict[str, dict], args, command: str) -> str:
