@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from pathlib import Path
 
@@ -167,4 +168,32 @@ def test_smollm_pattern_matching_outputs_match(smollm):
         c = llm.generate(f"Write a string matching the regex {pattern}\n", strategy=Constrained(r),
                          max_new_tokens=10, seed=0)
         assert c.finish_reason == "constraint_failed" or r.complete_ok(c.text), (pattern, c.text)
+    assert smollm.cache.num_open_handles == 0
+
+
+# The issue's full size (20 patterns, 20 JSONSchemaBench schemas) with DECODEKIT_CONSTRAINTS_FULL=1 (~3 minutes
+# on a quiet 2-core machine); the default run keeps the smaller real-model checks above.
+CONSTRAINTS_FULL = os.environ.get("DECODEKIT_CONSTRAINTS_FULL") == "1"
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not CONSTRAINTS_FULL, reason="full size: set DECODEKIT_CONSTRAINTS_FULL=1")
+def test_smollm_full_size_patterns_and_schemas(smollm):
+    """Every output returned as text satisfies its constraint; nearly all finish within the limit (measured
+    2026-11-28: 37 of 40; a \\w+ pattern and two large schemas were still open at 24 / 96 tokens and came
+    back as constraint_failed, never as invalid text)."""
+    from bench.constraints import json_task
+
+    llm = LLM(backend=smollm)
+    runs = [(f"Write a string matching the regex {p}\n", Regex(p, automaton=False), 24, p) for p in _pattern_rows(20)]
+    runs += [(prompt, c, 96, name) for prompt, c, name in json_task(20)]
+    assert len(runs) == 40
+    unfinished = []
+    for i, (prompt, constraint, limit, name) in enumerate(runs):
+        c = llm.generate(prompt, strategy=Constrained(constraint), max_new_tokens=limit, seed=i)
+        if c.finish_reason == "constraint_failed":
+            unfinished.append(name)
+            continue
+        assert constraint.complete_ok(c.text), (name, c.text)
+    assert len(unfinished) <= 4, unfinished
     assert smollm.cache.num_open_handles == 0
