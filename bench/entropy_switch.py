@@ -96,7 +96,7 @@ def summarize(tau, runs, large, prompts) -> dict:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--small", default="smollm2-135m-distill-6l")
+    p.add_argument("--small", default="smollm2-135m-distill-8l")
     p.add_argument("--thresholds", default=None, help="comma-separated thresholds in bits ('inf' allowed)")
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--min-dwell", type=int, default=4)

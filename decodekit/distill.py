@@ -40,13 +40,13 @@ LANGUAGES = ["French", "Spanish", "German", "Italian"]
 
 @dataclass(frozen=True)
 class DistillConfig:
-    layers: int = 6
-    num_prompts: int = 96
+    layers: int = 8
+    num_prompts: int = 384
     gen_tokens: int = 64
     gen_batch: int = 8
     gen_temperature: float = 0.8
     top_k: int = 64
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 4
     lr: float = 3e-4
     warmup: int = 10

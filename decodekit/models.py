@@ -89,7 +89,7 @@ def resolve(name: str) -> tuple[str, str | None, bool]:
 
 
 def distilled_student(name: str) -> tuple[str, None, bool] | None:
-    """A student built by ``decodekit distill`` (``<alias>-distill-<K>l``, e.g. ``smollm2-135m-distill-6l``).
+    """A student built by ``decodekit distill`` (``<alias>-distill-<K>l``, e.g. ``smollm2-135m-distill-8l``).
 
     Its directory is ``~/.cache/decodekit/distill/<name>``; a missing one says how to build it.
     """

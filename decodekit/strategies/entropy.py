@@ -71,7 +71,7 @@ class EntropySwitch(Strategy):
     """Entropy-adaptive switching between a ``small`` and a ``large`` model sharing a tokenizer.
 
     ``small`` / ``large``: a model name, a ``Backend``, or ``None`` for the engine's model. By default
-    ``large`` is the engine's model and ``small`` its distilled student ``<alias>-distill-6l``
+    ``large`` is the engine's model and ``small`` its distilled student ``<alias>-distill-8l``
     (``decodekit distill``). ``threshold`` (bits, >= 0, ``math.inf`` allowed), ``window`` (tokens in the
     rolling mean) and ``min_dwell`` (tokens a model writes after a switch before the next) tune it.
     ``constraint`` (a decodekit ``Constraint``) makes every token go through constrained decoding
@@ -271,9 +271,9 @@ def _is_main(spec, main) -> bool:
 
 def default_small(main_name: str) -> str:
     """The distilled student of the engine's model alias (built by ``decodekit distill``)."""
-    from decodekit.distill import student_name
+    from decodekit.distill import DistillConfig, student_name
 
-    return student_name(main_name.rsplit(":", 1)[0], 6)
+    return student_name(main_name.rsplit(":", 1)[0], DistillConfig.layers)
 
 
 def _load_like(spec, main):
