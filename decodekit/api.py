@@ -84,14 +84,8 @@ class LLM:
         if self.engine.has_unfinished():
             raise ValueError("rollout needs an idle engine: finish or abort running requests first")
         encoded = [self.encode_prompt(p) for p in batch]
-        ids, texts = [i for _, i in encoded], [text for text, _ in encoded]
-        tree, params = tree or TreeRollout(), sampling_params(**sampling)
-        if hasattr(self.backend, "llm"):  # vLLM: segment-level driver over automatic prefix caching
-            from decodekit.backends.vllm_rollouts import tree_rollout
-
-            results = tree_rollout(self.backend, ids, tree, params, texts=texts)
-        else:
-            results = tree.run(self.backend, ids, params, texts=texts)
+        results = (tree or TreeRollout()).run(self.backend, [ids for _, ids in encoded], sampling_params(**sampling),
+                                              texts=[text for text, _ in encoded])
         return results[0] if single else results
 
     def encode_prompt(self, prompt) -> tuple[str, list[int]]:

@@ -125,7 +125,8 @@ class HFBackend(Backend):
         self.sliding_window = getattr(config, "sliding_window", None) if "sliding_attention" in layer_types else None
         self.mask_by_type = _accepts_mask_mapping(model)
         self.eager = config._attn_implementation == "eager"
-        self._configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+        configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+        self._sdpa_configs = [c for c in configs.values() if getattr(c, "_attn_implementation", None) == "sdpa"]
 
     @torch.inference_mode()
     def forward_rows(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
@@ -149,13 +150,12 @@ class HFBackend(Backend):
     def _gqa_attention(self):
         """Run sdpa models with ``gqa_sdpa_attention`` for this call only: the model, which the
         caller may also use directly, keeps its own setting."""
-        swapped = [c for c in self._configs.values() if getattr(c, "_attn_implementation", None) == "sdpa"]
-        for c in swapped:
+        for c in self._sdpa_configs:
             c._attn_implementation = GQA_SDPA
         try:
             yield
         finally:
-            for c in swapped:
+            for c in self._sdpa_configs:
                 c._attn_implementation = "sdpa"
 
     def _masks(self, inputs):

@@ -72,6 +72,12 @@ class VLLMBackend:
         """The request-level engine ``decodekit.LLM`` uses (vLLM's ``max_num_seqs`` bounds the batch)."""
         return VLLMEngine(self)
 
+    def tree_rollout(self, prompts: list[list[int]], tree, params, texts: list[str] | None = None) -> list:
+        """``TreeRollout.run`` on vLLM: the segment-level driver over automatic prefix caching."""
+        from decodekit.backends.vllm_rollouts import tree_rollout
+
+        return tree_rollout(self, prompts, tree, params, texts=texts)
+
     def forward(self, handles, new_ids, num_logits=1):
         raise NotImplementedError(
             "the vLLM backend does not expose token-level forward passes over KV handles; token-level "

@@ -64,11 +64,15 @@ class TreeRollout:
 
         Prompts are batched together in waves that fit the KV budget. Every handle opened here is
         released before returning (also on error); finished paths are committed to the prefix cache.
+        A request-level backend (vLLM) that brings its own segment-level driver runs it instead.
         """
         if params.n != 1:
             raise ValueError("n must be 1 for a tree rollout: set TreeRollout(max_width=...) instead")
         if not prompts or any(not p for p in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+        segment_level = getattr(backend, "tree_rollout", None)
+        if segment_level is not None:
+            return segment_level(prompts, self, params, texts=texts)
         texts = texts or [""] * len(prompts)
         driver = _Driver(self, backend, params)
         results: list[RolloutResult | None] = [None] * len(prompts)
