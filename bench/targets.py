@@ -34,11 +34,12 @@ def _at_most(threshold, *path):
     return measure
 
 
-def _best_at_least(threshold, *path):
+def _extreme_at_least(threshold, pick, *path):
+    """The ``pick`` (max: best, min: worst) entry of a {name: value} figure, against ``threshold``."""
     def measure(s):
-        values = _get(s, *path)
-        best = max(values, key=values.get)
-        return f"{values[best]} ({best})", values[best] >= threshold
+        values = {k: v for k, v in _get(s, *path).items() if v is not None}
+        key = pick(values, key=values.get)
+        return f"{values[key]} ({key})", values[key] >= threshold
     return measure
 
 
@@ -69,19 +70,12 @@ def _speculative_vs_assisted(s):
     return f"{value} ({best})", value is not None and value >= 1.2
 
 
-def _min_ratio_at_least(threshold, *path):
-    def measure(s):
-        values = {k: v for k, v in _get(s, *path).items() if v is not None}
-        worst = min(values, key=values.get)
-        return f"{values[worst]} ({worst})", values[worst] >= threshold
-    return measure
-
-
 TARGETS = [
     Target("throughput", "tokens/s vs transformers, batch 1", ">= 1.0x", _at_least(1.0, "ratio_vs_hf_bs1")),
     Target("throughput", "tokens/s vs transformers, batch 8", ">= 1.0x", _at_least(1.0, "ratio_vs_hf_bs8")),
     Target("throughput", "shared-prefix prefill tokens saved", ">= 0.80", _at_least(0.8, "prefill_tokens_saved_frac")),
-    Target("speculative", "best draft: speedup over plain decoding", ">= 1.5x", _best_at_least(1.5, "mean_speedup")),
+    Target("speculative", "best draft: speedup over plain decoding", ">= 1.5x",
+           _extreme_at_least(1.5, max, "mean_speedup")),
     Target("speculative", "best draft vs transformers assisted generation", ">= 1.2x", _speculative_vs_assisted),
     Target("speculative", "greedy output identical to plain", "true",
            lambda s: (_get(s, "greedy_identical"), _get(s, "greedy_identical") is True)),
@@ -97,7 +91,7 @@ TARGETS = [
     Target("constraints", "runs that finished valid within the token limit", "reported",
            lambda s: (min(_numbers(_get(s, "valid_rate"))), True)),
     Target("constraint_peers", "decodekit AWRS+SMC tokens/s vs genlm-control's, worst task", ">= 1.0x",
-           _min_ratio_at_least(1.0, "decodekit_smc5_vs_genlm_smc5")),
+           _extreme_at_least(1.0, min, "decodekit_smc5_vs_genlm_smc5")),
     Target("entropy_switch", "large share <= 45%, quality >= 95%, faster than large-only", "a threshold exists",
            _entropy_point),
     Target("tree_rollout", "forward tokens, tree / independent", "<= 0.65", _at_most(0.65, "forward_tokens_ratio")),
