@@ -39,7 +39,7 @@ def _runner_decodekit(llm, prompts, new_tokens, reset=None):
         if reset is not None:
             reset()
         t0 = time.perf_counter()
-        requests = [llm.engine.add_request(p, _params(new_tokens)) for p in prompts]
+        requests = [llm.engine.add_request(p, _params(new_tokens), stream=False) for p in prompts]  # as LLM.generate
         while llm.engine.has_unfinished():
             llm.engine.step()
         done = [llm.engine.pop_completion(r.request_id) for r in requests]

@@ -48,7 +48,7 @@ class LLM:
             raise ValueError("prompts is empty")
         strategy = resolve_strategy(strategy, sampling)
         params = sampling_params(**sampling)
-        requests = [self._add(p, params, strategy) for p in batch]
+        requests = [self._add(p, params, strategy, stream=False) for p in batch]
         self._run()
         done = [self.engine.pop_completion(r.request_id) for r in requests]
         return done[0] if single else done
@@ -96,9 +96,9 @@ class LLM:
         messages = _check_messages(prompt)
         return messages[-1]["content"], self.tokenizer.apply_chat_template(messages)
 
-    def _add(self, prompt, params, strategy):
+    def _add(self, prompt, params, strategy, stream: bool = True):
         text, ids = self.encode_prompt(prompt)
-        return self.engine.add_request(ids, params, strategy, prompt=text)
+        return self.engine.add_request(ids, params, strategy, prompt=text, stream=stream)
 
     def _run(self) -> None:
         while self.engine.has_unfinished():

@@ -113,8 +113,11 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, strategy: Strategy | None = None,
-                    *, prompt: str = "", request_id: str | None = None) -> Request:
-        """Queue a request; raises ``ValueError`` for an empty or too long prompt or a bad strategy."""
+                    *, prompt: str = "", request_id: str | None = None, stream: bool = True) -> Request:
+        """Queue a request; raises ``ValueError`` for an empty or too long prompt or a bad strategy.
+
+        ``stream=False`` tells a request-level engine (vLLM) that only the completion is read; this
+        engine produces its per-step events either way."""
         check_prompt(prompt_ids, self.backend.max_context)
         strategy = strategy or self.default_strategy
         self._attach(strategy)

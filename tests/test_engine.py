@@ -212,3 +212,21 @@ def test_constraint_keyword_maps_to_the_constrained_strategy():
         llm.generate("abc", constraint=Regex("a"), strategy="sample")
     with pytest.raises(ValueError, match="constraint="):
         llm.generate("abc", particles=3)
+
+
+def test_final_only_output_is_cut_after_the_stop_string_token():
+    """vLLM final-only outputs: when decodekit's decode finds a stop string vLLM's detokenizer did not,
+    the tokens after the one completing it are dropped, as a delta-by-delta run would have stopped."""
+    from types import SimpleNamespace
+
+    from decodekit.backends.vllm_engine import _cut_at_stop
+    from decodekit.output import TextState
+
+    tok = MockBackend(vocab_size=16).tokenizer
+    params = SamplingParams(stop=("cd",))
+    request = SimpleNamespace(tokenizer=tok, params=params)
+    sample = SimpleNamespace(request=request, output_ids=tok.encode("abcdefab"), logprobs=list(range(8)),
+                             text=TextState(tok, params.stop))
+    assert sample.text.update(sample.output_ids)
+    _cut_at_stop(sample)
+    assert tok.decode(sample.output_ids) == "abcd" and sample.logprobs == [0, 1, 2, 3]

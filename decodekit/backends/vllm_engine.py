@@ -1,8 +1,10 @@
 """``VLLMEngine``: the public surface of ``decodekit.engine.Engine`` over vLLM's ``LLMEngine``.
 
 Each decodekit sample (``n`` per request) is one vLLM request with seed ``seed + index`` (the
-engine's per-sample seeds; outputs come as deltas, no per-step copies); the prompt is shared through
-vLLM's automatic prefix caching. vLLM schedules, batches, stops on EOS / stop ids / length and stop
+engine's per-sample seeds); the prompt is shared through vLLM's automatic prefix caching. Streamed
+requests ask vLLM for per-step deltas; requests added with ``stream=False`` (``LLM.generate``, the
+server's non-streaming calls) ask for the final output only, as ``vllm.LLM.generate`` does, so vLLM
+builds no per-step outputs for them. vLLM schedules, batches, stops on EOS / stop ids / length and stop
 strings; decodekit decodes the text with its own tokenizer (``TextState``, which also cuts at stop
 strings) so text matches the transformers backend for the same token ids.
 """
@@ -22,10 +24,11 @@ from decodekit.types import Choice, Completion, RequestStats, SamplingParams, To
 class _Sample:
     """One vLLM request: a decodekit sample."""
 
-    def __init__(self, request, index: int, vllm_id: str):
+    def __init__(self, request, index: int, vllm_id: str, final_only: bool):
         self.request = request
         self.index = index
         self.vllm_id = vllm_id
+        self.final_only = final_only
         self.output_ids: list[int] = []
         self.logprobs: list[TokenInfo] = []
         self.finish_reason: str | None = None
@@ -83,18 +86,23 @@ class VLLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, strategy: Strategy | None = None,
-                    *, prompt: str = "", request_id: str | None = None) -> VLLMRequest:
-        """Queue a request; ``ValueError`` for an empty or too long prompt or a strategy vLLM cannot run."""
+                    *, prompt: str = "", request_id: str | None = None, stream: bool = True) -> VLLMRequest:
+        """Queue a request; ``ValueError`` for an empty or too long prompt or a strategy vLLM cannot run.
+
+        ``stream=False``: only the completion is read, so vLLM returns each sample once, finished
+        (speculative requests keep deltas: their forward-pass count comes from the steps)."""
         check_prompt(prompt_ids, self.backend.max_context)
         request_id = request_id or f"req-{next(self._req_ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        options = [request_options(self.backend, params, strategy, index) for index in range(params.n)]
+        final_only = not stream and getattr(strategy, "name", None) != "speculative"
+        options = [request_options(self.backend, params, strategy, index, final_only=final_only)
+                   for index in range(params.n)]
         request = VLLMRequest(request_id, prompt, prompt_ids, params, strategy, self.tokenizer)
         if self.backend.speculative_config is not None:  # a metrics snapshot costs: only when it is reported
             request.metrics_before = self.backend.metrics()
         for index, vparams in enumerate(options):
-            sample = _Sample(request, index, f"{request_id}#{next(self._vllm_ids)}")
+            sample = _Sample(request, index, f"{request_id}#{next(self._vllm_ids)}", final_only)
             self.core.add_request(sample.vllm_id, self._tokens_prompt(prompt_token_ids=list(prompt_ids)), vparams)
             request.seqs.append(sample)
             self.running.append(sample)
@@ -142,17 +150,19 @@ class VLLMEngine:
 
     def _update(self, sample: _Sample, out) -> TokenEvent | None:
         completion = out.outputs[0]
-        new_ids = _without_stop_token(completion, sample.request, out.finished)  # outputs are deltas
+        new_ids = _without_stop_token(completion, sample.request, out.finished)  # deltas, or all when final-only
         infos = self._token_infos(completion, new_ids, sample.request.params.logprobs)
         sample.output_ids.extend(new_ids)
         sample.logprobs.extend(infos)
-        sample.num_steps += 1
+        sample.num_steps += max(1, len(completion.token_ids)) if sample.final_only else 1  # one token per step
         self.backend.num_forward_tokens += len(new_ids)
         if sample.num_steps == 1:
             request = sample.request
             request.stats.cached_prompt_tokens = max(request.stats.cached_prompt_tokens, out.num_cached_tokens or 0)
             request.stats.prefill_tokens_computed = len(request.prompt_ids) - request.stats.cached_prompt_tokens
         stopped = sample.text.update(sample.output_ids)
+        if stopped and sample.final_only:
+            _cut_at_stop(sample)
         if stopped and not out.finished:  # decodekit's decode found a stop string vLLM's detokenizer did not
             self.core.abort_request([sample.vllm_id])
         if out.finished or stopped:
@@ -190,6 +200,21 @@ def _without_stop_token(completion, request, finished: bool) -> list[int]:
         if ids[-1] in params.stop_token_ids or (ids[-1] in request.tokenizer.eos_token_ids and not params.ignore_eos):
             ids.pop()
     return ids
+
+
+def _cut_at_stop(sample: _Sample) -> None:
+    """Drop the tokens after the one that completes the stop string decodekit found (its decode can
+    differ from vLLM's detokenizer at token boundaries): what a delta-by-delta run would have kept."""
+    ids, probe = sample.output_ids, TextState(sample.request.tokenizer, sample.request.params.stop)
+    lo, hi = 1, len(ids)  # the shortest prefix whose text holds a stop string: ids[:hi] always does
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if probe.update(ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    del ids[hi:]
+    del sample.logprobs[hi:]
 
 
 def _finish_reason(reason: str | None) -> str:

@@ -69,8 +69,9 @@ def structured_from_constraint(constraint) -> Structured:
                      "token-level control): use the transformers backend")
 
 
-def request_options(backend, params: SamplingParams, strategy, index: int):
-    """``vllm.SamplingParams`` for sample ``index`` of a request under ``strategy``."""
+def request_options(backend, params: SamplingParams, strategy, index: int, final_only: bool = False):
+    """``vllm.SamplingParams`` for sample ``index`` of a request under ``strategy``; ``final_only``:
+    vLLM returns the finished output once instead of a delta per step."""
     from vllm import SamplingParams as VParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -80,7 +81,8 @@ def request_options(backend, params: SamplingParams, strategy, index: int):
                    top_p=params.top_p, min_p=params.min_p, seed=seed, stop=list(params.stop) or None,
                    stop_token_ids=list(params.stop_token_ids) or None, ignore_eos=params.ignore_eos,
                    logprobs=params.logprobs, structured_outputs=structured,
-                   detokenize=bool(params.stop), output_kind=RequestOutputKind.DELTA)
+                   detokenize=bool(params.stop),
+                   output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA)
 
 
 def _structured(backend, strategy):

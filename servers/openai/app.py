@@ -173,7 +173,7 @@ async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     top = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     make = partial(server.params, body, max_tokens, server.default_max_tokens, top)
-    call = Call(server, [messages], make, strategy)
+    call = Call(server, [messages], make, strategy, stream=bool(body.stream))
     await call.start()
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
@@ -194,7 +194,7 @@ async def _text(server: Server, body: CompletionRequest, request: Request):
     prompts = protocol.completion_prompts(body)
     strategy = await server.strategy_for(body)
     make = partial(server.params, body, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs)
-    call = Call(server, prompts, make, strategy)
+    call = Call(server, prompts, make, strategy, stream=bool(body.stream))
     await call.start()
     response_id = f"cmpl-{uuid.uuid4().hex}"
     want_logprobs = body.logprobs is not None

@@ -20,15 +20,18 @@ class ClientDisconnected(Exception):
 
 
 class Call:
-    def __init__(self, server, prompts: list, make_params, strategy):
-        """``make_params(prompt_len) -> SamplingParams`` runs on the engine thread once the prompt is tokenized."""
+    def __init__(self, server, prompts: list, make_params, strategy, stream: bool = True):
+        """``make_params(prompt_len) -> SamplingParams`` runs on the engine thread once the prompt is tokenized;
+        ``stream=False``: only completions are read (a request-level engine may then skip per-step events)."""
+        self.stream = stream
         self.server = server
         self.queue: asyncio.Queue = asyncio.Queue()
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         loop = asyncio.get_running_loop()
         base = uuid.uuid4().hex[:16]
-        self.subs = [Submission(f"{base}-{i}", p, make_params, strategy, loop, self.queue, offset=i)
+        self.subs = [Submission(f"{base}-{i}", p, make_params, strategy, loop, self.queue, offset=i,
+                               stream=stream)
                      for i, p in enumerate(prompts)]
         self.done: dict[str, object] = {}  # request_id -> Completion
         self._backlog: list[tuple] = []
@@ -71,7 +74,7 @@ class Call:
                 raise payload
             if kind == "disconnected":
                 raise ClientDisconnected
-            if kind == "event" and self.first_token_at is None and payload.token_ids:
+            if kind == "event" and self.stream and self.first_token_at is None and payload.token_ids:
                 self.first_token_at = time.perf_counter()
                 self.server.metrics.record_ttft(self.first_token_at - self.started)
             if kind == "done":

@@ -75,8 +75,8 @@ class Metrics:
             _metric(out, "decodekit_cached_prompt_tokens_total", "counter", "prompt tokens found in the prefix cache",
                     [({}, self.cached_prompt_tokens)])
             _summary(out, "decodekit_request_latency_seconds", "request latency", self.latency_sum, self.finished)
-            _summary(out, "decodekit_time_to_first_token_seconds", "time to first token", self.ttft_sum,
-                     self.ttft_count)
+            _summary(out, "decodekit_time_to_first_token_seconds", "time to first token (streamed requests)",
+                     self.ttft_sum, self.ttft_count)
             rate = self.acceptance_rate()
             if rate is not None:
                 _metric(out, "decodekit_speculative_acceptance_rate", "gauge",

@@ -42,6 +42,7 @@ class Submission:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     offset: int = 0  # choice index offset of this prompt in a batched completions call
+    stream: bool = True
     prompt_text: str = ""
     request: Any = None
     waiting: bool = True
@@ -155,7 +156,8 @@ class EngineWorker:
         try:
             text, ids = self._encode(sub.prompt)
             params = sub.make_params(len(ids))
-            sub.request = self.engine.add_request(ids, params, sub.strategy, prompt=text, request_id=sub.request_id)
+            sub.request = self.engine.add_request(ids, params, sub.strategy, prompt=text, request_id=sub.request_id,
+                                                  stream=sub.stream)
         except APIError as e:
             self._reject(sub, e)
             return

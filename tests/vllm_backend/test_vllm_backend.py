@@ -8,6 +8,8 @@ import re
 
 import pytest
 
+from decodekit.api import sampling_params
+
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
     [{"role": "user", "content": "Write a short poem about the sea."}],
@@ -101,6 +103,21 @@ def test_stream_matches_generate(vllm_llm):
     assert [t for e in events for t in e.token_ids] == list(done.token_ids)
     assert events[-1].finish_reason == done.finish_reason
     assert not vllm_llm.engine.requests and not vllm_llm.engine.running
+
+
+def test_generate_gets_final_outputs_only_and_matches_stream_with_stops(vllm_llm):
+    kw = dict(temperature=0, max_new_tokens=24, stop=[" 7"], logprobs=2)
+    streamed = list(vllm_llm.stream("1, 2, 3, 4,", **kw))
+    engine = vllm_llm.engine
+    request = engine.add_request(vllm_llm.tokenizer.encode("1, 2, 3, 4,"), sampling_params(**kw), stream=False)
+    events = []
+    while engine.has_unfinished():
+        events += engine.step()
+    assert len(events) == 1 and events[0].finish_reason == "stop"  # vLLM sent no per-step outputs
+    done = engine.pop_completion(request.request_id)
+    assert list(done.token_ids) == [t for e in streamed for t in e.token_ids]
+    assert done.text == "".join(e.text for e in streamed)
+    assert len(done.choices[0].logprobs) == len(done.token_ids)
 
 
 def test_stop_string_and_logprobs(vllm_llm):
