@@ -27,7 +27,7 @@ import asyncio
 import time
 
 from bench.common import md_table, parser, write_results
-from bench.constraints import grammar_task, json_task, pattern_task
+from bench.constraints import grammar_task, json_task, pattern_task, rates
 
 CONTENDERS = ["decodekit_awrs", "decodekit_awrs_smc5", "genlm_awrs_smc5", "outlines"]
 
@@ -156,11 +156,12 @@ def run_item(runner, particles, constraint, prompt, max_new, seed) -> dict:
 
 def summarise(rows: list[dict]) -> dict:
     done = [r for r in rows if "wall_s" in r]
+    speed = rates(done)
     return {"items": len(rows), "ran": len(done),
             "unsupported": sum("unsupported" in r for r in rows), "errors": sum("error" in r for r in rows),
-            "tokens_per_s": round(sum(r["tokens"] for r in done) / max(sum(r["wall_s"] for r in done), 1e-9), 2),
+            "tokens_per_s": round(speed["tokens_per_s"], 2),
             "prepare_s_total": round(sum(r.get("prepare_s", 0.0) for r in rows), 2),
-            "valid_rate": round(sum(r["valid"] for r in done) / max(len(done), 1), 3)}
+            "valid_rate": round(speed["valid_rate"], 3)}
 
 
 def main() -> None:

@@ -80,12 +80,16 @@ def run_one(llm, prompt, constraint, method, max_new_tokens, seed):
             "draws": c.stats.extra["token_draws"], "checks": c.stats.extra["constraint_checks"], "wall_s": wall}
 
 
+def rates(rows: list[dict]) -> dict:
+    """Tokens per second over all runs' wall time and the share of runs that finished valid."""
+    return {"tokens_per_s": sum(r["tokens"] for r in rows) / max(sum(r["wall_s"] for r in rows), 1e-9),
+            "valid_rate": sum(r["valid"] for r in rows) / max(len(rows), 1)}
+
+
 def summarise(rows: list[dict]) -> dict:
     checks, draws = sum(r["checks"] for r in rows), sum(r["draws"] for r in rows)
-    return {"runs": len(rows), "checks_per_token": checks / max(draws, 1),
-            "tokens_per_s": sum(r["tokens"] for r in rows) / max(sum(r["wall_s"] for r in rows), 1e-9),
+    return {"runs": len(rows), "checks_per_token": checks / max(draws, 1), **rates(rows),
             "s_per_run_median": median([r["wall_s"] for r in rows]) if rows else 0.0,
-            "valid_rate": sum(r["valid"] for r in rows) / max(len(rows), 1),
             "returned_valid": all(r["returned_ok"] for r in rows)}
 
 

@@ -26,7 +26,7 @@ def _runner_direct(backend, prompts, new_tokens):
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
 
     def run():
-        backend.llm.reset_prefix_cache()
+        backend.reset_prefix_cache()
         t0 = time.perf_counter()
         outs = backend.llm.generate(inputs, sp, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
@@ -91,7 +91,7 @@ def main() -> None:
         batch = prompts[:bs]
         runners = {"vllm_direct": _runner_direct(vllm_llm.backend, batch, new_tokens),
                    "decodekit_vllm": _runner_decodekit(vllm_llm, batch, new_tokens,
-                                                       reset=vllm_llm.backend.llm.reset_prefix_cache)}
+                                                       reset=vllm_llm.backend.reset_prefix_cache)}
         runners["vllm_direct"]()  # warm-up (first-call allocation)
         res = interleaved(runners, repeats)
         res["decodekit_hf"] = hf[bs]

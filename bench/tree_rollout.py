@@ -66,41 +66,17 @@ def quality(texts_per_prompt: list[list[str]], golds: list[str]) -> dict:
             "mean_accuracy": sum(hits) / (WIDTH * len(hits))}
 
 
-class ForwardCounter:
-    """Forward tokens computed: the engine's own count, or on vLLM prompt tokens missing the prefix
-    cache plus generated tokens (vLLM's counters). ``reset`` empties the prefix cache."""
-
-    VLLM = ("vllm:prompt_tokens", "vllm:prompt_tokens_cached", "vllm:generation_tokens")
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.vllm = hasattr(backend, "llm")
-
-    def reset(self) -> None:
-        if self.vllm:
-            self.backend.llm.reset_prefix_cache()
-        else:
-            self.backend.cache.tree.evict(self.backend.cache.capacity)
-
-    def read(self) -> int:
-        if not self.vllm:
-            return self.backend.num_forward_tokens
-        m = self.backend.metrics()
-        prompt, cached, generated = (m.get(name, 0) for name in self.VLLM)
-        return int(prompt - cached + generated)
-
-
 def run_once(llm: LLM, name: str, prompts, sampling: dict, tree: TreeRollout | None) -> dict:
-    counter = ForwardCounter(llm.backend)
-    counter.reset()  # no prefix left from the previous contender
-    f0, t0 = counter.read(), time.perf_counter()
+    backend = llm.backend
+    backend.reset_prefix_cache()  # no prefix left from the previous contender
+    f0, t0 = backend.computed_tokens(), time.perf_counter()
     es_tokens = None
     if name == "independent":
         done = llm.generate(prompts, n=WIDTH, **sampling)
         wall = time.perf_counter() - t0
         texts = [[c.text for c in d.choices] for d in done]
         decode = sum(_decode_tokens(c, len(c.token_ids)) for d in done for c in d.choices)
-        prefill = counter.read() - f0 - decode
+        prefill = backend.computed_tokens() - f0 - decode
         es_tokens = prefill + sum(_early_stop_decode_tokens(llm.tokenizer, c) for d in done for c in d.choices)
         out_tokens = sum(len(c.token_ids) for d in done for c in d.choices)
         reasons = [c.finish_reason for d in done for c in d.choices]
@@ -112,7 +88,7 @@ def run_once(llm: LLM, name: str, prompts, sampling: dict, tree: TreeRollout | N
         reasons = [t.finish_reason for r in done for t in r.trajectories]
     per_prompt = [d.stats.get("forward_tokens", d.stats.get("computed_tokens")) for d in done] \
         if name != "independent" else None
-    return {"wall_s": wall, "forward_tokens": counter.read() - f0, "output_tokens": out_tokens,
+    return {"wall_s": wall, "forward_tokens": backend.computed_tokens() - f0, "output_tokens": out_tokens,
             "texts": texts, "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
             "forward_tokens_per_prompt": per_prompt, "early_stop_forward_tokens": es_tokens}
 

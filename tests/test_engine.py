@@ -230,3 +230,16 @@ def test_final_only_output_is_cut_after_the_stop_string_token():
     assert sample.text.update(sample.output_ids)
     _cut_at_stop(sample)
     assert tok.decode(sample.output_ids) == "abcd" and sample.logprobs == [0, 1, 2, 3]
+
+
+def test_backend_cost_counter_and_prefix_cache_reset():
+    backend = MockBackend(vocab_size=16, seed=0, cache_tokens=512)
+    llm = LLM(backend=backend)
+    llm.generate("abcabc", max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert backend.computed_tokens() == 6 + 3  # prompt + decode tokens (the last one needs no forward)
+    again = llm.generate("abcabc", max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert again.stats.cached_prompt_tokens > 0
+    backend.reset_prefix_cache()
+    cold = llm.generate("abcabc", max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert cold.stats.cached_prompt_tokens == 0
+    backend.cache.check_integrity()

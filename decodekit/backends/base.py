@@ -74,6 +74,14 @@ class Backend(ABC):
     def open(self, ids: list[int]) -> KVHandle:
         return self.cache.open(ids)
 
+    def computed_tokens(self) -> int:
+        """Tokens the model has computed so far (prefill, decode, verify), for cost accounting."""
+        return self.num_forward_tokens
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix no running sequence holds (benchmarks start cold)."""
+        self.cache.tree.evict(self.cache.capacity)
+
 
 def _split_short_long(rows: list[ForwardRow]) -> list[list[int]]:
     short = [i for i, r in enumerate(rows) if len(r.new_ids) <= SHORT_ROW]

@@ -84,6 +84,15 @@ class VLLMBackend:
             "strategies run on the transformers backend, vLLM runs them at request / segment level "
             "(see decodekit.backends.vllm_strategies)")
 
+    def computed_tokens(self) -> int:
+        """Prompt tokens not found in the prefix cache plus generated tokens (vLLM's counters)."""
+        m = self.metrics()
+        return int(m.get("vllm:prompt_tokens", 0) - m.get("vllm:prompt_tokens_cached", 0)
+                   + m.get("vllm:generation_tokens", 0))
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
     def metrics(self) -> dict[str, float]:
         """vLLM's in-process counters and gauges by name (labels dropped, values summed)."""
         out: dict[str, float] = {}
