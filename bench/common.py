@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -11,7 +12,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+
+
+def data_dir() -> Path:
+    """The shared data folder: ``$DECODEKIT_DATA`` when set, else ``../shared/data`` beside the project."""
+    override = os.environ.get("DECODEKIT_DATA")
+    return Path(override).expanduser().resolve() if override else ROOT.parent / "shared" / "data"
+
+
+DATA = data_dir()
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -20,6 +29,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a ~1 minute run for smoke checks")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype for the transformers backend (default: float32)")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON / markdown / PNG results")
     return p
 
@@ -27,7 +38,8 @@ def parser(description: str) -> argparse.ArgumentParser:
 def require_data(relative: str) -> Path:
     path = DATA / relative
     if not path.exists():
-        sys.exit(f"benchmark data not found: {path} (expected the shared data folder beside the project)")
+        sys.exit(f"benchmark data not found: {path} "
+                 "(expected the shared data folder beside the project, or set DECODEKIT_DATA)")
     return path
 
 

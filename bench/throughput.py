@@ -40,11 +40,14 @@ def hf_run(model, ids_batch, max_new, pad_id):
     for i, ids in enumerate(ids_batch):  # left padding, as generate() expects for decoder-only models
         input_ids[i, width - len(ids):] = torch.tensor(ids)
         mask[i, width - len(ids):] = 1
+    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
 
     def go():
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new,
                                  min_new_tokens=max_new, do_sample=False, pad_token_id=pad_id)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)  # time the work, not the launches (decodekit syncs on .tolist())
         return (out.shape[1] - width) * len(ids_batch)
 
     tokens, seconds = timed(go)
@@ -70,8 +73,8 @@ def main():
     from decodekit import LLM
     from decodekit.backends.hf import HFBackend
 
-    llm = LLM(args.model, device=args.device)
-    model = llm.backend.model
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    model = llm.backend.model  # the transformers baseline runs this same model object (same dtype, device)
     plain = LLM(backend=HFBackend(model, llm.tokenizer, name="no-prefix-cache", prefix_cache=False))
     pad_id = sorted(llm.tokenizer.eos_token_ids)[0]
     max_new, repeats = (24, 2) if args.quick else (64, 5)
@@ -93,6 +96,8 @@ def main():
     summary = {
         "bench": "throughput",
         "model": args.model,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
         "max_new_tokens": max_new,
         "tokens_per_s": tps,
         "ratio_vs_hf_bs1": round(tps["decodekit_bs1"] / tps["hf_bs1"], 3),

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 import pytest
 import torch
 
+from bench.common import DATA  # ../shared/data, or $DECODEKIT_DATA
 from decodekit.backends.mock import MockBackend
 from decodekit.models import is_installed
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Device for the tiny random models (the mock backend always runs on the CPU): DECODEKIT_TEST_DEVICE=cuda
+# runs the tiny-model tests on a GPU; tests build reference inputs on ``model.device``.
+DEVICE = os.environ.get("DECODEKIT_TEST_DEVICE", "cpu")
 
 
 def _real(alias: str):
@@ -41,14 +44,14 @@ def mock():
 
 
 def tiny_llama(seed: int = 0, **overrides):
-    """A random-weight 2-layer Llama (vocab 128) built from a config; no download."""
+    """A random-weight 2-layer Llama (vocab 128) built from a config, on ``DECODEKIT_TEST_DEVICE``; no download."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(DEVICE)
 
 
 def spec_bench_prompts(k: int, per_category: int = 1) -> list[str]:

@@ -6,19 +6,17 @@ import csv
 import json
 import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench.common import DATA  # ../shared/data, or $DECODEKIT_DATA
 from bench.constraints import ARITH  # the arithmetic grammar the benchmark uses
 from decodekit.api import LLM
 from decodekit.backends.mock import MockBackend
 from decodekit.constraints import Grammar, JsonSchema, OneOf, Predicate, Regex, TokenChecker, token_bytes
 from decodekit.constraints.awrs import check_all
 from decodekit.strategies.constrained import Constrained
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def test_regex_partial_and_non_regular():

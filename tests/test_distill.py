@@ -44,7 +44,7 @@ def test_layer_indices():
 def test_cut_student_copies_layers_embeddings_and_head():
     t = teacher()
     full = cut_student(t, 4)
-    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    ids = torch.tensor([[1, 5, 9, 2, 7]], device=t.device)
     with torch.no_grad():
         assert torch.allclose(full(input_ids=ids).logits, t(input_ids=ids).logits, atol=1e-5)
     s = cut_student(t, 2)

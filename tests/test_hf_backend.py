@@ -11,7 +11,7 @@ from decodekit.backends.mock import MockTokenizer
 
 def no_cache_logits(model, ids):
     with torch.inference_mode():
-        return model(torch.tensor([ids])).logits[0].float()
+        return model(torch.tensor([ids], device=model.device)).logits[0].float()
 
 
 def check_ragged_parity(backend, base, tol):
@@ -81,7 +81,9 @@ def test_gemma_ragged_logits_parity_past_sliding_window(gemma):
 def hf_greedy(backend, ids, n):
     eos = sorted(backend.tokenizer.eos_token_ids)
     with torch.inference_mode():
-        out = backend.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        device = backend.model.device
+        out = backend.model.generate(torch.tensor([ids], device=device),
+                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                                      max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
     new = out[0, len(ids):].tolist()
     return next((new[:i] for i, t in enumerate(new) if t in eos), new)

@@ -321,7 +321,8 @@ def test_smollm_trajectories_equal_no_cache_forward(smollm):
     width = max(len(t.token_ids) for t in r.trajectories)
     rows = [list(prompt) + list(t.token_ids) + [0] * (width - len(t.token_ids)) for t in r.trajectories]
     with torch.inference_mode():  # one no-cache forward; right padding does not change causal logits
-        logp = torch.log_softmax(smollm.model(torch.tensor(rows)).logits.float(), -1)  # (B, T, V)
+        ids = torch.tensor(rows, device=smollm.model.device)
+        logp = torch.log_softmax(smollm.model(ids).logits.float(), -1)  # (B, T, V)
     for b, t in enumerate(r.trajectories):
         want = [float(logp[b, len(prompt) - 1 + j, tok]) for j, tok in enumerate(t.token_ids)]
         assert t.logprobs == pytest.approx(want, abs=2e-3)
