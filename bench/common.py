@@ -67,13 +67,21 @@ def timed(fn):
 def interleaved(runners: dict, repeats: int) -> dict[str, list]:
     """Run each named zero-argument callable once per round, rounds interleaved; returns results per name.
 
-    Interleaving spreads machine noise evenly over the contenders; report medians.
+    Interleaving spreads machine noise evenly over the contenders, and every other round runs them in
+    reverse order (ABBA) so no contender always goes first; report medians or ``paired_ratio``.
     """
     out: dict[str, list] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, fn in runners.items():
-            out[name].append(fn())
+    order = list(runners)
+    for round_ in range(repeats):
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            out[name].append(runners[name]())
     return out
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of ``a[i] / b[i]``: both ran in the same round, so slow drift of the machine
+    (other jobs, clocks) cancels in each ratio, which a ratio of two medians does not."""
+    return median([x / y for x, y in zip(a, b) if y])
 
 
 def median(xs) -> float:

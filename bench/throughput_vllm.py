@@ -2,8 +2,9 @@
 transformers backend: greedy decoding, fixed new tokens (EOS ignored), batch 1, 8 and 32.
 
 Run in the vLLM environment: ``.venv-vllm/bin/python -m bench.throughput_vllm [--quick]``. The last
-stdout line is JSON with ``vllm_overhead_ratio`` (decodekit-on-vLLM tokens/s over direct vLLM, the
-minimum over batch sizes) and ``vllm_vs_hf_backend`` ({batch: decodekit-on-vLLM / transformers backend}).
+stdout line is JSON with ``vllm_overhead_ratio`` (decodekit-on-vLLM tokens/s over direct vLLM: per
+batch size the median over rounds of the two runs' ratio in that round, then the minimum over batch
+sizes) and ``vllm_vs_hf_backend`` ({batch: decodekit-on-vLLM / transformers backend}).
 Direct vLLM and decodekit-on-vLLM share one engine (same engine arguments), interleaved, prefix cache
 reset before each run; the transformers backend runs first, alone (see ``_measure_hf``).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from bench.common import interleaved, md_table, median, parser, spec_bench, write_results
+from bench.common import interleaved, md_table, median, paired_ratio, parser, spec_bench, write_results
 
 BATCHES = (1, 8, 32)
 
@@ -81,7 +82,8 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from decodekit import LLM
 
-    new_tokens, repeats = (32, 1) if args.quick else (64, 5)  # vLLM-CPU runs vary up to ~1.8x: medians of 5
+    # single vLLM-CPU runs vary up to ~1.6x between rounds: the overhead is the median of 7 same-round ratios
+    new_tokens, repeats = (32, 1) if args.quick else (64, 7)
     texts = [q["turns"][0] for q in spec_bench(per_category=6)][: max(BATCHES)]
     hf = _measure_hf(args, texts, new_tokens, repeats)
     vllm_llm = LLM(args.model, backend="vllm", max_model_len=1024, max_num_seqs=max(BATCHES))
@@ -96,7 +98,7 @@ def main() -> None:
         res = interleaved(runners, repeats)
         res["decodekit_hf"] = hf[bs]
         med = {name: median(v) for name, v in res.items()}
-        overhead[bs] = med["decodekit_vllm"] / med["vllm_direct"]
+        overhead[bs] = paired_ratio(res["decodekit_vllm"], res["vllm_direct"])
         vs_hf[bs] = med["decodekit_vllm"] / med["decodekit_hf"]
         details[bs] = {"tokens_per_s": med, "runs": res}
         rows.append([bs, med["vllm_direct"], med["decodekit_vllm"], med["decodekit_hf"], overhead[bs], vs_hf[bs]])

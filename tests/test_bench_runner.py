@@ -67,3 +67,15 @@ def test_keep_merges_earlier_results_and_missing_venv_is_reported(tmp_path, monk
     monkeypatch.setattr(run_all, "ROOT", tmp_path)  # no .venv-peers there
     result = run_all.run_script("constraint_peers", build_parser().parse_args(["--out", str(tmp_path)]))
     assert result["summary"] is None and "make setup-peers" in result["error"]
+
+
+def test_interleaved_alternates_order_and_paired_ratio_cancels_drift():
+    from bench.common import interleaved, paired_ratio
+
+    calls = []
+    runs = interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 4)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"] and runs == {"a": [1] * 4, "b": [2] * 4}
+    machine_speed = [1.0, 0.5, 1.0, 0.4, 1.0]  # the machine slows down in some rounds, both runs alike
+    fast = [100 * s for s in machine_speed]
+    slow = [90 * s for s in machine_speed]
+    assert abs(paired_ratio(slow, fast) - 0.9) < 1e-9
