@@ -59,6 +59,9 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     if params.greedy:
         return int(logits.argmax(-1))
     probs = process_logits(logits, params).softmax(-1)
+    if generator is not None and probs.device != generator.device:
+        # per-request generators live on the CPU (a seed draws the same stream on any device): sample there
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -66,10 +66,11 @@ def recursive_awrs(*, logp: torch.Tensor, accept: Callable[[int], bool],
     an importance weight). ``max_checks`` gives up (weight -inf) after that many rejections: a
     bounded search where a dead end is likely (the weight is then no longer unbiased).
     """
-    log_mass = float(torch.logsumexp(logp.double(), 0))
+    logp = logp.double().cpu()  # a token-by-token walk: on the CPU, like the per-request generators
+    log_mass = float(torch.logsumexp(logp, 0))
     if log_mass == NEG_INF:
         return TokenDraw(-1, NEG_INF, 0)
-    logp = logp.double() - log_mass  # renormalise over the candidates; log_mass joins the weight
+    logp = logp - log_mass  # renormalise over the candidates; log_mass joins the weight
     keys = gumbel_keys(logp, generator)
     walk = _walk(keys)
     rejected, log_mult, checks, tok = 0.0, 0.0, 0, -1
@@ -94,7 +95,7 @@ def recursive_awrs(*, logp: torch.Tensor, accept: Callable[[int], bool],
 def masked_sample(*, logp: torch.Tensor, allowed: torch.Tensor, generator: torch.Generator | None,
                   num_checks: int = 0) -> TokenDraw:
     """Sample from p restricted to ``allowed`` (bool (V,)), renormalised; ``logw`` = log Z exactly."""
-    masked = logp.double().masked_fill(~allowed, NEG_INF)
+    masked = logp.double().cpu().masked_fill(~allowed.cpu(), NEG_INF)  # CPU, like the generators
     log_z = float(torch.logsumexp(masked, 0))
     if log_z == NEG_INF:
         return TokenDraw(-1, NEG_INF, num_checks)
