@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 
-from decodekit.engine import Engine
+from decodekit.engine import Engine, StepError
 from decodekit.models import DEFAULT_MODEL, load_backend
 from decodekit.strategies.base import Strategy
 from decodekit.types import Completion, SamplingParams, TokenEvent
@@ -48,8 +48,15 @@ class LLM:
             raise ValueError("prompts is empty")
         strategy = resolve_strategy(strategy, sampling)
         params = sampling_params(**sampling)
-        requests = [self._add(p, params, strategy, stream=False) for p in batch]
-        self._run()
+        requests = []
+        try:
+            for p in batch:
+                requests.append(self._add(p, params, strategy, stream=False))
+            self._run({r.request_id for r in requests})
+        except BaseException:  # a bad prompt or a failed step: leave nothing of this call in the engine
+            for r in requests:
+                self.engine.abort(r.request_id)
+            raise
         done = [self.engine.pop_completion(r.request_id) for r in requests]
         return done[0] if single else done
 
@@ -61,7 +68,7 @@ class LLM:
         request = self._add(prompt, sampling_params(**sampling), strategy)
         try:
             while not request.finished:
-                for event in self.engine.step():
+                for event in self._step({request.request_id}):
                     if event.request_id == request.request_id:
                         yield event
         finally:
@@ -100,9 +107,18 @@ class LLM:
         text, ids = self.encode_prompt(prompt)
         return self.engine.add_request(ids, params, strategy, prompt=text, stream=stream)
 
-    def _run(self) -> None:
+    def _run(self, request_ids: set[str]) -> None:
         while self.engine.has_unfinished():
-            self.engine.step()
+            self._step(request_ids)
+
+    def _step(self, request_ids: set[str]) -> list[TokenEvent]:
+        """One engine step; a failure of other requests (another caller's stream) is not ours to raise."""
+        try:
+            return self.engine.step()
+        except StepError as e:
+            if request_ids & set(e.request_ids):
+                raise
+            return e.events
 
 
 def sampling_params(**sampling) -> SamplingParams:

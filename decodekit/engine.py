@@ -38,6 +38,16 @@ def check_prompt(prompt_ids: list[int], max_context: int) -> None:
         raise ValueError(f"prompt has {len(prompt_ids)} tokens, the model's context is {max_context}")
 
 
+class StepError(RuntimeError):
+    """A strategy failed during ``Engine.step``. Its requests (``request_ids``) were aborted and their
+    slots freed; every other request advanced normally and its ``events`` are attached."""
+
+    def __init__(self, message: str, request_ids: list[str], events: list[TokenEvent]):
+        super().__init__(message)
+        self.request_ids = request_ids
+        self.events = events
+
+
 class Sequence:
     """One sample of a request: prompt + output ids, its KV handle, generator and output text."""
 
@@ -163,12 +173,27 @@ class Engine:
         for seq in self.running:
             by_strategy.setdefault(id(seq.request.strategy), []).append(seq)
         events: list[TokenEvent] = []
+        failed: list[str] = []
+        error: Exception | None = None
         for seqs in by_strategy.values():
-            proposals = seqs[0].request.strategy.step(self, seqs)
+            try:
+                proposals = seqs[0].request.strategy.step(self, seqs)
+            except Exception as e:  # isolate the failure: only this strategy's requests end
+                error = error or e
+                failed += self._abort_all({s.request.request_id for s in seqs})
+                continue
             for seq in seqs:
                 events.extend(self._append(seq, proposals.get(seq.seq_id, [])))
         self.running = [s for s in self.running if not s.finished]
+        if error is not None:
+            raise StepError(f"strategy step failed ({type(error).__name__}: {error}); aborted requests {failed}",
+                            failed, events) from error
         return events
+
+    def _abort_all(self, request_ids) -> list[str]:
+        for request_id in sorted(request_ids):
+            self.abort(request_id)
+        return sorted(request_ids)
 
     def compute_next_logits(self, seqs: list[Sequence], backend=None) -> None:
         """Fill ``seq.next_logits`` for sequences that lack it by computing their uncached tokens."""

@@ -58,11 +58,17 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """Sample one token id from one row of logits (V,)."""
     if params.greedy:
         return int(logits.argmax(-1))
-    probs = process_logits(logits, params).softmax(-1)
-    if generator is not None and probs.device != generator.device:
-        # per-request generators live on the CPU (a seed draws the same stream on any device): sample there
-        probs = probs.to(generator.device)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return draw(process_logits(logits, params).softmax(-1), generator)
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index with probability proportional to ``weights`` (V,), drawn with ``generator``.
+
+    Per-request generators live on the CPU (a seed then draws the same stream whatever the model's
+    device), so weights on another device are drawn from on the generator's device."""
+    if generator is not None and weights.device != generator.device:
+        weights = weights.to(generator.device)
+    return int(torch.multinomial(weights.float(), 1, generator=generator))
 
 
 def token_logprobs(logits: torch.Tensor, token_id: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:

@@ -7,6 +7,7 @@ import torch
 
 from decodekit import LLM, SamplingParams
 from decodekit.backends.mock import MockBackend
+from decodekit.strategies.sample import Sample
 
 
 def make_llm(vocab=16, seed=0, cache_tokens=512, **kw):
@@ -243,3 +244,41 @@ def test_backend_cost_counter_and_prefix_cache_reset():
     cold = llm.generate("abcabc", max_new_tokens=4, temperature=0, ignore_eos=True)
     assert cold.stats.cached_prompt_tokens == 0
     backend.cache.check_integrity()
+
+
+class _Exploding(Sample):
+    """A strategy that fails on its first step."""
+
+    def step(self, engine, seqs):
+        raise RuntimeError("boom")
+
+
+def test_a_failing_strategy_aborts_only_its_requests_and_the_engine_goes_on():
+    from decodekit.engine import StepError
+
+    backend = MockBackend(vocab_size=16, seed=0, cache_tokens=512)
+    llm = LLM(backend=backend)
+    engine = llm.engine
+    greedy = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    good = engine.add_request(llm.tokenizer.encode("abc"), greedy)
+    bad = engine.add_request(llm.tokenizer.encode("abd"), SamplingParams(max_new_tokens=6), _Exploding())
+    with pytest.raises(StepError, match="boom") as info:
+        engine.step()
+    assert info.value.request_ids == [bad.request_id] and bad.request_id not in engine.requests
+    assert {e.request_id for e in info.value.events} == {good.request_id}  # the good row still advanced
+    while engine.has_unfinished():
+        engine.step()
+    assert len(engine.pop_completion(good.request_id).token_ids) == 6
+    backend.cache.check_integrity()
+    with pytest.raises(StepError):
+        llm.generate("abc", strategy=_Exploding(), max_new_tokens=4)
+    assert not engine.requests and not engine.running  # nothing of the failed call is left behind
+    assert llm.generate("abc", max_new_tokens=4, temperature=0, ignore_eos=True).usage.completion_tokens == 4
+    backend.cache.check_integrity()
+
+
+def test_a_bad_prompt_in_a_batch_leaves_no_request_queued():
+    llm = LLM(backend=MockBackend(vocab_size=16, seed=0, cache_tokens=512))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate(["abc", ""], max_new_tokens=4)
+    assert not llm.engine.requests and not llm.engine.has_unfinished()

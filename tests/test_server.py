@@ -233,6 +233,31 @@ def test_client_disconnect_cancels_and_frees_slots(srv, client):
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
 
 
+def test_a_failing_request_gets_500_and_the_others_finish(srv, client, monkeypatch):
+    from decodekit.strategies.sample import Sample
+
+    class Exploding(Sample):
+        def step(self, engine, seqs):
+            raise RuntimeError("boom")
+
+    original = srv.server.strategy_for
+
+    async def strategy_for(body, response_format=None):
+        return Exploding() if body.user == "explode" else await original(body, response_format)
+
+    monkeypatch.setattr(srv.server, "strategy_for", strategy_for)
+    stream = client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=24, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    first = next(iter(stream))  # the good request is running when the bad one fails beside it
+    status, body = _status(lambda: client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=8,
+                                                                  user="explode"))
+    assert status == 500 and "boom" in body["message"]
+    rest = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert first is not None and "".join(rest)
+    assert_cache_clean(srv)
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
 # ---- errors ---------------------------------------------------------------------------------------
 def _status(fn):
     with pytest.raises(openai.APIStatusError) as e:

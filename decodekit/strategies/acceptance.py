@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from decodekit.sampling import draw
+
 
 def verify_sampled(*, draft: list[int], p: torch.Tensor, q: torch.Tensor | None,
                    generator: torch.Generator) -> tuple[int, int]:
@@ -25,10 +27,13 @@ def verify_sampled(*, draft: list[int], p: torch.Tensor, q: torch.Tensor | None,
     are kept the bonus token comes straight from p_{k+1}.
     """
     k = len(draft)
+    device = generator.device if generator is not None else "cpu"
+    p = p.to(device)  # token-level arithmetic beside the per-request (CPU) generator
+    q = None if q is None else q.to(device)
     if p.shape[0] != k + 1:
         raise ValueError(f"p needs k + 1 = {k + 1} rows, got {p.shape[0]}")
     if k == 0:
-        return 0, _sample(p[0], generator)
+        return 0, draw(p[0], generator)
     idx = torch.arange(k)
     tokens = torch.tensor(draft, dtype=torch.long)
     p_draft = p[idx, tokens]  # (k,) target probability of each drafted token
@@ -37,13 +42,13 @@ def verify_sampled(*, draft: list[int], p: torch.Tensor, q: torch.Tensor | None,
     u = torch.rand(k, generator=generator)
     rejected = (u >= ratio).nonzero()
     if rejected.numel() == 0:
-        return k, _sample(p[k], generator)  # all kept: bonus token from p_{k+1}
+        return k, draw(p[k], generator)  # all kept: bonus token from p_{k+1}
     i = int(rejected[0])
     q_i = _one_hot(draft[i], p.shape[1]) if q is None else q[i]
     residual = (p[i] - q_i).clamp_min(0.0)  # max(0, p - q), normalized by sampling
     if float(residual.sum()) <= 0.0:
         residual = p[i]  # p == q up to rounding: rejection had probability ~0, any p-sample is exact
-    return i, _sample(residual, generator)
+    return i, draw(residual, generator)
 
 
 def verify_greedy(*, draft: list[int], target: list[int]) -> tuple[int, int]:
@@ -56,10 +61,6 @@ def verify_greedy(*, draft: list[int], target: list[int]) -> tuple[int, int]:
         if token != target[i]:
             return i, target[i]
     return len(draft), target[len(draft)]
-
-
-def _sample(weights: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(weights.float(), 1, generator=generator))
 
 
 def _one_hot(token: int, vocab: int) -> torch.Tensor:

@@ -246,7 +246,8 @@ class Constrained(Strategy):
 
     def _logp(self, engine, seq, logits) -> torch.Tensor:
         """Log-probabilities (V,) the request samples from; tokens with no bytes (specials) get -inf."""
-        logp = torch.log_softmax(process_logits(logits, seq.params).double(), -1)
+        # the token-level search runs on the CPU, beside the per-request generator and the CPU masks
+        logp = torch.log_softmax(process_logits(logits, seq.params).double().cpu(), -1)
         return logp.masked_fill(self._invalid_mask(engine, logp.shape[-1]), NEG_INF)
 
     def _invalid_mask(self, engine, vocab: int) -> torch.Tensor:

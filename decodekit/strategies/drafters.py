@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from decodekit.sampling import probs_from_logits
+from decodekit.sampling import draw, probs_from_logits
 
 
 class Draft(NamedTuple):
@@ -113,7 +113,7 @@ class ModelDrafter(Drafter):
         if seq.params.greedy:
             return int(logits.argmax(-1)), None
         q = probs_from_logits(logits, seq.params)
-        return int(torch.multinomial(q, 1, generator=seq.generator)), q
+        return draw(q, seq.generator), q
 
     def rollback(self, seq, num_verified):
         handle = seq.state.get(self.key)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from decodekit.engine import StepError
 from decodekit.types import SamplingParams
 from servers.openai.errors import APIError, bad_value
 
@@ -194,9 +195,6 @@ class EngineWorker:
 
     def _engine_abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
-        # Engine.abort leaves the finished sequences in engine.running; the next step would run the
-        # strategy on their released handles (leaking slots), so drop them here.
-        self.engine.running = [s for s in self.engine.running if not s.finished]
 
     def _leave_waiting(self, sub: Submission) -> None:
         if sub.waiting:
@@ -207,6 +205,11 @@ class EngineWorker:
     def _step(self) -> None:
         try:
             events = self.engine.step()
+        except StepError as e:  # one strategy failed: its requests end with a 500, the others go on
+            log.error("%s", e, exc_info=e.__cause__)
+            self.stats.num_failed_steps += 1
+            self._fail(e.request_ids, APIError(500, f"request failed: {e.__cause__!r}"))
+            events = e.events
         except Exception as e:
             log.exception("engine step failed; failing the running requests")
             self.stats.num_failed_steps += 1
@@ -234,15 +237,20 @@ class EngineWorker:
                 sub.send("done", completion)
 
     def _fail_all(self, error: APIError) -> None:
-        for request_id, sub in list(self._active.items()):
-            self._active.pop(request_id, None)
+        self._fail(list(self._active), error)
+        self._drain_rejecting(error)
+
+    def _fail(self, request_ids, error: APIError) -> None:
+        for request_id in request_ids:
+            sub = self._active.pop(request_id, None)
+            if sub is None:
+                continue
             self._leave_waiting(sub)
             try:
                 self._engine_abort(request_id)
             except Exception:
                 log.exception("abort of %s failed", request_id)
             sub.send("error", error)
-        self._drain_rejecting(error)
 
     def _drain_rejecting(self, error: APIError) -> None:
         if not self._stop.is_set():
