@@ -16,6 +16,7 @@ from decodekit.sampling import probs_from_logits
 from decodekit.strategies.acceptance import verify_greedy, verify_sampled
 from decodekit.strategies.base import Proposal, Strategy
 from decodekit.strategies.drafters import (
+    MATCH_CAPS,
     Draft,
     Drafter,
     LookupThenModel,
@@ -38,13 +39,15 @@ class Speculative(Strategy):
     the model elsewhere) or a ready ``Drafter``. ``num_draft_tokens``: k in 1..16, or ``"adaptive"`` (start at 4,
     +2 after a fully accepted block, -1 after a rejection; a single draft token rejected outright
     pauses drafting for 1, 2, 4, ... up to 16 plain steps, since a verify step costs more than a
-    plain one on CPU). ``max_ngram`` / ``min_ngram``: the suffix sizes n-gram lookup tries.
+    plain one on CPU). ``max_ngram`` / ``min_ngram``: the suffix sizes n-gram lookup tries;
+    ``match_caps``: at most ``match_caps[n - 1]`` lookup drafts after an n-token match (default (1, 3):
+    short matches predict poorly; ``()`` drafts k after any match).
     """
 
     name = "speculative"
 
     def __init__(self, draft="ngram", num_draft_tokens: int | str = "adaptive", *, max_ngram: int = 3,
-                 min_ngram: int = 1):
+                 min_ngram: int = 1, match_caps: tuple[int, ...] = MATCH_CAPS):
         _check_draft(draft)
         adaptive = num_draft_tokens == "adaptive"
         if not adaptive and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
@@ -55,6 +58,10 @@ class Speculative(Strategy):
             raise ValueError(f"max_ngram must be an integer >= 1, got {max_ngram!r}")
         if not isinstance(min_ngram, int) or isinstance(min_ngram, bool) or not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"min_ngram must be an integer in 1..max_ngram ({max_ngram}), got {min_ngram!r}")
+        if not isinstance(match_caps, (tuple, list)) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in match_caps):
+            raise ValueError(f"match_caps must be a tuple of integers >= 1, got {match_caps!r}")
+        self.match_caps = tuple(match_caps)
         self.draft = draft
         self.adaptive = adaptive
         self.max_k = MAX_DRAFT_TOKENS if adaptive else num_draft_tokens
@@ -64,7 +71,8 @@ class Speculative(Strategy):
 
     # ---- Strategy hooks ---------------------------------------------------------------------
     def attach(self, engine):
-        self._drafters[id(engine)] = make_drafter(self.draft, engine.backend, ngram=(self.min_ngram, self.max_ngram))
+        self._drafters[id(engine)] = make_drafter(self.draft, engine.backend, ngram=(self.min_ngram, self.max_ngram),
+                                                  match_caps=self.match_caps)
 
     def extra_slots(self, request):
         return self.max_k + 1
@@ -157,7 +165,7 @@ class Speculative(Strategy):
                 state["pause"], state["backoff"] = backoff, min(MAX_PAUSE, 2 * backoff)
 
 
-def make_drafter(draft, target, *, ngram: tuple[int, int] = (1, 3)):
+def make_drafter(draft, target, *, ngram: tuple[int, int] = (1, 3), match_caps: tuple[int, ...] = MATCH_CAPS):
     """The drafter for a ``draft`` spec, checked against the ``target`` backend."""
     if isinstance(draft, Drafter):
         return draft
@@ -165,9 +173,9 @@ def make_drafter(draft, target, *, ngram: tuple[int, int] = (1, 3)):
         model = make_drafter(draft.removeprefix("ngram+"), target, ngram=ngram)
         if not isinstance(model, ModelDrafter):
             raise ValueError(f"draft {draft!r}: after 'ngram+' name a model source ('int8' or a model)")
-        return LookupThenModel(NgramDrafter(ngram[1], ngram[0]), model)
+        return LookupThenModel(NgramDrafter(ngram[1], ngram[0], match_caps), model)
     if draft == "ngram":
-        return NgramDrafter(ngram[1], ngram[0])
+        return NgramDrafter(ngram[1], ngram[0], match_caps)
     if draft == "int8":
         return ModelDrafter(int8_backend(target))
     if isinstance(draft, str):
