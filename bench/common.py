@@ -64,12 +64,16 @@ def timed(fn):
     return result, time.perf_counter() - t0
 
 
-def interleaved(runners: dict, repeats: int) -> dict[str, list]:
+def interleaved(runners: dict, repeats: int, warmup: int = 0) -> dict[str, list]:
     """Run each named zero-argument callable once per round, rounds interleaved; returns results per name.
 
     Interleaving spreads machine noise evenly over the contenders, and every other round runs them in
     reverse order (ABBA) so no contender always goes first; report medians or ``paired_ratio``.
+    ``warmup`` rounds run first and are not recorded (first CUDA calls load kernels, allocators grow).
     """
+    for _ in range(warmup):
+        for fn in runners.values():
+            fn()
     out: dict[str, list] = {name: [] for name in runners}
     order = list(runners)
     for round_ in range(repeats):

@@ -1,8 +1,8 @@
 """Plain decoding throughput: decodekit vs transformers' generate(), plus shared-prefix prefill savings.
 
 Greedy, same model object and prompts (Spec-Bench first turns, chat-formatted), batch 1 and 8,
-runs interleaved, medians. decodekit's prefix cache is emptied before each timed run so repeated
-prompts give it no unfair head start.
+one untimed warm-up round, then runs interleaved, medians. decodekit's prefix cache is emptied
+before each timed run so repeated prompts give it no unfair head start.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main():
         "hf_bs1": bs1(lambda b: hf_run(model, b, max_new, pad_id)),
         "decodekit_bs8": lambda: decodekit_run(llm, batch8, max_new),
         "hf_bs8": lambda: hf_run(model, batch8, max_new, pad_id),
-    }, repeats)
+    }, repeats, warmup=1)
     tps = {name: round(median(v), 2) for name, v in runs.items()}
     prefix, saved = shared_prefix(llm, plain)
     summary = {

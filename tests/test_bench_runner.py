@@ -75,6 +75,8 @@ def test_interleaved_alternates_order_and_paired_ratio_cancels_drift():
     calls = []
     runs = interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 4)
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"] and runs == {"a": [1] * 4, "b": [2] * 4}
+    calls.clear()
+    assert interleaved({"a": lambda: calls.append("a") or 1}, 2, warmup=1) == {"a": [1, 1]} and len(calls) == 3
     machine_speed = [1.0, 0.5, 1.0, 0.4, 1.0]  # the machine slows down in some rounds, both runs alike
     fast = [100 * s for s in machine_speed]
     slow = [90 * s for s in machine_speed]
