@@ -111,6 +111,26 @@ def test_lru_eviction_skips_locked_nodes_and_full_budget_errors():
     cache.check_integrity()
 
 
+def test_available_counts_only_slots_eviction_can_free():
+    """Found by the state machine: a fork keeps the slots of a prefix its origin committed and
+    released, so that unlocked node's tokens cannot be had by eviction and must not count."""
+    cache = CacheManager(12)
+    origin = cache.open([5, 5, 5, 5])
+    cache.extend(origin, 4)
+    sibling = cache.fork(origin)
+    cache.commit(origin, [5, 5, 5, 5])
+    cache.release(origin)  # the node is unlocked, but the sibling still holds its 4 slots
+    filler = cache.open([6] * 8)
+    cache.extend(filler, 8)
+    assert cache.pool.num_free == 0 and cache.available() == 0
+    with pytest.raises(CacheFullError):
+        cache.extend(filler, 1)
+    for h in (sibling, filler):
+        cache.release(h)
+    cache.check_integrity()
+    assert cache.available() == 12
+
+
 def test_naive_prefix_cache_reuses_nothing():
     cache = CacheManager(16, prefix_cache=False)
     h = cache.open([1, 2, 3])

@@ -83,7 +83,10 @@ class RadixTree(PrefixCache):
             node = node.parent
 
     def evictable_tokens(self) -> int:
-        return sum(len(n.key) for n in self._nodes() if n.lock_ref == 0)
+        """Slots eviction can free: those of unlocked nodes that no handle also holds (a forked
+        sibling can keep a committed prefix's slots after its own handle released the node)."""
+        refcount = self.pool.refcount
+        return sum(1 for n in self._nodes() if n.lock_ref == 0 for s in n.slots if refcount(s) == 1)
 
     def evict(self, num_tokens: int) -> int:
         """Drop unlocked leaves, least recently used first, until ``num_tokens`` slots are freed."""
