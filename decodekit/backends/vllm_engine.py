@@ -154,9 +154,10 @@ class VLLMEngine:
         infos = self._token_infos(completion, new_ids, sample.request.params.logprobs)
         sample.output_ids.extend(new_ids)
         sample.logprobs.extend(infos)
+        first_output = sample.num_steps == 0
         sample.num_steps += max(1, len(completion.token_ids)) if sample.final_only else 1  # one token per step
         self.backend.num_forward_tokens += len(new_ids)
-        if sample.num_steps == 1:
+        if first_output:
             request = sample.request
             request.stats.cached_prompt_tokens = max(request.stats.cached_prompt_tokens, out.num_cached_tokens or 0)
             request.stats.prefill_tokens_computed = len(request.prompt_ids) - request.stats.cached_prompt_tokens
