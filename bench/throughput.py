@@ -19,7 +19,7 @@ def chat_ids(llm, questions):
 def decodekit_run(llm, ids_batch, max_new):
     from decodekit.types import SamplingParams
 
-    llm.backend.cache.tree.evict(10**9)
+    llm.backend.reset_prefix_cache()
     params = SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True)
     engine = llm.engine
 
@@ -60,7 +60,7 @@ def shared_prefix(llm, no_cache_llm, n_requests=8):
                for i in range(n_requests)]
     out = {}
     for name, target in (("with_cache", llm), ("without_cache", no_cache_llm)):
-        target.backend.cache.tree.evict(10**9)
+        target.backend.reset_prefix_cache()
         done, seconds = timed(lambda t=target: t.generate(prompts, max_new_tokens=8, temperature=0))
         out[name] = {"prefill_tokens": sum(c.stats.prefill_tokens_computed for c in done), "seconds": seconds,
                      "prompt_tokens": sum(c.usage.prompt_tokens for c in done)}

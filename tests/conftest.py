@@ -11,6 +11,7 @@ import torch
 from bench.common import DATA  # ../shared/data, or $DECODEKIT_DATA
 from decodekit.backends.mock import MockBackend
 from decodekit.models import is_installed
+from decodekit.strategies.sample import Sample
 
 # Device for the tiny random models (the mock backend always runs on the CPU): DECODEKIT_TEST_DEVICE=cuda
 # runs the tiny-model tests on a GPU; tests build reference inputs on ``model.device``.
@@ -41,6 +42,13 @@ def gemma():
 def mock():
     """A fresh mock backend, vocab 16, bigram logits from a fixed seed."""
     return MockBackend(vocab_size=16, seed=0, cache_tokens=512)
+
+
+class Exploding(Sample):
+    """A strategy that fails on its first step (the engine and server must isolate it)."""
+
+    def step(self, engine, seqs):
+        raise RuntimeError("boom")
 
 
 def tiny_llama(seed: int = 0, **overrides):

@@ -234,11 +234,7 @@ def test_client_disconnect_cancels_and_frees_slots(srv, client):
 
 
 def test_a_failing_request_gets_500_and_the_others_finish(srv, client, monkeypatch):
-    from decodekit.strategies.sample import Sample
-
-    class Exploding(Sample):
-        def step(self, engine, seqs):
-            raise RuntimeError("boom")
+    from conftest import Exploding
 
     original = srv.server.strategy_for
 
