@@ -51,6 +51,12 @@ class Exploding(Sample):
         raise RuntimeError("boom")
 
 
+@pytest.fixture
+def exploding():
+    """An ``Exploding`` strategy (a fixture: importing from conftest is ambiguous beside vllm_backend's)."""
+    return Exploding()
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """A random-weight 2-layer Llama (vocab 128) built from a config, on ``DECODEKIT_TEST_DEVICE``; no download."""
     from transformers import LlamaConfig, LlamaForCausalLM

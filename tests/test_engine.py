@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from conftest import Exploding
 
 from decodekit import LLM, SamplingParams
 from decodekit.backends.mock import MockBackend
@@ -246,7 +245,7 @@ def test_backend_cost_counter_and_prefix_cache_reset():
     backend.cache.check_integrity()
 
 
-def test_a_failing_strategy_aborts_only_its_requests_and_the_engine_goes_on():
+def test_a_failing_strategy_aborts_only_its_requests_and_the_engine_goes_on(exploding):
     from decodekit.engine import StepError
 
     backend = MockBackend(vocab_size=16, seed=0, cache_tokens=512)
@@ -254,7 +253,7 @@ def test_a_failing_strategy_aborts_only_its_requests_and_the_engine_goes_on():
     engine = llm.engine
     greedy = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
     good = engine.add_request(llm.tokenizer.encode("abc"), greedy)
-    bad = engine.add_request(llm.tokenizer.encode("abd"), SamplingParams(max_new_tokens=6), Exploding())
+    bad = engine.add_request(llm.tokenizer.encode("abd"), SamplingParams(max_new_tokens=6), exploding)
     with pytest.raises(StepError, match="boom") as info:
         engine.step()
     assert info.value.request_ids == [bad.request_id] and bad.request_id not in engine.requests
@@ -264,7 +263,7 @@ def test_a_failing_strategy_aborts_only_its_requests_and_the_engine_goes_on():
     assert len(engine.pop_completion(good.request_id).token_ids) == 6
     backend.cache.check_integrity()
     with pytest.raises(StepError):
-        llm.generate("abc", strategy=Exploding(), max_new_tokens=4)
+        llm.generate("abc", strategy=exploding, max_new_tokens=4)
     assert not engine.requests and not engine.running  # nothing of the failed call is left behind
     assert llm.generate("abc", max_new_tokens=4, temperature=0, ignore_eos=True).usage.completion_tokens == 4
     backend.cache.check_integrity()

@@ -233,13 +233,11 @@ def test_client_disconnect_cancels_and_frees_slots(srv, client):
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
 
 
-def test_a_failing_request_gets_500_and_the_others_finish(srv, client, monkeypatch):
-    from conftest import Exploding
-
+def test_a_failing_request_gets_500_and_the_others_finish(srv, client, monkeypatch, exploding):
     original = srv.server.strategy_for
 
     async def strategy_for(body, response_format=None):
-        return Exploding() if body.user == "explode" else await original(body, response_format)
+        return exploding if body.user == "explode" else await original(body, response_format)
 
     monkeypatch.setattr(srv.server, "strategy_for", strategy_for)
     stream = client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=24, temperature=0,
