@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from decodekit.cache import CacheManager, KVHandle
 
 SHORT_ROW = 16  # rows with at most this many new tokens (decode, verify) batch together
+FEATURE_HANDLES = 256  # captured hidden states are kept for at most this many recent handles
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class Backend(ABC):
     def __init__(self):
         self.num_forward_calls = 0
         self.num_forward_tokens = 0
+        self.features: OrderedDict[int, list] | None = None  # handle id -> [(first position, (n, H) rows)]
+        self.last_hidden: list[torch.Tensor] | None = None  # set by forward_rows while features are captured
 
     @abstractmethod
     def forward_rows(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
@@ -69,7 +73,30 @@ class Backend(ABC):
             self.num_forward_tokens += sum(len(rows[i].new_ids) for i in group)
             for i, row_logits in zip(group, logits):
                 out[i] = row_logits
+            if self.features is not None:
+                self._keep_features([handles[i] for i in group], [rows[i] for i in group])
         return out
+
+    # ---- hidden-state capture (for draft heads that read the target's features) --------------
+    def capture_features(self) -> None:
+        """From now on keep each computed position's last hidden state, per handle, until taken."""
+        if self.features is None:
+            self.features = OrderedDict()
+
+    def take_features(self, handle: KVHandle) -> list[tuple[int, torch.Tensor]]:
+        """The (first position, (n, H) hidden states) chunks computed for ``handle`` since the last take."""
+        return self.features.pop(handle.hid, []) if self.features is not None else []
+
+    def _keep_features(self, handles: list[KVHandle], rows: list[ForwardRow]) -> None:
+        if self.last_hidden is None:
+            raise ValueError(f"backend {self.name!r} cannot capture hidden states")
+        for handle, row, hidden in zip(handles, rows, self.last_hidden):
+            chunks = self.features.setdefault(handle.hid, [])
+            chunks.append((len(row.slots) - len(row.new_ids), hidden))
+            self.features.move_to_end(handle.hid)
+        while len(self.features) > FEATURE_HANDLES:  # handles nobody reads (other strategies' requests)
+            self.features.popitem(last=False)
+        self.last_hidden = None
 
     def open(self, ids: list[int]) -> KVHandle:
         return self.cache.open(ids)

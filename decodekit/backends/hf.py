@@ -127,6 +127,19 @@ class HFBackend(Backend):
         self.eager = config._attn_implementation == "eager"
         configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
         self._sdpa_configs = [c for c in configs.values() if getattr(c, "_attn_implementation", None) == "sdpa"]
+        self._hidden: torch.Tensor | None = None
+
+    def capture_features(self) -> None:
+        """Keep the final-norm hidden states (what the LM head reads) of every forward."""
+        if self.features is None:
+            norm = getattr(getattr(self.model, "model", None), "norm", None)
+            if norm is None:
+                raise ValueError(f"model {self.name!r} has no final norm (model.model.norm) to read features from")
+            norm.register_forward_hook(self._store_hidden)
+        super().capture_features()
+
+    def _store_hidden(self, module, args, output) -> None:
+        self._hidden = output
 
     @torch.inference_mode()
     def forward_rows(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
@@ -144,6 +157,10 @@ class HFBackend(Backend):
                 logits_to_keep=keep,
             )
         logits = out.logits.float()  # (B, keep, V)
+        if self._hidden is not None:
+            t = self._hidden.shape[1]  # rows are left-padded: each row's new tokens are its last positions
+            self.last_hidden = [self._hidden[b, t - len(r.new_ids):] for b, r in enumerate(rows)]
+            self._hidden = None
         return [logits[b, keep - r.num_logits :] for b, r in enumerate(rows)]
 
     @contextmanager

@@ -142,10 +142,97 @@ class ModelDrafter(Drafter):
         cache.release(handle)
 
 
+# ---- a trained draft head on the target's own hidden states ---------------------------------------
+
+class HeadState:
+    """One sequence's draft-head state: the layer's K/V over verified entries, unread target features."""
+
+    __slots__ = ("past", "next_entry", "features")
+
+    def __init__(self):
+        # (K, V) of entries up to next_entry: entry j read token j and the feature at j - 1, both
+        # verified, so the K/V never needs rolling back (chained drafts' entries are not kept)
+        self.past = None
+        self.next_entry = None  # the next entry to compute (None until the first features arrive)
+        self.features: dict[int, torch.Tensor] = {}  # position -> the target's (H,) hidden state there
+
+
+class HeadDrafter(Drafter):
+    """Chained drafts from a ``DraftHead``: each reads the target's (then its own) last feature.
+
+    The target backend captures its final hidden states; after each verify the head first folds
+    the newly verified positions into its K/V (one forward), which also yields the first draft
+    token, then chains k - 1 more on its own predicted features. Only verified entries are kept.
+    """
+
+    name = "head"
+
+    def __init__(self, target, head):
+        self.target, self.head = target, head
+        target.capture_features()
+
+    def propose(self, seqs, ks):
+        return [self._propose(seq, k) if k > 0 else self._absorb(seq) for seq, k in zip(seqs, ks)]
+
+    def release(self, seq):
+        seq.state.pop("head", None)
+        self.target.take_features(seq.handle)
+
+    @torch.inference_mode()
+    def _absorb(self, seq) -> Draft:
+        self._state(seq)  # keep reading features on plain steps so the next draft has them
+        return Draft([])
+
+    @torch.inference_mode()
+    def _propose(self, seq, k: int) -> Draft:
+        state = self._state(seq)
+        last = len(seq.ids) - 1  # the newest entry reads the last verified token and feature last - 1
+        if state.next_entry is None or (last - 1) not in state.features or state.next_entry > last:
+            return Draft([])
+        entries = range(state.next_entry, last + 1)
+        device = self.head.fc.weight.device
+        tokens = torch.tensor([seq.ids[j] for j in entries], device=device)
+        feats = torch.stack([state.features[j - 1] for j in entries]).to(self.head.fc.weight.dtype)
+        out, past = self.head(tokens[None], feats[None], torch.tensor(list(entries), device=device), state.past)
+        state.past, state.next_entry = past, last + 1
+        for j in entries:
+            state.features.pop(j - 1, None)
+        drafts, qs, feature = [], [], out[:, -1:]
+        for step in range(k):
+            token, q = self._draw(self.head.logits(feature[0, -1]), seq)
+            drafts.append(token)
+            if q is not None:
+                qs.append(q)
+            if step + 1 < k:
+                pos = torch.tensor([last + 1 + step], device=device)
+                feature, past = self.head(torch.tensor([[token]], device=device), feature, pos, past)
+        return Draft(drafts, torch.stack(qs) if qs else None)
+
+    def _state(self, seq) -> HeadState:
+        state = seq.state.get("head")
+        if state is None:
+            state = seq.state["head"] = HeadState()
+        for start, rows in self.target.take_features(seq.handle):
+            for i in range(rows.shape[0]):
+                state.features[start + i] = rows[i]
+            if state.next_entry is None:
+                state.next_entry = start + 1
+        return state
+
+    def _draw(self, head_logits: torch.Tensor, seq) -> tuple[int, torch.Tensor | None]:
+        vocab_ids = self.head.vocab_ids
+        if seq.params.greedy:
+            return int(vocab_ids[head_logits.argmax(-1)]), None
+        full = torch.full((self.target.vocab_size,), float("-inf"), device=head_logits.device)
+        full[vocab_ids] = head_logits.float()
+        q = probs_from_logits(full, seq.params)
+        return draw(q, seq.generator), q
+
+
 class LookupThenModel(Drafter):
     """n-gram lookup where the context recurs, the draft model elsewhere (one k per sequence)."""
 
-    def __init__(self, lookup: NgramDrafter, model: ModelDrafter):
+    def __init__(self, lookup: NgramDrafter, model: Drafter):
         self.lookup, self.model = lookup, model
         self.name = f"ngram+{model.name}"
 

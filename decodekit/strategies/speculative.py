@@ -19,6 +19,7 @@ from decodekit.strategies.drafters import (
     MATCH_CAPS,
     Draft,
     Drafter,
+    HeadDrafter,
     LookupThenModel,
     ModelDrafter,
     NgramDrafter,
@@ -171,13 +172,17 @@ def make_drafter(draft, target, *, ngram: tuple[int, int] = (1, 3), match_caps: 
         return draft
     if isinstance(draft, str) and draft.startswith("ngram+"):
         model = make_drafter(draft.removeprefix("ngram+"), target, ngram=ngram)
-        if not isinstance(model, ModelDrafter):
-            raise ValueError(f"draft {draft!r}: after 'ngram+' name a model source ('int8' or a model)")
+        if not isinstance(model, (ModelDrafter, HeadDrafter)):
+            raise ValueError(f"draft {draft!r}: after 'ngram+' name a model source ('int8', 'head' or a model)")
         return LookupThenModel(NgramDrafter(ngram[1], ngram[0], match_caps), model)
     if draft == "ngram":
         return NgramDrafter(ngram[1], ngram[0], match_caps)
     if draft == "int8":
         return ModelDrafter(int8_backend(target))
+    if draft == "head" or (isinstance(draft, str) and draft.startswith("head:")):
+        from decodekit.draft_head import load_head
+
+        return HeadDrafter(target, load_head(target, draft.removeprefix("head:") if ":" in draft else None))
     if isinstance(draft, str):
         from decodekit.models import load_backend
 

@@ -1,0 +1,512 @@
+"""A trained draft head (EAGLE-style) for speculative decoding on the target's own features.
+
+The head is one decoder layer on top of the target: it reads the target's last hidden state
+(after the final norm, what the LM head sees) at position t together with the embedding of
+token t + 1, and predicts the hidden state at t + 1; the target's own LM head rows, restricted to
+the ``vocab`` most frequent tokens of its outputs, turn that into a draft token. Chained, it drafts
+k tokens for ~6% of a target step each (one small layer and an 8k-row head instead of 30 layers
+and the 49k-row head), and it keeps its own K/V per sequence, rolled back to verified tokens.
+
+Training (``decodekit draft-head``): the target answers prompts (greedy and sampled), a
+teacher-forced pass records its hidden states and argmax tokens, and the head fits
+cross-entropy on the target's argmax plus a smooth-L1 pull towards the target's hidden state,
+with input-feature noise so chained drafts (which read the head's own predictions) stay close.
+The head is saved under ``~/.cache/decodekit/draft_heads/<model>/`` (weights and recipe); the
+target's embedding and LM head are not stored, they are read from the target at load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    rope_theta: float
+
+    @classmethod
+    def of(cls, config) -> HeadShape:
+        if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2", "qwen3"):
+            raise ValueError(f"a draft head needs a Llama-style target (rotary, RMSNorm, SwiGLU); "
+                             f"got model_type {getattr(config, 'model_type', None)!r}")
+        rope = getattr(config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        heads = config.num_attention_heads
+        return cls(hidden=config.hidden_size, heads=heads, kv_heads=config.num_key_value_heads,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                   intermediate=config.intermediate_size, eps=float(config.rms_norm_eps), rope_theta=float(theta))
+
+
+class DraftHead(nn.Module):
+    """fc([embed(token); feature]) -> one pre-norm decoder layer -> predicted next feature."""
+
+    def __init__(self, shape: HeadShape, vocab_ids: torch.Tensor):
+        super().__init__()
+        h, d = shape.hidden, shape.head_dim
+        self.shape = shape
+        self.fc = nn.Linear(2 * h, h)
+        self.attn_norm = nn.RMSNorm(h, eps=shape.eps)
+        self.q = nn.Linear(h, shape.heads * d, bias=False)
+        self.k = nn.Linear(h, shape.kv_heads * d, bias=False)
+        self.v = nn.Linear(h, shape.kv_heads * d, bias=False)
+        self.o = nn.Linear(shape.heads * d, h, bias=False)
+        self.mlp_norm = nn.RMSNorm(h, eps=shape.eps)
+        self.gate = nn.Linear(h, shape.intermediate, bias=False)
+        self.up = nn.Linear(h, shape.intermediate, bias=False)
+        self.down = nn.Linear(shape.intermediate, h, bias=False)
+        self.register_buffer("vocab_ids", vocab_ids.long().clone())
+        inv = 1.0 / (shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self.embed: torch.Tensor | None = None  # (V, h) the target's input embeddings, bound at load
+        self.lm_rows: torch.Tensor | None = None  # (V', h) the target's LM head rows for vocab_ids
+
+    def bind(self, target_model) -> DraftHead:
+        """Read the target's embedding table and LM head rows (not copied into the head's file)."""
+        self.embed = target_model.get_input_embeddings().weight.detach()
+        self.lm_rows = target_model.get_output_embeddings().weight.detach()[self.vocab_ids].contiguous()
+        return self
+
+    def init_from(self, layer) -> None:
+        """Start from a target decoder layer's weights, with fc passing the feature through."""
+        with torch.no_grad():
+            pairs = [(self.q, layer.self_attn.q_proj), (self.k, layer.self_attn.k_proj),
+                     (self.v, layer.self_attn.v_proj), (self.o, layer.self_attn.o_proj),
+                     (self.gate, layer.mlp.gate_proj), (self.up, layer.mlp.up_proj), (self.down, layer.mlp.down_proj),
+                     (self.attn_norm, layer.input_layernorm), (self.mlp_norm, layer.post_attention_layernorm)]
+            for mine, theirs in pairs:
+                mine.weight.copy_(theirs.weight)
+            h = self.shape.hidden
+            self.fc.weight.zero_()
+            self.fc.weight[:, h:].copy_(torch.eye(h))
+            self.fc.weight[:, :h].normal_(std=0.02)
+            self.fc.bias.zero_()
+
+    def forward(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """(B, T) tokens, (B, T, h) features at the previous positions, (T,) positions.
+
+        Returns the predicted features (B, T, h) and the layer's K/V (B, kv_heads, past + T, d).
+        """
+        x, q, k, v = self.project(tokens, features, positions)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        t = tokens.shape[1]
+        mask = None
+        if t > 1:  # causal within this call; every query sees all earlier (past) keys
+            total = k.shape[2]
+            mask = torch.ones(t, total, dtype=torch.bool, device=tokens.device).tril(total - t)
+        return self.attend(x, q, k, v, mask), (k, v)
+
+    def project(self, tokens, features, positions):
+        """The layer input x and its rotated queries / keys and values, (B, heads, T, d)."""
+        s = self.shape
+        b, t = tokens.shape
+        x = self.fc(torch.cat([F.embedding(tokens, self.embed), features], dim=-1))
+        y = self.attn_norm(x)
+        q = self.q(y).view(b, t, s.heads, s.head_dim).transpose(1, 2)
+        k = self.k(y).view(b, t, s.kv_heads, s.head_dim).transpose(1, 2)
+        v = self.v(y).view(b, t, s.kv_heads, s.head_dim).transpose(1, 2)
+        cos, sin = self._rotary(positions)
+        return x, _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def attend(self, x, q, k, v, mask):
+        """Attention over (k, v) under ``mask`` (True = may attend), then the MLP: predicted features."""
+        s = self.shape
+        b, _, t, _ = q.shape
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=s.kv_heads != s.heads)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, t, s.heads * s.head_dim))
+        y = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the head's vocabulary (``vocab_ids``), (..., V')."""
+        return features @ self.lm_rows.T
+
+    def _rotary(self, positions: torch.Tensor):
+        angles = positions.float().unsqueeze(-1) * self.inv_freq  # (T, d/2)
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+def heads_dir() -> Path:
+    return Path(os.environ.get("DECODEKIT_CACHE", Path.home() / ".cache" / "decodekit")) / "draft_heads"
+
+
+def head_path(model_name: str) -> Path:
+    return heads_dir() / model_name.replace("/", "--")
+
+
+def save_head(head: DraftHead, model_name: str, recipe: dict, path: str | Path | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path) if path else head_path(model_name)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(path / "head.safetensors"))
+    (path / "recipe.json").write_text(json.dumps({"shape": asdict(head.shape), **recipe}, indent=1))
+    return path
+
+
+def load_head(target_backend, path: str | Path | None = None) -> DraftHead:
+    """The saved head for ``target_backend``'s model, bound to its weights; ValueError if there is none."""
+    from safetensors.torch import load_file
+
+    model = getattr(target_backend, "model", None)
+    if model is None:
+        raise ValueError("draft='head' needs a transformers (HF) target backend")
+    path = Path(path) if path else head_path(target_backend.name)
+    weights = path / "head.safetensors"
+    if not weights.exists():
+        raise ValueError(f"no draft head for {target_backend.name!r} at {path}: train one with "
+                         f"`decodekit draft-head --model {target_backend.name}`")
+    shape = HeadShape.of(model.config)
+    saved = json.loads((path / "recipe.json").read_text())["shape"]
+    if saved != asdict(shape):
+        raise ValueError(f"draft head at {path} was trained for another model shape ({saved}), not {asdict(shape)}")
+    state = load_file(str(weights))
+    head = DraftHead(shape, state["vocab_ids"])
+    head.load_state_dict(state)
+    return head.to(device=target_backend.device, dtype=model.dtype).eval().bind(model)
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    vocab: int = 8192
+    epochs: int = 3
+    lr: float = 1e-3
+    warmup: int = 50
+    feature_weight: float = 1.0
+    noise: float = 0.05  # uniform feature noise (x the features' RMS) on the target's features
+    passes: int = 3  # chained draft steps trained together (later ones read the head's own predictions)
+    max_len: int = 768
+    val_fraction: float = 0.05
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self):
+        for name in ("vocab", "epochs", "max_len", "passes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@torch.inference_mode()
+def target_features(model, sequences: list[list[int]], max_len: int, batch: int = 1, log=print) -> list[dict]:
+    """Teacher-forced final hidden states (float16) and argmax tokens of the target per sequence.
+
+    Sequences run in length-sorted, right-padded batches (causal attention: padding after a
+    sequence cannot change its positions).
+    """
+    sequences = [ids[:max_len] for ids in sequences]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out: list[dict | None] = [None] * len(sequences)
+    t0 = time.perf_counter()
+    for done, start in enumerate(range(0, len(order), batch)):
+        group = order[start : start + batch]
+        width = max(len(sequences[i]) for i in group)
+        ids = torch.zeros((len(group), width), dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, i in enumerate(group):
+            ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+            mask[row, : len(sequences[i])] = 1
+        hidden = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state
+        for row, i in enumerate(group):  # row by row: a whole batch's logits would not fit
+            n = len(sequences[i])
+            argmax = model.lm_head(hidden[row, :n]).argmax(-1)
+            out[i] = {"ids": torch.tensor(sequences[i]), "features": hidden[row, :n].half(), "argmax": argmax}
+        if log and (done + 1) % max(1, 100 // batch) == 0:
+            log(f"features {min(start + batch, len(order))}/{len(order)} ({time.perf_counter() - t0:.0f} s)")
+    return out
+
+
+def top_vocab(records: list[dict], size: int) -> torch.Tensor:
+    counts = torch.zeros(int(max(int(r["argmax"].max()) for r in records)) + 1, dtype=torch.long)
+    for r in records:
+        counts += torch.bincount(r["argmax"], minlength=len(counts))[: len(counts)]
+    size = min(size, int((counts > 0).sum()))
+    return counts.topk(size).indices.sort().values
+
+
+def unrolled(head: DraftHead, ids: torch.Tensor, feats: torch.Tensor, passes: int, noise: float = 0.0):
+    """Predicted features of ``passes`` chained draft steps at every position, as drafting sees them.
+
+    Entry j reads token j and the feature at j - 1 and predicts the feature at j. Pass 1 reads the
+    target's features (causal over all entries). Pass p reads pass p - 1's prediction at j - 1, and
+    attends to the target-fed entries up to j - p + 1 and to passes 2..p of its own chain (entries
+    j - p + 2 .. j): exactly the keys a p-th chained draft sees at inference.
+    Returns a list of (T - p, h) predictions; pass p's row i is entry i + p (target feature ``feats[i + p]``).
+    """
+    t = len(ids)
+    inputs = feats[:-1]
+    if noise:
+        inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise * inputs.pow(2).mean().sqrt()
+    positions = torch.arange(1, t, device=ids.device)
+    keys, values, outs = [], [], []
+    prev = inputs
+    for p in range(1, passes + 1):
+        n = t - p  # entries p .. t - 1
+        if n < 1:
+            break
+        x, q, k, v = head.project(ids[p:].unsqueeze(0), prev[-n:].unsqueeze(0), positions[p - 1:])
+        keys.append(k)
+        values.append(v)
+        j = torch.arange(p, t, device=ids.device).unsqueeze(1)  # this pass's entries
+        masks = []
+        for q_pass in range(1, p + 1):
+            i = torch.arange(q_pass, t, device=ids.device).unsqueeze(0)  # that pass's entries
+            masks.append(i <= j - (p - 1) if q_pass == 1 else i == j - (p - q_pass))
+        out = head.attend(x, q, torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=1))[0]
+        outs.append(out)
+        prev = out[:-1] if n > 1 else out[:0]
+    return outs
+
+
+def _tensors(record: dict, device):
+    return record["ids"].to(device), record["features"].float().to(device), record["argmax"].to(device)
+
+
+PASS_WEIGHT = 0.8  # pass p's loss weight is PASS_WEIGHT ** (p - 1)
+
+
+def sequence_loss(head: DraftHead, record: dict, lookup: torch.Tensor, recipe: HeadRecipe, device):
+    """Cross-entropy on the target's argmax (head vocabulary) + smooth-L1 on its features, per pass."""
+    ids, feats, argmax = _tensors(record, device)
+    total, first_ce = 0.0, None
+    for p, pred in enumerate(unrolled(head, ids, feats, recipe.passes, recipe.noise), start=1):
+        labels = lookup[argmax[p:]]  # -1 where the target's token is outside the head's vocabulary
+        keep = labels >= 0
+        ce = F.cross_entropy(head.logits(pred[keep]), labels[keep]) if keep.any() else pred.sum() * 0
+        first_ce = ce if first_ce is None else first_ce
+        total = total + PASS_WEIGHT ** (p - 1) * (ce + recipe.feature_weight * F.smooth_l1_loss(pred, feats[p:]))
+    return total, first_ce
+
+
+def fit_head(head: DraftHead, records: list[dict], recipe: HeadRecipe, log=print, max_seconds: float = 0) -> dict:
+    """AdamW on cross-entropy (target argmax) + smooth-L1 (target features); returns validation metrics.
+
+    ``max_seconds`` (0: none) stops training early, e.g. on a borrowed machine."""
+    device = head.fc.weight.device
+    rng = random.Random(recipe.seed)
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    n_val = int(len(order) * recipe.val_fraction)
+    val, train = [records[i] for i in order[:n_val]], [records[i] for i in order[n_val:]]
+    lookup = torch.full((head.embed.shape[0],), -1, dtype=torch.long, device=device)
+    lookup[head.vocab_ids] = torch.arange(len(head.vocab_ids), device=device)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    total = recipe.epochs * len(train)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / recipe.warmup) * max(0.05, 0.5 * (1 + math.cos(math.pi * s / total))))
+    t0, step = time.perf_counter(), 0
+    for epoch in range(recipe.epochs):
+        rng.shuffle(train)
+        for record in train:
+            loss, ce = sequence_loss(head, record, lookup, recipe, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if max_seconds and time.perf_counter() - t0 > max_seconds:
+                break
+            if log and step % 200 == 0:
+                log(f"epoch {epoch} step {step}/{total} ce {ce.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+        if log and val:
+            log(f"epoch {epoch}: validation {evaluate_head(head, val, lookup)}")
+        if max_seconds and time.perf_counter() - t0 > max_seconds:
+            log and log(f"stopped at {max_seconds:.0f} s (step {step}/{total})")
+            break
+    return evaluate_head(head, val or train[:20], lookup)
+
+
+@torch.no_grad()
+def evaluate_head(head: DraftHead, records: list[dict], lookup: torch.Tensor, passes: int = 3) -> dict:
+    """Teacher-forced top-1 agreement with the target's argmax of the 1st, 2nd, ... chained draft,
+    and the expected accepted drafts per verify (greedy, chain of ``passes``)."""
+    device = head.fc.weight.device
+    hits, counts, chain = [0] * passes, [0] * passes, []
+    for record in records:
+        ids, feats, argmax = _tensors(record, device)
+        ok = []
+        for p, pred in enumerate(unrolled(head, ids, feats, passes), start=1):
+            right = head.vocab_ids[head.logits(pred).argmax(-1)] == argmax[p:]
+            hits[p - 1] += int(right.sum())
+            counts[p - 1] += len(right)
+            ok.append(right)
+        # a chain from entry j: its p-th draft is entry j + p - 1 of pass p, row j - 1 of every pass
+        n = len(ok[-1]) if ok else 0
+        if n:
+            run = torch.ones(n, dtype=torch.bool, device=device)
+            accepted = torch.zeros(n, device=device)
+            for right in ok:
+                run = run & right[:n]
+                accepted += run
+            chain.append(accepted)
+    rates = [h / c if c else 0.0 for h, c in zip(hits, counts)]
+    mean_chain = float(torch.cat(chain).mean()) if chain else 0.0
+    return {"top1_agreement": rates[0], "agreement_by_draft": [round(r, 4) for r in rates],
+            "mean_accepted_chain": round(mean_chain, 3), "positions": counts[0]}
+
+
+# ---- the `decodekit draft-head` command -------------------------------------------------------------
+
+HOLDOUT_PER_CATEGORY = 5  # Spec-Bench prompts per category kept out of training (the benchmark uses the first 2)
+
+
+def default_prompts(num_gsm8k: int = 600) -> list[str]:
+    """Spec-Bench first turns minus the first ``HOLDOUT_PER_CATEGORY`` of each category, and GSM8K questions."""
+    from bench.common import data_dir
+
+    data = data_dir()
+    spec, gsm = data / "spec_bench" / "question.jsonl", data / "gsm8k" / "test.jsonl"
+    if not spec.exists() or not gsm.exists():
+        raise ValueError(f"default training prompts need Spec-Bench and GSM8K under {data} "
+                         "(set DECODEKIT_DATA, or pass --prompts / --data)")
+    seen: dict[str, int] = {}
+    prompts = []
+    for line in spec.read_text().splitlines():
+        q = json.loads(line)
+        seen[q["category"]] = seen.get(q["category"], 0) + 1
+        if seen[q["category"]] > HOLDOUT_PER_CATEGORY:
+            prompts.append(q["turns"][0])
+    prompts += [json.loads(line)["question"] for line in gsm.read_text().splitlines()[:num_gsm8k]]
+    return prompts
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line: a JSON object with "prompt" (or "question", or "turns") or plain text."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            out.append(line)
+            continue
+        out.append(row.get("prompt") or row.get("question") or row["turns"][0] if isinstance(row, dict) else str(row))
+    return out
+
+
+def generate_sequences(model_name: str, prompts: list[str], max_new_tokens: int, *, temperatures=(0.0, 0.8),
+                       device: str | None = None, batch: int = 32, log=print) -> list[list[int]]:
+    """prompt + answer token ids, one answer per prompt and temperature, generated by decodekit itself."""
+    from decodekit.api import LLM
+
+    llm = LLM(model_name, device=device, max_batch_size=batch, cache_tokens=batch * (max_new_tokens + 1024))
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    out = []
+    for temperature in temperatures:
+        t0 = time.perf_counter()
+        for start in range(0, len(chats), batch):
+            for c in llm.generate(chats[start : start + batch], temperature=temperature,
+                                  max_new_tokens=max_new_tokens, seed=start):
+                out.append(list(c.prompt_token_ids) + list(c.choices[0].token_ids))
+        log(f"generated {len(chats)} answers at temperature {temperature} ({time.perf_counter() - t0:.0f} s)")
+    return out
+
+
+def train(args) -> Path:
+    from decodekit.models import load_backend
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = HeadRecipe(vocab=args.vocab, epochs=args.epochs, lr=args.lr, seed=args.seed, passes=args.passes)
+    sequences = []
+    for path in args.data or []:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        sequences += [r["prompt_ids"] + r["output_ids"] for r in rows]
+    if not args.data or args.prompts or args.generate:
+        prompts = read_prompts(args.prompts) if args.prompts else default_prompts(args.gsm8k)
+        temps = tuple(float(t) for t in args.temperatures.split(","))
+        sequences += generate_sequences(args.model, prompts, args.gen_tokens, temperatures=temps,
+                                        device=args.device, batch=args.gen_batch)
+    backend = load_backend(args.model, device=args.device)
+    model = backend.model
+    torch.manual_seed(recipe.seed)
+    t0 = time.perf_counter()
+    records = target_features(model, sequences, recipe.max_len, batch=args.gen_batch)
+    head = DraftHead(HeadShape.of(model.config), top_vocab(records, recipe.vocab)).to(model.device).bind(model)
+    head.init_from(model.model.layers[-1])
+    metrics = fit_head(head, records, recipe, max_seconds=args.max_seconds)
+    print(f"validation: {metrics}")
+    recipe_info = {"recipe": asdict(recipe), "sequences": len(sequences), "tokens": sum(len(r["ids"]) for r in records),
+                   "seconds": round(time.perf_counter() - t0), "device": str(model.device), "validation": metrics,
+                   "data": args.data or args.prompts or "default (Spec-Bench minus holdout, GSM8K)"}
+    return save_head(head.cpu(), args.name or backend.name, recipe_info, args.out)
+
+
+def run(args) -> int:
+    path = Path(args.out) if args.out else head_path(args.name or args.model)
+    if (path / "head.safetensors").exists() and not args.force:
+        print(f"draft head already at {path} (--force to retrain)")
+        return 0
+    print(f"draft head saved at {train(args)}")
+    return 0
+
+
+def add_draft_head(sub) -> None:
+    p = sub.add_parser("draft-head", help="train a draft head (EAGLE-style) on a target's hidden states, on CPU")
+    p.add_argument("--model", default="smollm2-135m", help="the target model (transformers backend)")
+    p.add_argument("--prompts", default=None, help="prompts file (JSONL or text lines); default: Spec-Bench "
+                   f"minus its first {HOLDOUT_PER_CATEGORY} per category, plus 600 GSM8K questions")
+    p.add_argument("--data", nargs="*", default=None,
+                   help="JSONL files of ready {prompt_ids, output_ids} (no generation unless --prompts is given too)")
+    p.add_argument("--generate", action="store_true", help="generate answers to the prompts as well as --data")
+    p.add_argument("--gsm8k", type=int, default=600, help="GSM8K questions among the default prompts")
+    p.add_argument("--temperatures", default="0,0.8", help="one answer per prompt at each of these temperatures")
+    p.add_argument("--gen-tokens", type=int, default=200)
+    p.add_argument("--gen-batch", type=int, default=32, help="batch size of generation and feature passes")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--max-seconds", type=float, default=0, help="stop training after this long (0: no limit)")
+    p.add_argument("--name", default=None, help="save as the head of this model name (default: --model)")
+    p.add_argument("--out", default=None, help="directory to save to (default: ~/.cache/decodekit/draft_heads/<name>)")
+    p.add_argument("--vocab", type=int, default=HeadRecipe.vocab, help="draft vocabulary: most frequent target tokens")
+    p.add_argument("--epochs", type=int, default=HeadRecipe.epochs)
+    p.add_argument("--lr", type=float, default=HeadRecipe.lr)
+    p.add_argument("--seed", type=int, default=HeadRecipe.seed)
+    p.add_argument("--passes", type=int, default=HeadRecipe.passes, help="chained draft steps trained together")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--force", action="store_true", help="retrain even if a head is saved")
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m decodekit.draft_head")
+    add_draft_head(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["draft-head", *(argv if argv is not None else __import__("sys").argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
