@@ -20,13 +20,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import interleaved, md_table, median, parser, spec_bench, write_results  # noqa: E402
+from decodekit.draft_head import load_head  # noqa: E402
 from decodekit.engine import Engine  # noqa: E402
 from decodekit.models import load_backend  # noqa: E402
-from decodekit.strategies.drafters import LookupThenModel, ModelDrafter, NgramDrafter, int8_backend  # noqa: E402
+from decodekit.strategies.drafters import (  # noqa: E402
+    HeadDrafter,
+    LookupThenModel,
+    ModelDrafter,
+    NgramDrafter,
+    int8_backend,
+)
 from decodekit.strategies.speculative import Speculative  # noqa: E402
 from decodekit.types import SamplingParams  # noqa: E402
 
-SOURCES = ["ngram", "int8", "ngram+int8"]
+SOURCES = ["ngram", "int8", "ngram+int8"]  # and "head", "ngram+head" when a draft head is trained
+HF_EQUIVALENT = {"ngram": "hf:ngram/greedy", "int8": "hf:int8/greedy"}  # the others: the faster of HF's two
 HF_LOOKUP_TOKENS = 10  # transformers' documented prompt-lookup setting
 
 
@@ -59,7 +67,7 @@ def contenders(engine, backend, draft_backend, ids, args) -> dict:
     warm = SamplingParams(max_new_tokens=args.tokens, temperature=0.7, seed=0)
     out = {"plain/greedy": lambda: run_decodekit(engine, ids, greedy),
            "plain/t0.7": lambda: run_decodekit(engine, ids, warm)}
-    for source in SOURCES:
+    for source in args.sources:
         spec = args.strategies[source]
         out[f"{source}/greedy"] = lambda spec=spec: run_decodekit(engine, ids, greedy, spec)
         out[f"{source}/t0.7"] = lambda spec=spec: run_decodekit(engine, ids, warm, spec)
@@ -99,7 +107,7 @@ def batch_run(engine, prompts: list[list[int]], args) -> dict:
         done = [engine.pop_completion(r.request_id) for r in requests]
         return {"tokens": [list(d.token_ids) for d in done], "seconds": seconds}
 
-    runs = {"plain": lambda: go(None)} | {s: (lambda s=s: go(args.strategies[s])) for s in SOURCES}
+    runs = {"plain": lambda: go(None)} | {s: (lambda s=s: go(args.strategies[s])) for s in args.sources}
     res = {name: r[0] for name, r in interleaved(runs, 1).items()}
     plain_tps = sum(map(len, res["plain"]["tokens"])) / res["plain"]["seconds"]
     return {name: {"tokens_per_s": sum(map(len, r["tokens"])) / r["seconds"],
@@ -124,6 +132,14 @@ def main():
     lookup_then_int8 = LookupThenModel(NgramDrafter(), ModelDrafter(draft_backend))  # one int8 copy for all
     args.strategies = {"ngram": Speculative(draft="ngram"), "int8": Speculative(draft=draft_backend),
                        "ngram+int8": Speculative(draft=lookup_then_int8)}
+    args.sources = list(SOURCES)
+    try:
+        head = load_head(backend)
+        args.strategies["head"] = Speculative(draft=HeadDrafter(backend, head))
+        args.strategies["ngram+head"] = Speculative(draft=LookupThenModel(NgramDrafter(), HeadDrafter(backend, head)))
+        args.sources += ["head", "ngram+head"]
+    except ValueError as e:
+        print(f"draft head skipped: {e}", file=sys.stderr)
     engine = Engine(backend, max_batch_size=32)
     questions = spec_bench(args.per_category, args.categories.split(",") if args.categories else None)
     encode = backend.tokenizer.apply_chat_template
@@ -161,22 +177,21 @@ def summarize(records: list[dict], batch: dict, speed: dict, args):
         return median([tokens_per_s(r[num]) / tokens_per_s(r[den]) for r in records
                        if cat is None or r["category"] == cat])
 
-    speedup = {s: {c: ratio(f"{s}/greedy", "plain/greedy", c) for c in categories} for s in SOURCES}
-    mean_speedup = {s: sum(speedup[s].values()) / len(categories) for s in SOURCES}
-    vs_hf = {"ngram": ratio("ngram/greedy", "hf:ngram/greedy"), "int8": ratio("int8/greedy", "hf:int8/greedy")}
-    vs_hf["ngram+int8"] = median([tokens_per_s(r["ngram+int8/greedy"]) / max(
-        tokens_per_s(r["hf:ngram/greedy"]), tokens_per_s(r["hf:int8/greedy"])) for r in records])
+    sources = args.sources
+    speedup = {s: {c: ratio(f"{s}/greedy", "plain/greedy", c) for c in categories} for s in sources}
+    mean_speedup = {s: sum(speedup[s].values()) / len(categories) for s in sources}
+    vs_hf = {s: median([tokens_per_s(r[f"{s}/greedy"]) / _hf_reference(r, s) for r in records]) for s in sources}
     mean_accepted = {s: median([r[f"{s}/greedy"]["extra"]["mean_tokens_per_step"] for r in records])
-                     for s in SOURCES}
-    identical = all(r[f"{s}/greedy"]["tokens"] == r["plain/greedy"]["tokens"] for r in records for s in SOURCES)
+                     for s in sources}
+    identical = all(r[f"{s}/greedy"]["tokens"] == r["plain/greedy"]["tokens"] for r in records for s in sources)
     hf_identical = all(r[f"hf:{s}/greedy"]["tokens"] == r["plain/greedy"]["tokens"] for r in records
                        for s in ("int8", "ngram"))
-    warm_speedup = {s: {c: ratio(f"{s}/t0.7", "plain/t0.7", c) for c in categories} for s in SOURCES}
-    best = max(SOURCES, key=lambda s: mean_speedup[s])
+    warm_speedup = {s: {c: ratio(f"{s}/t0.7", "plain/t0.7", c) for c in categories} for s in sources}
+    best = max(sources, key=lambda s: mean_speedup[s])
     summary = {"bench": "speculative", "speedup": speedup, "mean_speedup": mean_speedup,
                "speedup_vs_hf_assisted": vs_hf, "mean_accepted": mean_accepted, "greedy_identical": identical,
                "best_source": best, "mean_speedup_t0.7": {s: sum(v.values()) / len(v) for s, v in warm_speedup.items()},
-               "batch_speedup": {s: batch[s]["speedup"] for s in SOURCES} if batch else None,
+               "batch_speedup": {s: batch[s]["speedup"] for s in sources} if batch else None,
                "int8_decode_ms": speed["int8"], "float32_decode_ms": speed["float32"],
                "targets": {"mean_speedup>=1.5": mean_speedup[best] >= 1.5,
                            "vs_hf>=1.2": vs_hf[best] >= 1.2,
@@ -190,21 +205,29 @@ def summarize(records: list[dict], batch: dict, speed: dict, args):
     return summary, table, details
 
 
+def _hf_reference(record: dict, source: str) -> float:
+    """transformers' assisted generation with the same draft, or the faster of its two where it has none."""
+    if source in HF_EQUIVALENT:
+        return tokens_per_s(record[HF_EQUIVALENT[source]])
+    return max(tokens_per_s(record[name]) for name in HF_EQUIVALENT.values())
+
+
 def _tables(records, categories, speedup, warm, vs_hf, accepted, batch, speed, args) -> str:
+    sources = args.sources
     plain = {c: median([tokens_per_s(r["plain/greedy"]) for r in records if r["category"] == c]) for c in categories}
-    rows = [[c, plain[c], *[speedup[s][c] for s in SOURCES], *[warm[s][c] for s in SOURCES]] for c in categories]
-    head = ["category", "plain tok/s (greedy)", *[f"{s} x (greedy)" for s in SOURCES],
-            *[f"{s} x (t=0.7)" for s in SOURCES]]
+    rows = [[c, plain[c], *[speedup[s][c] for s in sources], *[warm[s][c] for s in sources]] for c in categories]
+    head = ["category", "plain tok/s (greedy)", *[f"{s} x (greedy)" for s in sources],
+            *[f"{s} x (t=0.7)" for s in sources]]
     hf_rows = [[name, value] for name, value in vs_hf.items()]
-    acc_rows = [[s, accepted[s]] for s in SOURCES]
+    acc_rows = [[s, accepted[s]] for s in sources]
     batch_rows = [[s, b["tokens_per_s"], b["speedup"], b["identical"]] for s, b in (batch or {}).items()]
     return "\n\n".join([
         f"SmolLM2-135M float32, CPU ({args.threads} thread), batch 1, {args.tokens} new tokens, "
         f"{args.per_category} prompt(s) per category; "
         "speedup = median over prompts of tokens/s ratio against decodekit plain decoding (interleaved).",
         md_table(head, rows),
-        "Against transformers assisted generation with the same draft (greedy, batch 1; ngram+int8 has no HF "
-        "equivalent and is compared with the faster of HF's two):",
+        "Against transformers assisted generation with the same draft (greedy, batch 1; ngram+int8 and the draft "
+        "head have no HF equivalent and are compared with the faster of HF's two):",
         md_table(["source", "decodekit / HF assisted"], hf_rows),
         "Mean tokens per verify step (accepted drafts + 1), greedy:",
         md_table(["source", "tokens / step"], acc_rows),

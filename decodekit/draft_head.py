@@ -157,6 +157,10 @@ def heads_dir() -> Path:
 
 
 def head_path(model_name: str) -> Path:
+    """Where the head of ``model_name`` lives (a backend name's ``:<dtype>`` suffix is dropped)."""
+    base, _, suffix = model_name.rpartition(":")
+    if base and suffix in ("float32", "bfloat16", "float16"):
+        model_name = base
     return heads_dir() / model_name.replace("/", "--")
 
 
@@ -461,7 +465,7 @@ def train(args) -> Path:
     recipe_info = {"recipe": asdict(recipe), "sequences": len(sequences), "tokens": sum(len(r["ids"]) for r in records),
                    "seconds": round(time.perf_counter() - t0), "device": str(model.device), "validation": metrics,
                    "data": args.data or args.prompts or "default (Spec-Bench minus holdout, GSM8K)"}
-    return save_head(head.cpu(), args.name or backend.name, recipe_info, args.out)
+    return save_head(head.cpu(), args.name or args.model, recipe_info, args.out)
 
 
 def run(args) -> int:

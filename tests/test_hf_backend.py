@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import spec_bench_prompts, tiny_llama
+from conftest import DEVICE, spec_bench_prompts, tiny_llama
 
 from decodekit import LLM
 from decodekit.backends.hf import HFBackend
@@ -147,3 +147,23 @@ def test_forward_uses_gqa_sdpa_and_leaves_the_model_setting(monkeypatch):
     assert model.config._attn_implementation == "sdpa"
     no_cache_logits(model, rows[0])
     assert len(calls) == model.config.num_hidden_layers
+
+
+def test_packed_linears_match_the_stock_path():
+    from decodekit.backends import cpu_linear
+
+    if DEVICE != "cpu" or not cpu_linear.available():
+        pytest.skip("packed linears need MKL on the CPU")
+    model = tiny_llama(seed=4)
+    inputs = {n: torch.randint(0, 128, (b, n)) for n, b in ((1, 1), (6, 1), (3, 4), (40, 1))}
+    with torch.no_grad():
+        before = {n: model(input_ids=x).logits for n, x in inputs.items()}
+        assert cpu_linear.pack_linears(model) == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head
+        assert cpu_linear.pack_linears(model) == 0  # already packed
+        after = {n: model(input_ids=x).logits for n, x in inputs.items()}
+    for n in inputs:
+        assert torch.allclose(before[n], after[n], atol=1e-5), n
+    assert torch.equal(before[1], after[1]) and torch.equal(before[40], after[40])  # stock path outside 4..16 rows
+    loss = model(input_ids=inputs[6], labels=inputs[6]).loss  # training keeps the stock (differentiable) path
+    loss.backward()
+    assert model.lm_head.weight.grad is not None

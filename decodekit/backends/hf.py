@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from decodekit.backends.base import Backend, ForwardRow
+from decodekit.backends.cpu_linear import pack_linears
 from decodekit.cache import CacheManager
 
 
@@ -108,9 +109,11 @@ AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
 
 
 class HFBackend(Backend):
-    def __init__(self, model, tokenizer, *, name: str, cache_tokens: int = 16384, prefix_cache: bool = True):
+    def __init__(self, model, tokenizer, *, name: str, cache_tokens: int = 16384, prefix_cache: bool = True,
+                 packed_linears: bool = False):
         super().__init__()
         self.model = model.eval()
+        self.packed_linears = pack_linears(model) if packed_linears else 0  # CPU float32 only
         self.tokenizer = tokenizer
         self.name = name
         config = model.config
