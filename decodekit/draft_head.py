@@ -257,37 +257,40 @@ def top_vocab(records: list[dict], size: int) -> torch.Tensor:
     return counts.topk(size).indices.sort().values
 
 
-def unrolled(head: DraftHead, ids: torch.Tensor, feats: torch.Tensor, passes: int, noise: float = 0.0):
-    """Predicted features of ``passes`` chained draft steps at every position, as drafting sees them.
+def unrolled(head: DraftHead, ids: torch.Tensor, feats: torch.Tensor, passes: int, noise: float = 0.0,
+             starts: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Predicted features of ``passes`` chained drafts, as drafting sees them.
 
     Entry j reads token j and the feature at j - 1 and predicts the feature at j. Pass 1 reads the
-    target's features (causal over all entries). Pass p reads pass p - 1's prediction at j - 1, and
-    attends to the target-fed entries up to j - p + 1 and to passes 2..p of its own chain (entries
-    j - p + 2 .. j): exactly the keys a p-th chained draft sees at inference.
-    Returns a list of (T - p, h) predictions; pass p's row i is entry i + p (target feature ``feats[i + p]``).
+    target's features at every entry (causal). A chain starting at entry c continues it: its p-th
+    draft is entry c + p - 1, reads the (p-1)-th draft's predicted feature, and attends to the
+    target-fed entries up to c and to its own chain, exactly the keys a p-th chained draft sees at
+    inference. ``starts``: the chains to unroll (default: every start whose chain fits).
+    Returns pass 1's (T - 1, h) predictions (row r: entry r + 1) and, per later pass, (chains, h).
     """
     t = len(ids)
     inputs = feats[:-1]
     if noise:
         inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise * inputs.pow(2).mean().sqrt()
-    positions = torch.arange(1, t, device=ids.device)
-    keys, values, outs = [], [], []
-    prev = inputs
-    for p in range(1, passes + 1):
-        n = t - p  # entries p .. t - 1
-        if n < 1:
-            break
-        x, q, k, v = head.project(ids[p:].unsqueeze(0), prev[-n:].unsqueeze(0), positions[p - 1:])
+    entries = torch.arange(1, t, device=ids.device)
+    x, q, k, v = head.project(ids[1:].unsqueeze(0), inputs.unsqueeze(0), entries)
+    causal = torch.ones(t - 1, t - 1, dtype=torch.bool, device=ids.device).tril()
+    outs = [head.attend(x, q, k, v, causal)[0]]
+    if starts is None:
+        starts = torch.arange(1, t - passes + 1, device=ids.device)
+    if passes < 2 or len(starts) == 0:
+        return outs
+    keys, values, prev = [k], [v], outs[0][starts - 1]
+    target_fed = entries.unsqueeze(0) <= starts.unsqueeze(1)  # (chains, T - 1)
+    own = torch.eye(len(starts), dtype=torch.bool, device=ids.device)
+    for p in range(2, passes + 1):
+        at = starts + p - 1
+        x, q, k, v = head.project(ids[at].unsqueeze(0), prev.unsqueeze(0), at)
         keys.append(k)
         values.append(v)
-        j = torch.arange(p, t, device=ids.device).unsqueeze(1)  # this pass's entries
-        masks = []
-        for q_pass in range(1, p + 1):
-            i = torch.arange(q_pass, t, device=ids.device).unsqueeze(0)  # that pass's entries
-            masks.append(i <= j - (p - 1) if q_pass == 1 else i == j - (p - q_pass))
-        out = head.attend(x, q, torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=1))[0]
-        outs.append(out)
-        prev = out[:-1] if n > 1 else out[:0]
+        mask = torch.cat([target_fed] + [own] * (p - 1), dim=1)
+        prev = head.attend(x, q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask)[0]
+        outs.append(prev)
     return outs
 
 
@@ -298,16 +301,29 @@ def _tensors(record: dict, device):
 PASS_WEIGHT = 0.8  # pass p's loss weight is PASS_WEIGHT ** (p - 1)
 
 
+TRAIN_CHAINS = 64  # chains unrolled per sequence in training (pass 1 covers every position)
+
+
 def sequence_loss(head: DraftHead, record: dict, lookup: torch.Tensor, recipe: HeadRecipe, device):
     """Cross-entropy on the target's argmax (head vocabulary) + smooth-L1 on its features, per pass."""
     ids, feats, argmax = _tensors(record, device)
+    fits = len(ids) - recipe.passes
+    starts = None
+    if fits > TRAIN_CHAINS:
+        starts = (torch.randperm(fits, device=device)[:TRAIN_CHAINS] + 1).sort().values
+    elif fits < 1:
+        starts = torch.zeros(0, dtype=torch.long, device=device)
     total, first_ce = 0.0, None
-    for p, pred in enumerate(unrolled(head, ids, feats, recipe.passes, recipe.noise), start=1):
-        labels = lookup[argmax[p:]]  # -1 where the target's token is outside the head's vocabulary
+    outs = unrolled(head, ids, feats, recipe.passes, recipe.noise, starts)
+    if starts is None:
+        starts = torch.arange(1, fits + 1, device=device)
+    for p, pred in enumerate(outs, start=1):
+        at = torch.arange(1, len(ids), device=device) if p == 1 else starts + p - 1
+        labels = lookup[argmax[at]]  # -1 where the target's token is outside the head's vocabulary
         keep = labels >= 0
         ce = F.cross_entropy(head.logits(pred[keep]), labels[keep]) if keep.any() else pred.sum() * 0
         first_ce = ce if first_ce is None else first_ce
-        total = total + PASS_WEIGHT ** (p - 1) * (ce + recipe.feature_weight * F.smooth_l1_loss(pred, feats[p:]))
+        total = total + PASS_WEIGHT ** (p - 1) * (ce + recipe.feature_weight * F.smooth_l1_loss(pred, feats[at]))
     return total, first_ce
 
 
@@ -359,15 +375,18 @@ def evaluate_head(head: DraftHead, records: list[dict], lookup: torch.Tensor, pa
     hits, counts, chain = [0] * passes, [0] * passes, []
     for record in records:
         ids, feats, argmax = _tensors(record, device)
+        outs = unrolled(head, ids, feats, passes)
+        starts = torch.arange(1, len(ids) - passes + 1, device=device)
         ok = []
-        for p, pred in enumerate(unrolled(head, ids, feats, passes), start=1):
-            right = head.vocab_ids[head.logits(pred).argmax(-1)] == argmax[p:]
+        for p, pred in enumerate(outs, start=1):
+            at = torch.arange(1, len(ids), device=device) if p == 1 else starts + p - 1
+            right = head.vocab_ids[head.logits(pred).argmax(-1)] == argmax[at]
             hits[p - 1] += int(right.sum())
             counts[p - 1] += len(right)
             ok.append(right)
-        # a chain from entry j: its p-th draft is entry j + p - 1 of pass p, row j - 1 of every pass
-        n = len(ok[-1]) if ok else 0
-        if n:
+        # a chain from entry c: its first draft is pass 1's row c - 1, its p-th is row c - 1 of pass p
+        n = len(starts)
+        if n and len(ok) == passes:
             run = torch.ones(n, dtype=torch.bool, device=device)
             accepted = torch.zeros(n, device=device)
             for right in ok:
