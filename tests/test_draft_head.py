@@ -110,7 +110,8 @@ def test_head_speculation_greedy_identical_and_cache_clean(k):
     engine = Engine(backend)
     params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
     plain = _engine_run(engine, PROMPTS, params, None)
-    spec = Speculative(draft=HeadDrafter(backend, _head(model, torch.arange(0, 16, 2))), num_draft_tokens=k)
+    head = _head(model, torch.arange(0, 16, 2))
+    spec = Speculative(draft=HeadDrafter(backend, head, min_confidence=0.0), num_draft_tokens=k)
     fast = _engine_run(engine, PROMPTS, params, spec)
     assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
     assert sum(c.stats.extra["tokens_drafted"] for c in fast) > 0
@@ -118,12 +119,20 @@ def test_head_speculation_greedy_identical_and_cache_clean(k):
     backend.cache.check_integrity()
     assert backend.cache.num_open_handles == 0
     assert not backend.features  # every captured hidden state was read or released
+    # an unsure head drafts less (drafting stops below the confidence floor), output unchanged
+    unsure = _engine_run(engine, PROMPTS, params, Speculative(draft=HeadDrafter(backend, head, min_confidence=0.9),
+                                                              num_draft_tokens=k))
+    assert [c.token_ids for c in unsure] == [c.token_ids for c in plain]
+    drafted = sum(c.stats.extra["tokens_drafted"] for c in unsure)
+    assert drafted < sum(c.stats.extra["tokens_drafted"] for c in fast)
+    with pytest.raises(ValueError, match="min_confidence"):
+        HeadDrafter(backend, head, min_confidence=1.5)
 
 
 def test_head_sampled_drafts_report_their_distribution():
     model = tiny_llama(seed=0, vocab_size=16)
     backend = HFBackend(model, MockTokenizer(16), name="tiny", cache_tokens=2048)
-    drafter = HeadDrafter(backend, _head(model, torch.arange(0, 16, 2)))
+    drafter = HeadDrafter(backend, _head(model, torch.arange(0, 16, 2)), min_confidence=0.0)
     engine = Engine(backend)
     params = SamplingParams(max_new_tokens=30, temperature=0.9, top_k=5, seed=1, ignore_eos=True)
     seen = []
@@ -144,3 +153,22 @@ def test_head_sampled_drafts_report_their_distribution():
         assert all(d.q[i, t] > 0 for i, t in enumerate(d.tokens))  # drawn from q
         assert ((d.q > 0).sum(-1) <= 5).all()  # top-k shapes q like p
         assert (d.q[:, 1::2] == 0).all()  # only the head's vocabulary
+
+
+def test_feature_capture_is_bounded_and_exact(monkeypatch):
+    from decodekit.backends import base
+
+    model = tiny_llama(seed=5)
+    backend = HFBackend(model, MockTokenizer(16), name="tiny", cache_tokens=1024)
+    backend.capture_features()
+    monkeypatch.setattr(base, "FEATURE_ROWS", 20)
+    handles = [backend.open([]) for _ in range(4)]
+    backend.forward(handles, [[1, 2, 3, 4, 5, 6, 7, 8]] * 4)
+    assert sum(c[1].shape[0] for chunks in backend.features.values() for c in chunks) <= 20
+    assert backend.take_features(handles[0]) == []  # the oldest handle's rows were dropped
+    (start, rows), = backend.take_features(handles[3])
+    with torch.no_grad():
+        ref = model.model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device=model.device)).last_hidden_state[0]
+    assert start == 0 and torch.allclose(rows, ref, atol=1e-5)
+    for h in handles:
+        backend.cache.release(h)

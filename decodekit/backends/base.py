@@ -11,7 +11,7 @@ import torch
 from decodekit.cache import CacheManager, KVHandle
 
 SHORT_ROW = 16  # rows with at most this many new tokens (decode, verify) batch together
-FEATURE_HANDLES = 256  # captured hidden states are kept for at most this many recent handles
+FEATURE_ROWS = 32768  # captured hidden states kept at most (oldest handles' dropped first)
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,12 @@ class Backend(ABC):
             raise ValueError(f"backend {self.name!r} cannot capture hidden states")
         for handle, row, hidden in zip(handles, rows, self.last_hidden):
             chunks = self.features.setdefault(handle.hid, [])
-            chunks.append((len(row.slots) - len(row.new_ids), hidden))
+            chunks.append((len(row.slots) - len(row.new_ids), hidden.clone()))  # not a view of the batch
             self.features.move_to_end(handle.hid)
-        while len(self.features) > FEATURE_HANDLES:  # handles nobody reads (other strategies' requests)
-            self.features.popitem(last=False)
+        kept = sum(c[1].shape[0] for chunks in self.features.values() for c in chunks)
+        while kept > FEATURE_ROWS and len(self.features) > 1:  # handles nobody reads (other strategies' requests)
+            _, chunks = self.features.popitem(last=False)
+            kept -= sum(c[1].shape[0] for c in chunks)
         self.last_hidden = None
 
     def open(self, ids: list[int]) -> KVHandle:

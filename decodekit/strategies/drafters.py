@@ -144,6 +144,11 @@ class ModelDrafter(Drafter):
 
 # ---- a trained draft head on the target's own hidden states ---------------------------------------
 
+# Stop chaining where the head's top probability is below this: its drafts there are mostly wrong, and
+# on CPU each drafted token adds to the verify forward.
+HEAD_MIN_CONFIDENCE = 0.4
+
+
 class HeadState:
     """One sequence's draft-head state: the layer's K/V over verified entries, unread target features."""
 
@@ -167,8 +172,10 @@ class HeadDrafter(Drafter):
 
     name = "head"
 
-    def __init__(self, target, head):
-        self.target, self.head = target, head
+    def __init__(self, target, head, min_confidence: float = HEAD_MIN_CONFIDENCE):
+        if not 0.0 <= min_confidence < 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence!r}")
+        self.target, self.head, self.min_confidence = target, head, min_confidence
         target.capture_features()
 
     def propose(self, seqs, ks):
@@ -199,7 +206,10 @@ class HeadDrafter(Drafter):
             state.features.pop(j - 1, None)
         drafts, qs, feature = [], [], out[:, -1:]
         for step in range(k):
-            token, q = self._draw(self.head.logits(feature[0, -1]), seq)
+            logits = self.head.logits(feature[0, -1])
+            if self.min_confidence and float(torch.softmax(logits.float(), -1).max()) < self.min_confidence:
+                break  # the head is unsure: a verify of this draft would more likely cost than pay
+            token, q = self._draw(logits, seq)
             drafts.append(token)
             if q is not None:
                 qs.append(q)
