@@ -221,7 +221,8 @@ class HeadRecipe:
 
 
 @torch.inference_mode()
-def target_features(model, sequences: list[list[int]], max_len: int, batch: int = 1, log=print) -> list[dict]:
+def target_features(model, sequences: list[list[int]], max_len: int, batch: int = 1, log=print,
+                    prompt_lens: list[int] | None = None) -> list[dict]:
     """Teacher-forced final hidden states (float16) and argmax tokens of the target per sequence.
 
     Sequences run in length-sorted, right-padded batches (causal attention: padding after a
@@ -243,7 +244,8 @@ def target_features(model, sequences: list[list[int]], max_len: int, batch: int 
         for row, i in enumerate(group):  # row by row: a whole batch's logits would not fit
             n = len(sequences[i])
             argmax = model.lm_head(hidden[row, :n]).argmax(-1)
-            out[i] = {"ids": torch.tensor(sequences[i]), "features": hidden[row, :n].half(), "argmax": argmax}
+            out[i] = {"ids": torch.tensor(sequences[i]), "features": hidden[row, :n].half(), "argmax": argmax,
+                      "loss_from": prompt_lens[i] - 1 if prompt_lens else 1}
         if log and (done + 1) % max(1, 100 // batch) == 0:
             log(f"features {min(start + batch, len(order))}/{len(order)} ({time.perf_counter() - t0:.0f} s)")
     return out
@@ -305,20 +307,21 @@ TRAIN_CHAINS = 64  # chains unrolled per sequence in training (pass 1 covers eve
 
 
 def sequence_loss(head: DraftHead, record: dict, lookup: torch.Tensor, recipe: HeadRecipe, device):
-    """Cross-entropy on the target's argmax (head vocabulary) + smooth-L1 on its features, per pass."""
+    """Cross-entropy on the target's argmax (head vocabulary) + smooth-L1 on its features, per pass,
+    on the answer's positions (``record["loss_from"]``: drafting only ever continues answers)."""
     ids, feats, argmax = _tensors(record, device)
-    fits = len(ids) - recipe.passes
-    starts = None
+    first = max(1, record.get("loss_from", 1))
+    fits = len(ids) - recipe.passes - first + 1  # chain starts first .. len - passes
     if fits > TRAIN_CHAINS:
-        starts = (torch.randperm(fits, device=device)[:TRAIN_CHAINS] + 1).sort().values
-    elif fits < 1:
-        starts = torch.zeros(0, dtype=torch.long, device=device)
+        starts = (torch.randperm(fits, device=device)[:TRAIN_CHAINS] + first).sort().values
+    else:
+        starts = torch.arange(first, first + max(fits, 0), device=device)
     total, first_ce = 0.0, None
     outs = unrolled(head, ids, feats, recipe.passes, recipe.noise, starts)
-    if starts is None:
-        starts = torch.arange(1, fits + 1, device=device)
     for p, pred in enumerate(outs, start=1):
         at = torch.arange(1, len(ids), device=device) if p == 1 else starts + p - 1
+        if p == 1:
+            pred, at = pred[first - 1 :], at[first - 1 :]
         labels = lookup[argmax[at]]  # -1 where the target's token is outside the head's vocabulary
         keep = labels >= 0
         ce = F.cross_entropy(head.logits(pred[keep]), labels[keep]) if keep.any() else pred.sum() * 0
@@ -332,6 +335,7 @@ def fit_head(head: DraftHead, records: list[dict], recipe: HeadRecipe, log=print
 
     ``max_seconds`` (0: none) stops training early, e.g. on a borrowed machine."""
     device = head.fc.weight.device
+    records = [r for r in records if len(r["ids"]) - r.get("loss_from", 1) > recipe.passes]  # answers cut off
     rng = random.Random(recipe.seed)
     order = list(range(len(records)))
     rng.shuffle(order)
@@ -369,17 +373,20 @@ def fit_head(head: DraftHead, records: list[dict], recipe: HeadRecipe, log=print
 
 @torch.no_grad()
 def evaluate_head(head: DraftHead, records: list[dict], lookup: torch.Tensor, passes: int = 3) -> dict:
-    """Teacher-forced top-1 agreement with the target's argmax of the 1st, 2nd, ... chained draft,
-    and the expected accepted drafts per verify (greedy, chain of ``passes``)."""
+    """Teacher-forced top-1 agreement with the target's argmax of the 1st, 2nd, ... chained draft on
+    the answers' positions, and the expected accepted drafts per verify (greedy, chain of ``passes``)."""
     device = head.fc.weight.device
     hits, counts, chain = [0] * passes, [0] * passes, []
     for record in records:
         ids, feats, argmax = _tensors(record, device)
-        outs = unrolled(head, ids, feats, passes)
-        starts = torch.arange(1, len(ids) - passes + 1, device=device)
+        first = max(1, record.get("loss_from", 1))
+        starts = torch.arange(first, len(ids) - passes + 1, device=device)
+        outs = unrolled(head, ids, feats, passes, starts=starts)
         ok = []
         for p, pred in enumerate(outs, start=1):
             at = torch.arange(1, len(ids), device=device) if p == 1 else starts + p - 1
+            if p == 1:
+                pred, at = pred[first - 1 :], at[first - 1 :]
             right = head.vocab_ids[head.logits(pred).argmax(-1)] == argmax[at]
             hits[p - 1] += int(right.sum())
             counts[p - 1] += len(right)
@@ -440,8 +447,8 @@ def read_prompts(path: str) -> list[str]:
 
 
 def generate_sequences(model_name: str, prompts: list[str], max_new_tokens: int, *, temperatures=(0.0, 0.8),
-                       device: str | None = None, batch: int = 32, log=print) -> list[list[int]]:
-    """prompt + answer token ids, one answer per prompt and temperature, generated by decodekit itself."""
+                       device: str | None = None, batch: int = 32, log=print) -> list[tuple[list[int], int]]:
+    """(prompt + answer token ids, prompt length), one answer per prompt and temperature, by decodekit itself."""
     from decodekit.api import LLM
 
     llm = LLM(model_name, device=device, max_batch_size=batch, cache_tokens=batch * (max_new_tokens + 1024))
@@ -452,7 +459,7 @@ def generate_sequences(model_name: str, prompts: list[str], max_new_tokens: int,
         for start in range(0, len(chats), batch):
             for c in llm.generate(chats[start : start + batch], temperature=temperature,
                                   max_new_tokens=max_new_tokens, seed=start):
-                out.append(list(c.prompt_token_ids) + list(c.choices[0].token_ids))
+                out.append((list(c.prompt_token_ids) + list(c.choices[0].token_ids), len(c.prompt_token_ids)))
         log(f"generated {len(chats)} answers at temperature {temperature} ({time.perf_counter() - t0:.0f} s)")
     return out
 
@@ -463,20 +470,23 @@ def train(args) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = HeadRecipe(vocab=args.vocab, epochs=args.epochs, lr=args.lr, seed=args.seed, passes=args.passes)
-    sequences = []
+    sequences, prompt_lens = [], []
     for path in args.data or []:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         sequences += [r["prompt_ids"] + r["output_ids"] for r in rows]
+        prompt_lens += [len(r["prompt_ids"]) for r in rows]
     if not args.data or args.prompts or args.generate:
         prompts = read_prompts(args.prompts) if args.prompts else default_prompts(args.gsm8k)
         temps = tuple(float(t) for t in args.temperatures.split(","))
-        sequences += generate_sequences(args.model, prompts, args.gen_tokens, temperatures=temps,
-                                        device=args.device, batch=args.gen_batch)
+        for ids, prompt_len in generate_sequences(args.model, prompts, args.gen_tokens, temperatures=temps,
+                                                  device=args.device, batch=args.gen_batch):
+            sequences.append(ids)
+            prompt_lens.append(prompt_len)
     backend = load_backend(args.model, device=args.device)
     model = backend.model
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()
-    records = target_features(model, sequences, recipe.max_len, batch=args.gen_batch)
+    records = target_features(model, sequences, recipe.max_len, batch=args.gen_batch, prompt_lens=prompt_lens)
     head = DraftHead(HeadShape.of(model.config), top_vocab(records, recipe.vocab)).to(model.device).bind(model)
     head.init_from(model.model.layers[-1])
     metrics = fit_head(head, records, recipe, max_seconds=args.max_seconds)

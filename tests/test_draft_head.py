@@ -118,7 +118,6 @@ def test_head_speculation_greedy_identical_and_cache_clean(k):
     assert sum(c.stats.extra["tokens_accepted"] for c in fast) > 0
     backend.cache.check_integrity()
     assert backend.cache.num_open_handles == 0
-    assert not backend.features  # every captured hidden state was read or released
     # an unsure head drafts less (drafting stops below the confidence floor), output unchanged
     unsure = _engine_run(engine, PROMPTS, params, Speculative(draft=HeadDrafter(backend, head, min_confidence=0.9),
                                                               num_draft_tokens=k))
@@ -155,20 +154,25 @@ def test_head_sampled_drafts_report_their_distribution():
         assert (d.q[:, 1::2] == 0).all()  # only the head's vocabulary
 
 
-def test_feature_capture_is_bounded_and_exact(monkeypatch):
-    from decodekit.backends import base
-
+def test_features_are_kept_per_slot_and_survive_prefix_hits():
     model = tiny_llama(seed=5)
     backend = HFBackend(model, MockTokenizer(16), name="tiny", cache_tokens=1024)
+    ids = [1, 2, 3, 4, 5, 6, 7, 8]
+    early = backend.open(ids[:4])
+    backend.forward([early], [ids[:4]])  # computed before capture: no features
     backend.capture_features()
-    monkeypatch.setattr(base, "FEATURE_ROWS", 20)
-    handles = [backend.open([]) for _ in range(4)]
-    backend.forward(handles, [[1, 2, 3, 4, 5, 6, 7, 8]] * 4)
-    assert sum(c[1].shape[0] for chunks in backend.features.values() for c in chunks) <= 20
-    assert backend.take_features(handles[0]) == []  # the oldest handle's rows were dropped
-    (start, rows), = backend.take_features(handles[3])
+    assert backend.first_featured(early, 4) is None
+    first = backend.open(ids)
+    backend.forward([first], [ids[len(first):]])
+    backend.cache.commit(first, ids)
+    backend.cache.release(first)
+    backend.cache.release(early)
+    again = backend.open(ids)  # a prefix-cache hit (all but the last token): the features are still there
+    assert len(again) == len(ids) - 1
     with torch.no_grad():
-        ref = model.model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device=model.device)).last_hidden_state[0]
-    assert start == 0 and torch.allclose(rows, ref, atol=1e-5)
-    for h in handles:
-        backend.cache.release(h)
+        ref = model.model(input_ids=torch.tensor([ids], device=model.device)).last_hidden_state[0]
+    start = backend.first_featured(again, 7)
+    assert start in (0, 4)  # the first 4 positions' slots may be the early (uncaptured) handle's
+    assert torch.allclose(backend.features_at(again, start, 7), ref[start:7], atol=1e-5)
+    assert backend.features_at(again, 2, 8) is None  # past the handle
+    backend.cache.release(again)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +10,6 @@ import torch
 from decodekit.cache import CacheManager, KVHandle
 
 SHORT_ROW = 16  # rows with at most this many new tokens (decode, verify) batch together
-FEATURE_ROWS = 32768  # captured hidden states kept at most (oldest handles' dropped first)
 
 
 @dataclass(frozen=True)
@@ -40,8 +38,10 @@ class Backend(ABC):
     def __init__(self):
         self.num_forward_calls = 0
         self.num_forward_tokens = 0
-        self.features: OrderedDict[int, list] | None = None  # handle id -> [(first position, (n, H) rows)]
-        self.last_hidden: list[torch.Tensor] | None = None  # set by forward_rows while features are captured
+        self.capturing = False
+        self.feature_pool: torch.Tensor | None = None  # (capacity + 1, H): hidden state per KV slot
+        self.feature_ok: torch.Tensor | None = None  # (capacity + 1,) bool: the slot's row was written
+        self.last_hidden: list[torch.Tensor] | None = None  # set by forward_rows while capturing
 
     @abstractmethod
     def forward_rows(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
@@ -73,31 +73,44 @@ class Backend(ABC):
             self.num_forward_tokens += sum(len(rows[i].new_ids) for i in group)
             for i, row_logits in zip(group, logits):
                 out[i] = row_logits
-            if self.features is not None:
-                self._keep_features([handles[i] for i in group], [rows[i] for i in group])
+            if self.capturing:
+                self._keep_features([rows[i] for i in group])
         return out
 
     # ---- hidden-state capture (for draft heads that read the target's features) --------------
+    # The final hidden state of every computed position is kept per KV slot, beside its keys and
+    # values, so a cached prefix keeps its features too (a prefix-cache hit computes nothing).
     def capture_features(self) -> None:
-        """From now on keep each computed position's last hidden state, per handle, until taken."""
-        if self.features is None:
-            self.features = OrderedDict()
+        """From now on keep each computed position's last hidden state in its KV slot's row."""
+        self.capturing = True
 
-    def take_features(self, handle: KVHandle) -> list[tuple[int, torch.Tensor]]:
-        """The (first position, (n, H) hidden states) chunks computed for ``handle`` since the last take."""
-        return self.features.pop(handle.hid, []) if self.features is not None else []
+    def features_at(self, handle: KVHandle, start: int, stop: int) -> torch.Tensor | None:
+        """(stop - start, H) hidden states of ``handle``'s positions [start, stop), or None if one is missing."""
+        if self.feature_pool is None or not 0 <= start < stop <= len(handle):
+            return None
+        slots = torch.tensor(handle.slots[start:stop], device=self.feature_pool.device)
+        return self.feature_pool[slots] if bool(self.feature_ok[slots].all()) else None
 
-    def _keep_features(self, handles: list[KVHandle], rows: list[ForwardRow]) -> None:
+    def first_featured(self, handle: KVHandle, stop: int) -> int | None:
+        """The smallest p with features for every position in [p, stop), or None."""
+        if self.feature_pool is None or not 0 < stop <= len(handle):
+            return None
+        ok = self.feature_ok[torch.tensor(handle.slots[:stop], device=self.feature_ok.device)]
+        if not bool(ok[-1]):
+            return None
+        missing = (~ok).nonzero()
+        return int(missing[-1]) + 1 if len(missing) else 0
+
+    def _keep_features(self, rows: list[ForwardRow]) -> None:
         if self.last_hidden is None:
             raise ValueError(f"backend {self.name!r} cannot capture hidden states")
-        for handle, row, hidden in zip(handles, rows, self.last_hidden):
-            chunks = self.features.setdefault(handle.hid, [])
-            chunks.append((len(row.slots) - len(row.new_ids), hidden.clone()))  # not a view of the batch
-            self.features.move_to_end(handle.hid)
-        kept = sum(c[1].shape[0] for chunks in self.features.values() for c in chunks)
-        while kept > FEATURE_ROWS and len(self.features) > 1:  # handles nobody reads (other strategies' requests)
-            _, chunks = self.features.popitem(last=False)
-            kept -= sum(c[1].shape[0] for c in chunks)
+        for row, hidden in zip(rows, self.last_hidden):
+            if self.feature_pool is None:
+                self.feature_pool = hidden.new_zeros((self.cache.capacity + 1, hidden.shape[-1]))
+                self.feature_ok = torch.zeros(self.cache.capacity + 1, dtype=torch.bool, device=hidden.device)
+            slots = torch.tensor(row.slots[len(row.slots) - len(row.new_ids):], device=hidden.device)
+            self.feature_pool[slots] = hidden
+            self.feature_ok[slots] = True
         self.last_hidden = None
 
     def open(self, ids: list[int]) -> KVHandle:

@@ -134,7 +134,7 @@ class HFBackend(Backend):
 
     def capture_features(self) -> None:
         """Keep the final-norm hidden states (what the LM head reads) of every forward."""
-        if self.features is None:
+        if not self.capturing:
             norm = getattr(getattr(self.model, "model", None), "norm", None)
             if norm is None:
                 raise ValueError(f"model {self.name!r} has no final norm (model.model.norm) to read features from")

@@ -150,24 +150,23 @@ HEAD_MIN_CONFIDENCE = 0.4
 
 
 class HeadState:
-    """One sequence's draft-head state: the layer's K/V over verified entries, unread target features."""
+    """One sequence's draft-head K/V: entry j read token j and the target's feature at j - 1, both
+    verified, so it never needs rolling back (chained drafts' entries are not kept)."""
 
-    __slots__ = ("past", "next_entry", "features")
+    __slots__ = ("past", "next_entry")
 
     def __init__(self):
-        # (K, V) of entries up to next_entry: entry j read token j and the feature at j - 1, both
-        # verified, so the K/V never needs rolling back (chained drafts' entries are not kept)
         self.past = None
-        self.next_entry = None  # the next entry to compute (None until the first features arrive)
-        self.features: dict[int, torch.Tensor] = {}  # position -> the target's (H,) hidden state there
+        self.next_entry = None  # the next entry to compute
 
 
 class HeadDrafter(Drafter):
     """Chained drafts from a ``DraftHead``: each reads the target's (then its own) last feature.
 
-    The target backend captures its final hidden states; after each verify the head first folds
-    the newly verified positions into its K/V (one forward), which also yields the first draft
-    token, then chains k - 1 more on its own predicted features. Only verified entries are kept.
+    The target backend keeps each computed position's final hidden state with its KV slot (so
+    prefix-cache hits keep them); per step the head first folds the newly verified positions into
+    its K/V (one forward), which also yields the first draft token, then chains up to k - 1 more on
+    its own predicted features, stopping early where it is unsure. Only verified entries are kept.
     """
 
     name = "head"
@@ -179,31 +178,30 @@ class HeadDrafter(Drafter):
         target.capture_features()
 
     def propose(self, seqs, ks):
-        return [self._propose(seq, k) if k > 0 else self._absorb(seq) for seq, k in zip(seqs, ks)]
+        return [self._propose(seq, k) if k > 0 else Draft([]) for seq, k in zip(seqs, ks)]
 
     def release(self, seq):
         seq.state.pop("head", None)
-        self.target.take_features(seq.handle)
-
-    @torch.inference_mode()
-    def _absorb(self, seq) -> Draft:
-        self._state(seq)  # keep reading features on plain steps so the next draft has them
-        return Draft([])
 
     @torch.inference_mode()
     def _propose(self, seq, k: int) -> Draft:
-        state = self._state(seq)
-        last = len(seq.ids) - 1  # the newest entry reads the last verified token and feature last - 1
-        if state.next_entry is None or (last - 1) not in state.features or state.next_entry > last:
+        state = seq.state.get("head") or seq.state.setdefault("head", HeadState())
+        last = len(seq.ids) - 1  # the newest entry reads the last verified token and the feature at last - 1
+        if state.next_entry is None:
+            first = self.target.first_featured(seq.handle, last)
+            if first is None:
+                return Draft([])
+            state.next_entry = first + 1
+        feats = self.target.features_at(seq.handle, state.next_entry - 1, last) if state.next_entry <= last else None
+        if feats is None:
+            seq.state.pop("head")  # features missing (computed before capture): start over next step
             return Draft([])
         entries = range(state.next_entry, last + 1)
         device = self.head.fc.weight.device
         tokens = torch.tensor([seq.ids[j] for j in entries], device=device)
-        feats = torch.stack([state.features[j - 1] for j in entries]).to(self.head.fc.weight.dtype)
-        out, past = self.head(tokens[None], feats[None], torch.tensor(list(entries), device=device), state.past)
+        out, past = self.head(tokens[None], feats[None].to(self.head.fc.weight.dtype),
+                              torch.tensor(list(entries), device=device), state.past)
         state.past, state.next_entry = past, last + 1
-        for j in entries:
-            state.features.pop(j - 1, None)
         drafts, qs, feature = [], [], out[:, -1:]
         for step in range(k):
             logits = self.head.logits(feature[0, -1])
@@ -217,17 +215,6 @@ class HeadDrafter(Drafter):
                 pos = torch.tensor([last + 1 + step], device=device)
                 feature, past = self.head(torch.tensor([[token]], device=device), feature, pos, past)
         return Draft(drafts, torch.stack(qs) if qs else None)
-
-    def _state(self, seq) -> HeadState:
-        state = seq.state.get("head")
-        if state is None:
-            state = seq.state["head"] = HeadState()
-        for start, rows in self.target.take_features(seq.handle):
-            for i in range(rows.shape[0]):
-                state.features[start + i] = rows[i]
-            if state.next_entry is None:
-                state.next_entry = start + 1
-        return state
 
     def _draw(self, head_logits: torch.Tensor, seq) -> tuple[int, torch.Tensor | None]:
         vocab_ids = self.head.vocab_ids
