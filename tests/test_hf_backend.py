@@ -164,6 +164,12 @@ def test_packed_linears_match_the_stock_path():
     for n in inputs:
         assert torch.allclose(before[n], after[n], atol=1e-5), n
     assert torch.equal(before[1], after[1]) and torch.equal(before[40], after[40])  # stock path outside 4..16 rows
+    import copy
+
+    with cpu_linear.unpacked(model):  # packed MKL tensors cannot be deep-copied (the int8 draft copies the model)
+        plain = copy.deepcopy(model)
+    assert not any("_packed_weight" in m.__dict__ for m in plain.modules())
+    assert all("_packed_weight" in m.__dict__ for m in model.modules() if type(m) is torch.nn.Linear)
     loss = model(input_ids=inputs[6], labels=inputs[6]).loss  # training keeps the stock (differentiable) path
     loss.backward()
     assert model.lm_head.weight.grad is not None

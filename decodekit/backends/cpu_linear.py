@@ -14,6 +14,8 @@ is packed.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -66,3 +68,15 @@ def _packed_path_exact(module: torch.nn.Linear) -> bool:
             if not torch.allclose(ours, F.linear(x, weight), rtol=1e-4, atol=1e-4):
                 return False
     return True
+
+
+@contextmanager
+def unpacked(model: torch.nn.Module):
+    """``model`` with its packed copies set aside (packed MKL tensors cannot be deep-copied)."""
+    saved = [(m, m.__dict__.pop("forward"), m.__dict__.pop("_packed_weight")) for m in model.modules()
+             if "_packed_weight" in m.__dict__]
+    try:
+        yield model
+    finally:
+        for module, forward, packed in saved:
+            module._packed_weight, module.forward = packed, forward

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from decodekit.backends.cpu_linear import unpacked
 from decodekit.sampling import draw, probs_from_logits
 
 
@@ -260,7 +261,8 @@ def int8_backend(target):
     model = getattr(target, "model", None)
     if model is None:
         raise ValueError("draft='int8' needs a transformers (HF) target backend")
-    quantized = _quantize_dynamic(copy.deepcopy(model).cpu())
+    with unpacked(model):
+        quantized = _quantize_dynamic(copy.deepcopy(model).cpu())
     return HFBackend(quantized, target.tokenizer, name=f"{target.name}:int8", cache_tokens=target.cache.capacity)
 
 
