@@ -4,13 +4,15 @@ The head is one decoder layer on top of the target: it reads the target's last h
 (after the final norm, what the LM head sees) at position t together with the embedding of
 token t + 1, and predicts the hidden state at t + 1; the target's own LM head rows, restricted to
 the ``vocab`` most frequent tokens of its outputs, turn that into a draft token. Chained, it drafts
-k tokens for ~6% of a target step each (one small layer and an 8k-row head instead of 30 layers
-and the 49k-row head), and it keeps its own K/V per sequence, rolled back to verified tokens.
+k tokens for a few percent of a target step each (one small layer and an 8k-row head instead of
+30 layers and the 49k-row head); its own K/V per sequence holds only entries built from verified
+tokens and target features (``HeadDrafter`` in ``decodekit.strategies.drafters``).
 
 Training (``decodekit draft-head``): the target answers prompts (greedy and sampled), a
 teacher-forced pass records its hidden states and argmax tokens, and the head fits
-cross-entropy on the target's argmax plus a smooth-L1 pull towards the target's hidden state,
-with input-feature noise so chained drafts (which read the head's own predictions) stay close.
+cross-entropy on the target's argmax plus a smooth-L1 pull towards the target's hidden state on
+the answers' positions, over ``passes`` unrolled draft steps: later steps read the head's own
+predicted features with exactly the keys they see when drafting (EAGLE-3's training-time test).
 The head is saved under ``~/.cache/decodekit/draft_heads/<model>/`` (weights and recipe); the
 target's embedding and LM head are not stored, they are read from the target at load.
 """
@@ -210,7 +212,6 @@ class HeadRecipe:
     max_len: int = 768
     val_fraction: float = 0.05
     seed: int = 0
-    threads: int = 0
 
     def __post_init__(self):
         for name in ("vocab", "epochs", "max_len", "passes"):
