@@ -184,8 +184,8 @@ def summarize(records: list[dict], batch: dict, speed: dict, args):
     mean_accepted = {s: median([r[f"{s}/greedy"]["extra"]["mean_tokens_per_step"] for r in records])
                      for s in sources}
     identical = all(r[f"{s}/greedy"]["tokens"] == r["plain/greedy"]["tokens"] for r in records for s in sources)
-    hf_identical = all(r[f"hf:{s}/greedy"]["tokens"] == r["plain/greedy"]["tokens"] for r in records
-                       for s in ("int8", "ngram"))
+    hf_identical = all(r[name]["tokens"] == r["plain/greedy"]["tokens"] for r in records
+                       for name in HF_EQUIVALENT.values())
     warm_speedup = {s: {c: ratio(f"{s}/t0.7", "plain/t0.7", c) for c in categories} for s in sources}
     best = max(sources, key=lambda s: mean_speedup[s])
     summary = {"bench": "speculative", "speedup": speedup, "mean_speedup": mean_speedup,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -154,16 +153,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 # ---- files ---------------------------------------------------------------------------------------
 
-def heads_dir() -> Path:
-    return Path(os.environ.get("DECODEKIT_CACHE", Path.home() / ".cache" / "decodekit")) / "draft_heads"
+def model_name_of(name: str) -> str:
+    """A backend's name without its ``:<dtype>`` suffix (the name the model was loaded by)."""
+    from decodekit.vllm_prep import DTYPES
+
+    base, _, suffix = name.rpartition(":")
+    return base if base and suffix in DTYPES else name
 
 
 def head_path(model_name: str) -> Path:
-    """Where the head of ``model_name`` lives (a backend name's ``:<dtype>`` suffix is dropped)."""
-    base, _, suffix = model_name.rpartition(":")
-    if base and suffix in ("float32", "bfloat16", "float16"):
-        model_name = base
-    return heads_dir() / model_name.replace("/", "--")
+    """Where the head of ``model_name`` (or of a backend of that name) lives."""
+    from decodekit.models import cache_root
+
+    return cache_root() / "draft_heads" / model_name_of(model_name).replace("/", "--")
 
 
 def save_head(head: DraftHead, model_name: str, recipe: dict, path: str | Path | None = None) -> Path:
@@ -186,8 +188,8 @@ def load_head(target_backend, path: str | Path | None = None) -> DraftHead:
     path = Path(path) if path else head_path(target_backend.name)
     weights = path / "head.safetensors"
     if not weights.exists():
-        raise ValueError(f"no draft head for {target_backend.name!r} at {path}: train one with "
-                         f"`decodekit draft-head --model {target_backend.name}`")
+        name = model_name_of(target_backend.name)
+        raise ValueError(f"no draft head for {name!r} at {path}: train one with `decodekit draft-head --model {name}`")
     shape = HeadShape.of(model.config)
     saved = json.loads((path / "recipe.json").read_text())["shape"]
     if saved != asdict(shape):
@@ -301,6 +303,20 @@ def _tensors(record: dict, device):
     return record["ids"].to(device), record["features"].float().to(device), record["argmax"].to(device)
 
 
+def _answer_start(record: dict) -> int:
+    """The first entry whose prediction is an answer token (entry j predicts token j + 1)."""
+    return max(1, record.get("loss_from", 1))
+
+
+def _answer_passes(outs: list[torch.Tensor], starts: torch.Tensor, first: int, length: int):
+    """(pass, predictions, positions whose target features / argmax they predict), answer positions only."""
+    for p, pred in enumerate(outs, start=1):
+        if p == 1:
+            yield p, pred[first - 1 :], torch.arange(first, length, device=pred.device)
+        else:
+            yield p, pred, starts + p - 1
+
+
 PASS_WEIGHT = 0.8  # pass p's loss weight is PASS_WEIGHT ** (p - 1)
 
 
@@ -311,7 +327,7 @@ def sequence_loss(head: DraftHead, record: dict, lookup: torch.Tensor, recipe: H
     """Cross-entropy on the target's argmax (head vocabulary) + smooth-L1 on its features, per pass,
     on the answer's positions (``record["loss_from"]``: drafting only ever continues answers)."""
     ids, feats, argmax = _tensors(record, device)
-    first = max(1, record.get("loss_from", 1))
+    first = _answer_start(record)
     fits = len(ids) - recipe.passes - first + 1  # chain starts first .. len - passes
     if fits > TRAIN_CHAINS:
         starts = (torch.randperm(fits, device=device)[:TRAIN_CHAINS] + first).sort().values
@@ -319,10 +335,7 @@ def sequence_loss(head: DraftHead, record: dict, lookup: torch.Tensor, recipe: H
         starts = torch.arange(first, first + max(fits, 0), device=device)
     total, first_ce = 0.0, None
     outs = unrolled(head, ids, feats, recipe.passes, recipe.noise, starts)
-    for p, pred in enumerate(outs, start=1):
-        at = torch.arange(1, len(ids), device=device) if p == 1 else starts + p - 1
-        if p == 1:
-            pred, at = pred[first - 1 :], at[first - 1 :]
+    for p, pred, at in _answer_passes(outs, starts, first, len(ids)):
         labels = lookup[argmax[at]]  # -1 where the target's token is outside the head's vocabulary
         keep = labels >= 0
         ce = F.cross_entropy(head.logits(pred[keep]), labels[keep]) if keep.any() else pred.sum() * 0
@@ -336,7 +349,7 @@ def fit_head(head: DraftHead, records: list[dict], recipe: HeadRecipe, log=print
 
     ``max_seconds`` (0: none) stops training early, e.g. on a borrowed machine."""
     device = head.fc.weight.device
-    records = [r for r in records if len(r["ids"]) - r.get("loss_from", 1) > recipe.passes]  # answers cut off
+    records = [r for r in records if len(r["ids"]) - _answer_start(r) > recipe.passes]  # answers cut off
     rng = random.Random(recipe.seed)
     order = list(range(len(records)))
     rng.shuffle(order)
@@ -380,14 +393,11 @@ def evaluate_head(head: DraftHead, records: list[dict], lookup: torch.Tensor, pa
     hits, counts, chain = [0] * passes, [0] * passes, []
     for record in records:
         ids, feats, argmax = _tensors(record, device)
-        first = max(1, record.get("loss_from", 1))
+        first = _answer_start(record)
         starts = torch.arange(first, len(ids) - passes + 1, device=device)
         outs = unrolled(head, ids, feats, passes, starts=starts)
         ok = []
-        for p, pred in enumerate(outs, start=1):
-            at = torch.arange(1, len(ids), device=device) if p == 1 else starts + p - 1
-            if p == 1:
-                pred, at = pred[first - 1 :], at[first - 1 :]
+        for p, pred, at in _answer_passes(outs, starts, first, len(ids)):
             right = head.vocab_ids[head.logits(pred).argmax(-1)] == argmax[at]
             hits[p - 1] += int(right.sum())
             counts[p - 1] += len(right)

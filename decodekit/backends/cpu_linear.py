@@ -37,12 +37,19 @@ def pack_linears(model: torch.nn.Module) -> int:
         return 0
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
                and m.weight.dtype == torch.float32 and not hasattr(m, "_packed_weight")]
-    if not linears or not _packed_path_exact(linears[0]):
+    if not linears:
+        return 0
+    first = _pack(linears[0])
+    if not _packed_path_exact(linears[0].weight.detach(), first):
         return 0
     for module in linears:
-        module._packed_weight = torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), PACK_ROWS)
+        module._packed_weight = first if module is linears[0] else _pack(module)
         module.forward = _packed_forward(module)
     return len(linears)
+
+
+def _pack(module: torch.nn.Linear) -> torch.Tensor:
+    return torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), PACK_ROWS)
 
 
 def _packed_forward(module: torch.nn.Linear):
@@ -57,9 +64,7 @@ def _packed_forward(module: torch.nn.Linear):
     return forward
 
 
-def _packed_path_exact(module: torch.nn.Linear) -> bool:
-    weight = module.weight.detach()
-    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACK_ROWS)
+def _packed_path_exact(weight: torch.Tensor, packed: torch.Tensor) -> bool:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for rows in range(MIN_ROWS, MAX_ROWS + 1):

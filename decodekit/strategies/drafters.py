@@ -86,6 +86,14 @@ class NgramDrafter(Drafter):
 
 # ---- a draft model in its own cache namespace --------------------------------------------------
 
+def draw_draft(logits: torch.Tensor, seq) -> tuple[int, torch.Tensor | None]:
+    """A draft token from ``logits`` under the request's sampling, and the q it was drawn from (None: greedy)."""
+    if seq.params.greedy:
+        return int(logits.argmax(-1)), None
+    q = probs_from_logits(logits, seq.params)
+    return draw(q, seq.generator), q
+
+
 class ModelDrafter(Drafter):
     """Drafts autoregressively with ``backend``, batched over sequences, one forward per draft token."""
 
@@ -106,7 +114,7 @@ class ModelDrafter(Drafter):
             handles = [seqs[i].state[self.key] for i in active]
             logits = self.backend.forward(handles, [new_ids[i] for i in active], 1)
             for i, row in zip(active, logits):
-                token, q = self._draw(row[-1], seqs[i])
+                token, q = draw_draft(row[-1], seqs[i])
                 drafts[i].append(token)
                 if q is not None:
                     qs[i].append(q)
@@ -121,12 +129,6 @@ class ModelDrafter(Drafter):
         elif len(handle) >= len(seq.ids):
             self.backend.cache.truncate(handle, len(seq.ids) - 1)  # keep one token to compute
         return handle
-
-    def _draw(self, logits: torch.Tensor, seq) -> tuple[int, torch.Tensor | None]:
-        if seq.params.greedy:
-            return int(logits.argmax(-1)), None
-        q = probs_from_logits(logits, seq.params)
-        return draw(q, seq.generator), q
 
     def rollback(self, seq, num_verified):
         handle = seq.state.get(self.key)
@@ -186,14 +188,14 @@ class HeadDrafter(Drafter):
 
     @torch.inference_mode()
     def _propose(self, seq, k: int) -> Draft:
-        state = seq.state.get("head") or seq.state.setdefault("head", HeadState())
+        state = seq.state.setdefault("head", HeadState())
         last = len(seq.ids) - 1  # the newest entry reads the last verified token and the feature at last - 1
         if state.next_entry is None:
             first = self.target.first_featured(seq.handle, last)
             if first is None:
                 return Draft([])
             state.next_entry = first + 1
-        feats = self.target.features_at(seq.handle, state.next_entry - 1, last) if state.next_entry <= last else None
+        feats = self.target.features_at(seq.handle, state.next_entry - 1, last)
         if feats is None:
             seq.state.pop("head")  # features missing (computed before capture): start over next step
             return Draft([])
@@ -208,7 +210,7 @@ class HeadDrafter(Drafter):
             logits = self.head.logits(feature[0, -1])
             if self.min_confidence and float(torch.softmax(logits.float(), -1).max()) < self.min_confidence:
                 break  # the head is unsure: a verify of this draft would more likely cost than pay
-            token, q = self._draw(logits, seq)
+            token, q = draw_draft(self._full_vocab(logits), seq)
             drafts.append(token)
             if q is not None:
                 qs.append(q)
@@ -217,14 +219,11 @@ class HeadDrafter(Drafter):
                 feature, past = self.head(torch.tensor([[token]], device=device), feature, pos, past)
         return Draft(drafts, torch.stack(qs) if qs else None)
 
-    def _draw(self, head_logits: torch.Tensor, seq) -> tuple[int, torch.Tensor | None]:
-        vocab_ids = self.head.vocab_ids
-        if seq.params.greedy:
-            return int(vocab_ids[head_logits.argmax(-1)]), None
+    def _full_vocab(self, head_logits: torch.Tensor) -> torch.Tensor:
+        """The head's logits over the target's vocabulary: -inf outside the head's tokens."""
         full = torch.full((self.target.vocab_size,), float("-inf"), device=head_logits.device)
-        full[vocab_ids] = head_logits.float()
-        q = probs_from_logits(full, seq.params)
-        return draw(q, seq.generator), q
+        full[self.head.vocab_ids] = head_logits.float()
+        return full
 
 
 class LookupThenModel(Drafter):
