@@ -124,7 +124,7 @@ class DraftHead(nn.Module):
         k = self.k(y).view(b, t, s.kv_heads, s.head_dim).transpose(1, 2)
         v = self.v(y).view(b, t, s.kv_heads, s.head_dim).transpose(1, 2)
         cos, sin = self._rotary(positions)
-        return x, _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        return x, _rotate(q, cos, sin).to(v.dtype), _rotate(k, cos, sin).to(v.dtype), v
 
     def attend(self, x, q, k, v, mask):
         """Attention over (k, v) under ``mask`` (True = may attend), then the MLP: predicted features."""

@@ -14,12 +14,16 @@ from decodekit.sampling import probs_from_logits
 from decodekit.strategies import by_name
 from decodekit.strategies.acceptance import verify_greedy, verify_sampled
 from decodekit.strategies.drafters import (
+    Draft,
+    Drafter,
     LookupThenModel,
     ModelDrafter,
     NgramDrafter,
+    best_length,
     check_same_tokenizer,
     int8_backend,
     ngram_propose,
+    verify_cost_of,
 )
 
 V = 8
@@ -240,17 +244,57 @@ def _tree_paths(tree):
     return out
 
 
+class NoConfidence(Drafter):
+    """Greedy drafts from a mock model with no confidence estimates: adaptive k follows acceptance alone."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def propose(self, seqs, ks):
+        return [Draft(self._chain(list(s.ids), k)) for s, k in zip(seqs, ks)]
+
+    def _chain(self, ids, k):
+        for _ in range(k):
+            ids.append(int(self.backend.exact_logits(ids).argmax()))
+        return ids[len(ids) - k:] if k else []
+
+
 def test_adaptive_k_and_stats():
     target = MockBackend(vocab_size=16, seed=0)
     llm = LLM(backend=target)
-    same = llm.generate("abc", strategy=Speculative(draft=MockBackend(vocab_size=16, seed=0, name="d")),
+    same = llm.generate("abc", strategy=Speculative(draft=NoConfidence(MockBackend(vocab_size=16, seed=0, name="d"))),
                         temperature=0, max_new_tokens=60, ignore_eos=True).stats.extra
     assert same["acceptance_rate"] == 1.0 and max(i for i, c in enumerate(same["acceptance_histogram"]) if c) > 8
     assert same["mean_tokens_per_step"] == pytest.approx(same["mean_accepted"] + 1)
     assert same["target_forward_passes"] < 15  # 60 tokens
-    unlike = llm.generate("abc", strategy=Speculative(draft=MockBackend(vocab_size=16, seed=9, name="d")),
+    unlike = llm.generate("abc", strategy=Speculative(draft=NoConfidence(MockBackend(vocab_size=16, seed=9,
+                                                                                     name="d"))),
                           temperature=0, max_new_tokens=60, ignore_eos=True).stats.extra
     assert unlike["tokens_drafted"] < 2 * unlike["verify_steps"]  # k shrank towards 1
+
+
+def test_draft_length_by_value():
+    """best_length keeps the prefix with the most expected tokens per verify cost; a drafter whose
+    confidences undersell it gets trusted more as its drafts keep being accepted, and one that oversells
+    drafts less."""
+    flat = (1.0, 1.0, 1.0, 1.0)
+    assert best_length([0.9, 0.9, 0.9], flat) == (3, pytest.approx(1 + 0.9 + 0.81 + 0.729))
+    assert best_length([0.1, 0.9], (1.0, 1.5, 1.6))[0] == 0  # (1 + 0.1) / 1.5 < 1
+    assert best_length([0.5, 0.9, 0.9], (1.0, 1.05, 1.1, 1.12))[0] == 3
+    assert best_length([], flat) == (0, 1.0)
+    assert verify_cost_of((1.0, 1.5), 4) == pytest.approx(2.5)
+    for bad in [(), (0.5, 1.0), (1.0, 0.9), "cheap"]:
+        with pytest.raises(ValueError, match="verify_cost"):
+            Speculative(verify_cost=bad)
+    llm = LLM(backend=MockBackend(vocab_size=16, seed=0))
+    same = llm.generate("abc", strategy=Speculative(draft=MockBackend(vocab_size=16, seed=0, name="d")),
+                        temperature=0, max_new_tokens=120, ignore_eos=True).stats.extra
+    assert same["acceptance_rate"] == 1.0 and same["target_forward_passes"] < 40
+    hist = same["acceptance_histogram"]
+    assert max(i for i, c in enumerate(hist) if c) >= 4  # the mock's own confidence is ~0.3 per token
+    unlike = llm.generate("abc", strategy=Speculative(draft=MockBackend(vocab_size=16, seed=9, name="d")),
+                          temperature=0, max_new_tokens=120, ignore_eos=True).stats.extra
+    assert unlike["tokens_drafted"] < 1.2 * unlike["verify_steps"]
 
 
 def test_validation_and_registry():

@@ -8,6 +8,7 @@ own handle per sequence in its own cache namespace and rolls it back to the veri
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from typing import NamedTuple
 
@@ -20,10 +21,56 @@ from decodekit.sampling import draw, probs_from_logits
 class Draft(NamedTuple):
     tokens: list[int]
     q: torch.Tensor | None = None  # (len(tokens), V) draft distributions; None = one-hot at the tokens
+    # per token: the drafter's estimate that it is accepted given the earlier ones were; None = no estimate
+    confidence: list[float] | None = None
+
+    def head(self, n: int) -> Draft:
+        """The first ``n`` drafts."""
+        conf = None if self.confidence is None else self.confidence[:n]
+        return Draft(self.tokens[:n], None if self.q is None else self.q[:n], conf)
+
+
+# ---- what a draft is worth ------------------------------------------------------------------------
+
+# Cost of one target forward over m new tokens (entry m - 1) against a 1-token decode step. CPU:
+# SmolLM2-135M float32 with packed linears, 1 thread, ~300-token context, medians of two interleaved
+# runs (m = 1..8, 10, 12, 16; the rest interpolated). GPU: a forward this small is launch-bound.
+CPU_VERIFY_COST = (1.0, 1.05, 1.12, 1.25, 1.32, 1.37, 1.41, 1.45, 1.55, 1.65, 1.7, 1.75, 1.8, 1.85, 1.9, 1.95, 2.0)
+GPU_VERIFY_COST = tuple(1.0 + 0.01 * m for m in range(17))
+
+
+def verify_cost_of(table, m: int) -> float:
+    """``table``'s cost of an m-token forward, extended linearly past its end."""
+    if m <= len(table):
+        return table[m - 1]
+    step = table[-1] - table[-2] if len(table) > 1 else 0.0
+    return table[-1] + step * (m - len(table))
+
+
+def best_length(confidence: list[float], verify_cost) -> tuple[int, float]:
+    """The draft length k (0..len) with the most expected tokens per unit of verify cost, and that rate.
+
+    Verifying k drafts yields 1 + sum_i prod_{j<=i} confidence[j] tokens on average (each draft
+    counts only if all before it were accepted) for the cost of a (k + 1)-token forward.
+    """
+    best_k, best = 0, 1.0 / verify_cost_of(verify_cost, 1)
+    path, expected = 1.0, 0.0
+    for k, c in enumerate(confidence, 1):
+        path *= c
+        expected += path
+        rate = (1.0 + expected) / verify_cost_of(verify_cost, k + 1)
+        if rate > best:
+            best_k, best = k, rate
+    return best_k, best
 
 
 class Drafter(ABC):
     name = "drafter"
+    # Cost of drafting one token, in target decode steps; drafters that estimate confidences stop
+    # once the chance that the next draft is still accepted falls below this plus a verify row.
+    token_cost = 0.0
+    estimates_confidence = False  # True: every Draft carries ``confidence``
+    verify_cost = CPU_VERIFY_COST  # the strategy sets its own table at attach
 
     @abstractmethod
     def propose(self, seqs, ks: list[int]) -> list[Draft]:
@@ -49,9 +96,16 @@ def ngram_propose(ids: list[int], *, num_tokens: int, max_ngram: int = 3, min_ng
     ``num_tokens`` tokens, and at most ``match_caps[n - 1]`` after an n-token match (shorter
     matches predict worse), or ``[]`` when no suffix recurs.
     """
+    return ngram_lookup(ids, num_tokens=num_tokens, max_ngram=max_ngram, min_ngram=min_ngram,
+                        match_caps=match_caps)[1]
+
+
+def ngram_lookup(ids: list[int], *, num_tokens: int, max_ngram: int = 3, min_ngram: int = 1,
+                 match_caps: tuple[int, ...] = ()) -> tuple[int, list[int]]:
+    """``ngram_propose`` with the size n of the suffix that matched (0: none)."""
     length = len(ids)
     if num_tokens <= 0:
-        return []
+        return 0, []
     for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
         suffix = ids[length - n :]
         last = suffix[-1]
@@ -59,8 +113,8 @@ def ngram_propose(ids: list[int], *, num_tokens: int, max_ngram: int = 3, min_ng
         for j in range(length - 1, n - 1, -1):
             if ids[j - 1] == last and ids[j - n : j] == suffix:
                 cap = match_caps[n - 1] if n <= len(match_caps) else num_tokens
-                return list(ids[j : j + min(num_tokens, cap)])
-    return []
+                return n, list(ids[j : j + min(num_tokens, cap)])
+    return 0, []
 
 
 # Draft at most 1 token after a 1-token match and 3 after a 2-token match: on Spec-Bench greedy
@@ -69,9 +123,21 @@ def ngram_propose(ids: list[int], *, num_tokens: int, max_ngram: int = 3, min_ng
 # after short matches cost more than they return (simulated over the greedy outputs: +7% speed).
 MATCH_CAPS = (1, 3)
 
+# How often the i-th lookup draft (i = 0..3, then 4+) is accepted given the earlier ones were, after
+# a 1 / 2 / 3-or-longer-token match: SmolLM2-135M greedy answers to 39 held-out Spec-Bench prompts
+# (3 per category), 2,300 positions.
+NGRAM_ACCEPTANCE = {1: (0.2, 0.5, 0.6, 0.6, 0.8), 2: (0.45, 0.65, 0.6, 0.7, 0.8), 3: (0.7, 0.75, 0.8, 0.85, 0.9)}
+
+
+def ngram_confidence(match: int, num_tokens: int) -> list[float]:
+    rates = NGRAM_ACCEPTANCE[min(match, 3)]
+    return [rates[min(i, len(rates) - 1)] for i in range(num_tokens)]
+
 
 class NgramDrafter(Drafter):
     name = "ngram"
+
+    estimates_confidence = True
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, match_caps: tuple[int, ...] = MATCH_CAPS):
         self.max_ngram = max_ngram
@@ -79,32 +145,66 @@ class NgramDrafter(Drafter):
         self.match_caps = tuple(match_caps)
 
     def propose(self, seqs, ks):
-        return [Draft(ngram_propose(s.ids, num_tokens=k, max_ngram=self.max_ngram, min_ngram=self.min_ngram,
-                                    match_caps=self.match_caps))
-                for s, k in zip(seqs, ks)]
+        return [self._propose(s.ids, k) for s, k in zip(seqs, ks)]
+
+    def _propose(self, ids: list[int], k: int) -> Draft:
+        match, tokens = ngram_lookup(ids, num_tokens=k, max_ngram=self.max_ngram, min_ngram=self.min_ngram,
+                                     match_caps=self.match_caps)
+        return Draft(tokens, None, ngram_confidence(match, len(tokens)) if tokens else [])
 
 
 # ---- a draft model in its own cache namespace --------------------------------------------------
 
-def draw_draft(logits: torch.Tensor, seq) -> tuple[int, torch.Tensor | None]:
-    """A draft token from ``logits`` under the request's sampling, and the q it was drawn from (None: greedy)."""
+def draw_draft(logits: torch.Tensor, seq) -> tuple[int, torch.Tensor | None, float]:
+    """A draft token from ``logits`` under the request's sampling, the q it was drawn from (None:
+    greedy) and the draft's confidence: its distribution's top probability."""
     if seq.params.greedy:
-        return int(logits.argmax(-1)), None
+        return int(logits.argmax(-1)), None, float(torch.softmax(logits.float(), -1).max())
     q = probs_from_logits(logits, seq.params)
-    return draw(q, seq.generator), q
+    return draw(q, seq.generator), q, float(q.max())
+
+
+# A drafted token pays when the chance it is accepted beats its own cost plus about one more verify
+# row (CPU_VERIFY_COST's mean step below 8 tokens).
+VERIFY_ROW_COST = 0.05
+
+
+def worth_drafting(confidence: list[float], seq, token_cost: float) -> bool:
+    """Draft one more token where the earlier drafts' joint (calibrated) confidence still pays for it."""
+    return math.prod(calibrated(confidence, seq)) > token_cost + VERIFY_ROW_COST
+
+
+# The drafter's confidences are scaled per sequence by (accepted + PRIOR) / (expected + PRIOR) over the
+# drafts verified so far: a drafter that is right more (less) often than it claims gets trusted more
+# (less). PRIOR keeps early steps near the drafter's own estimate.
+CALIBRATION_PRIOR = 8.0
+MAX_CONFIDENCE = 0.99
+
+
+def calibrated(confidence: list[float], seq) -> list[float]:
+    scale = seq.state.get("confidence_scale", 1.0)
+    return [min(MAX_CONFIDENCE, scale * c) for c in confidence]
 
 
 class ModelDrafter(Drafter):
-    """Drafts autoregressively with ``backend``, batched over sequences, one forward per draft token."""
+    """Drafts autoregressively with ``backend``, batched over sequences, one forward per draft token.
 
-    def __init__(self, backend, key: str = "draft"):
+    ``token_cost``: one draft step's cost in target decode steps (the int8 copy of SmolLM2-135M runs
+    at ~2.5x the float32 target's speed on CPU, hence 0.4), used to stop where drafting stops paying.
+    """
+
+    estimates_confidence = True
+
+    def __init__(self, backend, key: str = "draft", token_cost: float = 0.4):
         self.backend = backend
         self.name = backend.name
         self.key = f"{key}_handle"  # seq.state key of this drafter's handle
+        self.token_cost = token_cost
 
     def propose(self, seqs, ks):
         drafts: list[list[int]] = [[] for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        confs: list[list[float]] = [[] for _ in seqs]
         active = [i for i, k in enumerate(ks) if k > 0]
         new_ids = {}
         for i in active:
@@ -114,13 +214,14 @@ class ModelDrafter(Drafter):
             handles = [seqs[i].state[self.key] for i in active]
             logits = self.backend.forward(handles, [new_ids[i] for i in active], 1)
             for i, row in zip(active, logits):
-                token, q = draw_draft(row[-1], seqs[i])
+                token, q, conf = draw_draft(row[-1], seqs[i])
                 drafts[i].append(token)
+                confs[i].append(conf)
                 if q is not None:
                     qs[i].append(q)
                 new_ids[i] = [token]
-            active = [i for i in active if ks[i] > step + 1]
-        return [Draft(d, torch.stack(q) if q else None) for d, q in zip(drafts, qs)]
+            active = [i for i in active if ks[i] > step + 1 and worth_drafting(confs[i], seqs[i], self.token_cost)]
+        return [Draft(d, torch.stack(q) if q else None, c) for d, q, c in zip(drafts, qs, confs)]
 
     def _handle(self, seq):
         handle = seq.state.get(self.key)
@@ -147,9 +248,6 @@ class ModelDrafter(Drafter):
 
 # ---- a trained draft head on the target's own hidden states ---------------------------------------
 
-# Stop chaining where the head's top probability is below this: its drafts there are mostly wrong, and
-# on CPU each drafted token adds to the verify forward.
-HEAD_MIN_CONFIDENCE = 0.4
 
 
 class HeadState:
@@ -169,19 +267,23 @@ class HeadDrafter(Drafter):
     The target backend keeps each computed position's final hidden state with its KV slot (so
     prefix-cache hits keep them); per step the head first folds the newly verified positions into
     its K/V (one forward), which also yields the first draft token, then chains up to k - 1 more on
-    its own predicted features, stopping early where it is unsure. Only verified entries are kept.
+    its own predicted features while the drafts' joint confidence still pays for another (and, with
+    ``min_confidence``, before a token whose own top probability is below it). Only verified entries
+    are kept.
     """
 
     name = "head"
+    estimates_confidence = True
+    token_cost = 0.05  # one head layer + an 8k-row LM head: ~3 ms against a ~60 ms SmolLM2 step on CPU
 
-    def __init__(self, target, head, min_confidence: float = HEAD_MIN_CONFIDENCE):
+    def __init__(self, target, head, min_confidence: float = 0.0):
         if not 0.0 <= min_confidence < 1.0:
             raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence!r}")
         self.target, self.head, self.min_confidence = target, head, min_confidence
         target.capture_features()
 
     def propose(self, seqs, ks):
-        return [self._propose(seq, k) if k > 0 else Draft([]) for seq, k in zip(seqs, ks)]
+        return [self._propose(seq, k) if k > 0 else Draft([], None, []) for seq, k in zip(seqs, ks)]
 
     def release(self, seq):
         seq.state.pop("head", None)
@@ -193,31 +295,33 @@ class HeadDrafter(Drafter):
         if state.next_entry is None:
             first = self.target.first_featured(seq.handle, last)
             if first is None:
-                return Draft([])
+                return Draft([], None, [])
             state.next_entry = first + 1
         feats = self.target.features_at(seq.handle, state.next_entry - 1, last)
         if feats is None:
             seq.state.pop("head")  # features missing (computed before capture): start over next step
-            return Draft([])
+            return Draft([], None, [])
         entries = range(state.next_entry, last + 1)
         device = self.head.fc.weight.device
         tokens = torch.tensor([seq.ids[j] for j in entries], device=device)
         out, past = self.head(tokens[None], feats[None].to(self.head.fc.weight.dtype),
                               torch.tensor(list(entries), device=device), state.past)
         state.past, state.next_entry = past, last + 1
-        drafts, qs, feature = [], [], out[:, -1:]
+        drafts, qs, confs, feature = [], [], [], out[:, -1:]
         for step in range(k):
             logits = self.head.logits(feature[0, -1])
             if self.min_confidence and float(torch.softmax(logits.float(), -1).max()) < self.min_confidence:
-                break  # the head is unsure: a verify of this draft would more likely cost than pay
-            token, q = draw_draft(self._full_vocab(logits), seq)
+                break
+            token, q, conf = draw_draft(self._full_vocab(logits), seq)
             drafts.append(token)
+            confs.append(conf)
             if q is not None:
                 qs.append(q)
-            if step + 1 < k:
-                pos = torch.tensor([last + 1 + step], device=device)
-                feature, past = self.head(torch.tensor([[token]], device=device), feature, pos, past)
-        return Draft(drafts, torch.stack(qs) if qs else None)
+            if step + 1 == k or not worth_drafting(confs, seq, self.token_cost):
+                break
+            pos = torch.tensor([last + 1 + step], device=device)
+            feature, past = self.head(torch.tensor([[token]], device=device), feature, pos, past)
+        return Draft(drafts, torch.stack(qs) if qs else None, confs)
 
     def _full_vocab(self, head_logits: torch.Tensor) -> torch.Tensor:
         """The head's logits over the target's vocabulary: -inf outside the head's tokens."""
@@ -227,19 +331,33 @@ class HeadDrafter(Drafter):
 
 
 class LookupThenModel(Drafter):
-    """n-gram lookup where the context recurs, the draft model elsewhere (one k per sequence)."""
+    """n-gram lookup where the context recurs, the draft model elsewhere (one k per sequence).
+
+    With a model that estimates confidences, the model also drafts where the lookup is unsure
+    (a short match), and the draft with the better expected tokens per verify cost wins.
+    """
+
+    LOOKUP_SURE = 0.7  # a lookup draft this likely to be accepted (a 3-token match) is not second-guessed
 
     def __init__(self, lookup: NgramDrafter, model: Drafter):
         self.lookup, self.model = lookup, model
         self.name = f"ngram+{model.name}"
+        self.estimates_confidence = model.estimates_confidence
+        self.token_cost = model.token_cost
 
     def propose(self, seqs, ks):
         out = self.lookup.propose(seqs, ks)
-        misses = [i for i, d in enumerate(out) if not d.tokens and ks[i] > 0]
-        if misses:
-            for i, d in zip(misses, self.model.propose([seqs[i] for i in misses], [ks[i] for i in misses])):
-                out[i] = d
+        compare = self.model.estimates_confidence
+        ask = [i for i, d in enumerate(out) if ks[i] > 0 and (
+            not d.tokens or (compare and d.confidence[0] < self.LOOKUP_SURE))]
+        if ask:
+            for i, d in zip(ask, self.model.propose([seqs[i] for i in ask], [ks[i] for i in ask])):
+                if not out[i].tokens or self._rate(d, seqs[i]) > self._rate(out[i], seqs[i]):
+                    out[i] = d
         return out
+
+    def _rate(self, draft: Draft, seq) -> float:
+        return best_length(calibrated(draft.confidence, seq), self.verify_cost)[1] if draft.tokens else 0.0
 
     def rollback(self, seq, num_verified):
         self.model.rollback(seq, num_verified)

@@ -16,6 +16,9 @@ from decodekit.sampling import probs_from_logits
 from decodekit.strategies.acceptance import verify_greedy, verify_sampled
 from decodekit.strategies.base import Proposal, Strategy
 from decodekit.strategies.drafters import (
+    CALIBRATION_PRIOR,
+    CPU_VERIFY_COST,
+    GPU_VERIFY_COST,
     MATCH_CAPS,
     Draft,
     Drafter,
@@ -23,6 +26,8 @@ from decodekit.strategies.drafters import (
     LookupThenModel,
     ModelDrafter,
     NgramDrafter,
+    best_length,
+    calibrated,
     check_same_tokenizer,
     int8_backend,
 )
@@ -37,10 +42,14 @@ class Speculative(Strategy):
 
     ``draft``: ``"ngram"`` (prompt lookup), ``"int8"`` (int8 copy of the target), a model name or
     a ``Backend`` (same tokenizer), ``"ngram+<any of those>"`` (lookup where the context recurs,
-    the model elsewhere) or a ready ``Drafter``. ``num_draft_tokens``: k in 1..16, or ``"adaptive"`` (start at 4,
-    +2 after a fully accepted block, -1 after a rejection; a single draft token rejected outright
-    pauses drafting for 1, 2, 4, ... up to 16 plain steps, since a verify step costs more than a
-    plain one on CPU). ``max_ngram`` / ``min_ngram``: the suffix sizes n-gram lookup tries;
+    the model elsewhere) or a ready ``Drafter``. ``num_draft_tokens``: k in 1..16, or ``"adaptive"``.
+    Adaptive, with a drafter that estimates how likely each draft is accepted (all built-in ones: the
+    draft's own probability, or n-gram hit rates by match length): each step keeps the draft prefix
+    with the most expected tokens per unit of verify cost, under ``verify_cost`` (the cost of an
+    m-token target forward against a 1-token one, entry m - 1; default: measured CPU costs, or a
+    near-flat table on CUDA). With a drafter that does not: start at 4, +2 after a fully accepted
+    block, -1 after a rejection, and a single draft token rejected outright pauses drafting for 1, 2,
+    4, ... up to 16 plain steps. ``max_ngram`` / ``min_ngram``: the suffix sizes n-gram lookup tries;
     ``match_caps``: at most ``match_caps[n - 1]`` lookup drafts after an n-token match (default (1, 3):
     short matches predict poorly; ``()`` drafts k after any match).
     """
@@ -48,8 +57,9 @@ class Speculative(Strategy):
     name = "speculative"
 
     def __init__(self, draft="ngram", num_draft_tokens: int | str = "adaptive", *, max_ngram: int = 3,
-                 min_ngram: int = 1, match_caps: tuple[int, ...] = MATCH_CAPS):
+                 min_ngram: int = 1, match_caps: tuple[int, ...] = MATCH_CAPS, verify_cost=None):
         _check_draft(draft)
+        self.verify_cost = None if verify_cost is None else _check_verify_cost(verify_cost)
         adaptive = num_draft_tokens == "adaptive"
         if not adaptive and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
                              or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS):
@@ -72,8 +82,10 @@ class Speculative(Strategy):
 
     # ---- Strategy hooks ---------------------------------------------------------------------
     def attach(self, engine):
-        self._drafters[id(engine)] = make_drafter(self.draft, engine.backend, ngram=(self.min_ngram, self.max_ngram),
-                                                  match_caps=self.match_caps)
+        drafter = make_drafter(self.draft, engine.backend, ngram=(self.min_ngram, self.max_ngram),
+                               match_caps=self.match_caps)
+        drafter.verify_cost = self.verify_cost or default_verify_cost(engine.backend)
+        self._drafters[id(engine)] = drafter
 
     def extra_slots(self, request):
         return self.max_k + 1
@@ -83,15 +95,21 @@ class Speculative(Strategy):
 
     def step(self, engine, seqs):
         drafter = self._drafters[id(engine)]
-        drafts = drafter.propose(seqs, [self._budget(engine, s) for s in seqs])
+        by_value = self.adaptive and drafter.estimates_confidence
+        drafts = drafter.propose(seqs, [self._budget(engine, s, by_value) for s in seqs])
         drafts = [_clip(d, s, engine) for d, s in zip(drafts, seqs)]
+        if by_value:
+            drafts = [d.head(best_length(calibrated(d.confidence, s), drafter.verify_cost)[0])
+                      for d, s in zip(drafts, seqs)]
         out = {}
         for seq, draft, logits in zip(seqs, drafts, self._score(engine, seqs, drafts)):
             accepted, token = _accept(seq, draft, logits)
             num_verified = len(seq.ids) + accepted
             engine.backend.cache.truncate(seq.handle, num_verified)  # drop rejected drafts' K/V
             drafter.rollback(seq, num_verified)
-            self._record(seq, len(draft.tokens), accepted)
+            self._record(seq, len(draft.tokens), accepted, adapt_k=self.adaptive and not by_value)
+            if draft.confidence:
+                _calibrate(seq, draft.confidence, accepted)
             kept = [Proposal(t, logits[i]) for i, t in enumerate(draft.tokens[:accepted])]
             out[seq.seq_id] = [*kept, Proposal(token, logits[accepted])]
         return out
@@ -114,10 +132,10 @@ class Speculative(Strategy):
         }
 
     # ---- internals ----------------------------------------------------------------------------
-    def _budget(self, engine, seq) -> int:
-        """Draft length for this step: the adaptive k, capped so no draft lands past max_new_tokens
-        (accepted + 1 tokens must fit) or the model's context."""
-        k = seq.state.setdefault("k", self.start_k)
+    def _budget(self, engine, seq, by_value: bool = False) -> int:
+        """Draft length for this step: the adaptive k (or, drafting by value, the most allowed),
+        capped so no draft lands past max_new_tokens (accepted + 1 tokens must fit) or the model's context."""
+        k = self.max_k if by_value else seq.state.setdefault("k", self.start_k)
         if seq.state.get("pause", 0) > 0:
             seq.state["pause"] -= 1
             return 0
@@ -148,7 +166,7 @@ class Speculative(Strategy):
             out.append(parts[0] if len(parts) == 1 else _cat(parts))
         return out
 
-    def _record(self, seq, drafted: int, accepted: int) -> None:
+    def _record(self, seq, drafted: int, accepted: int, adapt_k: bool = True) -> None:
         state = seq.state
         state["drafted"] = state.get("drafted", 0) + drafted
         if drafted == 0:
@@ -156,7 +174,7 @@ class Speculative(Strategy):
         state["accepted"] = state.get("accepted", 0) + accepted
         state["steps"] = state.get("steps", 0) + 1
         state.setdefault("hist", [0] * (self.max_k + 1))[accepted] += 1
-        if self.adaptive:
+        if adapt_k and self.adaptive:
             k = state["k"]
             state["k"] = min(self.max_k, k + 2) if accepted == drafted else max(1, k - 1)
             if accepted:
@@ -201,6 +219,33 @@ def _check_draft(draft) -> None:
                      f"got {draft!r}")
 
 
+def _calibrate(seq, confidence: list[float], accepted: int) -> None:
+    """Fold this verify into the sequence's confidence scale: each draft that was tested (all before
+    it accepted) adds its claimed confidence to 'expected' and 1 to 'accepted' if it was accepted."""
+    state = seq.state
+    tested = min(accepted + 1, len(confidence))
+    state["claimed"] = state.get("claimed", 0.0) + sum(confidence[:tested])
+    state["hits"] = state.get("hits", 0) + accepted
+    state["confidence_scale"] = (state["hits"] + CALIBRATION_PRIOR) / (state["claimed"] + CALIBRATION_PRIOR)
+
+
+def default_verify_cost(backend) -> tuple[float, ...]:
+    device = getattr(backend, "device", None)
+    return GPU_VERIFY_COST if getattr(device, "type", device) == "cuda" else CPU_VERIFY_COST
+
+
+def _check_verify_cost(table) -> tuple[float, ...]:
+    try:
+        values = tuple(float(c) for c in table)
+    except (TypeError, ValueError):
+        values = ()
+    rising = all(b >= a for a, b in zip(values, values[1:]))
+    if not values or values[0] != 1.0 or not rising:
+        raise ValueError("verify_cost must be a non-decreasing sequence of positive costs starting at 1.0 "
+                         f"(a 1-token forward), got {table!r}")
+    return values
+
+
 def _clip(draft: Draft, seq, engine) -> Draft:
     """Cut drafts after a stop token (nothing past EOS is worth scoring) and ids the target lacks."""
     vocab = engine.backend.vocab_size
@@ -220,7 +265,8 @@ def _clip(draft: Draft, seq, engine) -> Draft:
         q = q[:n]
         if q.shape[1] != vocab:  # same tokenizer, padded differently: align the draft's vocab to the target's
             q = q[:, :vocab] if q.shape[1] > vocab else _pad(q, vocab)
-    return Draft(draft.tokens[:n], q)
+    conf = None if draft.confidence is None else draft.confidence[:n]
+    return Draft(draft.tokens[:n], q, conf)
 
 
 def _accept(seq, draft: Draft, logits) -> tuple[int, int]:
