@@ -128,13 +128,16 @@ def _exact_pair(backend: MockBackend, prompt: list[int], params: SamplingParams)
     return first.unsqueeze(1) * second
 
 
-@pytest.mark.parametrize("draft_kind,sampling", [
-    ("unlike_model", dict(temperature=1.0)),
-    ("similar_model", dict(temperature=0.7, top_k=5)),
-    ("ngram", dict(temperature=1.2, top_p=0.9)),
-    ("unlike_model", dict(temperature=1.5, min_p=0.05)),
+@pytest.mark.parametrize("draft_kind,sampling,k", [
+    ("unlike_model", dict(temperature=1.0), 3),
+    ("similar_model", dict(temperature=0.7, top_k=5), 3),
+    ("ngram", dict(temperature=1.2, top_p=0.9), 3),
+    ("unlike_model", dict(temperature=1.5, min_p=0.05), 3),
+    # draft lengths chosen by value, from confidences calibrated on each sequence's earlier verifies
+    ("similar_model", dict(temperature=1.0), "adaptive"),
+    ("unlike_model", dict(temperature=0.8, top_p=0.95), "adaptive"),
 ])
-def test_generated_tokens_follow_target_distribution(draft_kind, sampling, one_thread):
+def test_generated_tokens_follow_target_distribution(draft_kind, sampling, k, one_thread):
     n = 2000
     target = MockBackend(vocab_size=V, seed=0, cache_tokens=n * 30 + 64)
     draft = {"unlike_model": lambda: MockBackend(vocab_size=V, seed=7, name="draft", cache_tokens=n * 30 + 64),
@@ -143,7 +146,7 @@ def test_generated_tokens_follow_target_distribution(draft_kind, sampling, one_t
              "ngram": lambda: "ngram"}[draft_kind]()
     llm = LLM(backend=target, max_batch_size=n)
     prompt = "abcab"  # the n-gram drafter finds "ab" and proposes "c"
-    spec = Speculative(draft=draft, num_draft_tokens=3)
+    spec = Speculative(draft=draft, num_draft_tokens=k)
     out = llm.generate(prompt, strategy=spec, max_new_tokens=4, n=n, seed=11, ignore_eos=True, **sampling)
     counts = torch.zeros(V * V)
     for choice in out.choices:
