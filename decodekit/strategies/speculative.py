@@ -221,7 +221,7 @@ def _check_draft(draft) -> None:
 
 def _calibrate(seq, confidence: list[float], accepted: int) -> None:
     """Fold this verify into the sequence's confidence scale: each draft that was tested (all before
-    it accepted) adds its claimed confidence to 'expected' and 1 to 'accepted' if it was accepted."""
+    it accepted) adds its claimed confidence to ``claimed``, and 1 to ``hits`` if it was accepted."""
     state = seq.state
     tested = min(accepted + 1, len(confidence))
     state["claimed"] = state.get("claimed", 0.0) + sum(confidence[:tested])
