@@ -26,6 +26,7 @@ from decodekit.strategies.drafters import (
     LookupThenModel,
     ModelDrafter,
     NgramDrafter,
+    batch_verify_cost,
     best_length,
     calibrated,
     check_same_tokenizer,
@@ -99,8 +100,8 @@ class Speculative(Strategy):
         drafts = drafter.propose(seqs, [self._budget(engine, s, by_value) for s in seqs])
         drafts = [_clip(d, s, engine) for d, s in zip(drafts, seqs)]
         if by_value:
-            drafts = [d.head(best_length(calibrated(d.confidence, s), drafter.verify_cost)[0])
-                      for d, s in zip(drafts, seqs)]
+            costs = batch_verify_cost(drafter.verify_cost, len(seqs))
+            drafts = [d.head(best_length(calibrated(d.confidence, s), costs)[0]) for d, s in zip(drafts, seqs)]
         out = {}
         for seq, draft, logits in zip(seqs, drafts, self._score(engine, seqs, drafts)):
             accepted, token = _accept(seq, draft, logits)
