@@ -19,7 +19,6 @@ from decodekit.strategies.drafters import (
     LookupThenModel,
     ModelDrafter,
     NgramDrafter,
-    batch_verify_cost,
     best_length,
     check_same_tokenizer,
     int8_backend,
@@ -145,9 +144,9 @@ def test_generated_tokens_follow_target_distribution(draft_kind, sampling, k, on
              "similar_model": lambda: MockBackend(vocab_size=V, seed=0, name="draft", cache_tokens=n * 30 + 64,
                                                   logits_fn=_noisy(target.logits_fn)),
              "ngram": lambda: "ngram"}[draft_kind]()
-    llm = LLM(backend=target, max_batch_size=n)
+    # adaptive: one sequence at a time, where draft lengths are chosen by value (batches keep adaptive k)
+    llm = LLM(backend=target, max_batch_size=1 if k == "adaptive" else n)
     prompt = "abcab"  # the n-gram drafter finds "ab" and proposes "c"
-    # one batch of n rows: a flat verify cost keeps drafting worth it at any batch size
     spec = Speculative(draft=draft, num_draft_tokens=k, verify_cost=(1.0,) * 17)
     out = llm.generate(prompt, strategy=spec, max_new_tokens=4, n=n, seed=11, ignore_eos=True, **sampling)
     counts = torch.zeros(V * V)
@@ -288,8 +287,6 @@ def test_draft_length_by_value():
     assert best_length([0.5, 0.9, 0.9], (1.0, 1.05, 1.1, 1.12))[0] == 3
     assert best_length([], flat) == (0, 1.0)
     assert verify_cost_of((1.0, 1.5), 4) == pytest.approx(2.5)
-    # a batch of 2 pads rows to the longest: 1 draft each costs a 4-token forward against a 2-token one
-    assert batch_verify_cost((1.0, 1.2, 1.3, 1.5), 2)[:2] == pytest.approx((1.0, 1.5 / 1.2))
     for bad in [(), (0.5, 1.0), (1.0, 0.9), "cheap"]:
         with pytest.raises(ValueError, match="verify_cost"):
             Speculative(verify_cost=bad)

@@ -47,15 +47,6 @@ def verify_cost_of(table, m: int) -> float:
     return table[-1] + step * (m - len(table))
 
 
-def batch_verify_cost(table, batch: int) -> tuple[float, ...]:
-    """Per-row draft costs in a batch of ``batch`` rows: short rows are padded to the longest, so k
-    drafts per row cost a forward over batch * (k + 1) tokens against a plain step's ``batch``."""
-    if batch <= 1:
-        return tuple(table)
-    base = verify_cost_of(table, batch)
-    return tuple(verify_cost_of(table, batch * m) / base for m in range(1, len(table) + 1))
-
-
 def best_length(confidence: list[float], verify_cost) -> tuple[int, float]:
     """The draft length k (0..len) with the most expected tokens per unit of verify cost, and that rate.
 
