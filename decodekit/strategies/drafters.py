@@ -24,7 +24,7 @@ class Draft(NamedTuple):
     # per token: the drafter's estimate that it is accepted given the earlier ones were; None = no estimate
     confidence: list[float] | None = None
 
-    def head(self, n: int) -> Draft:
+    def prefix(self, n: int) -> Draft:
         """The first ``n`` drafts."""
         conf = None if self.confidence is None else self.confidence[:n]
         return Draft(self.tokens[:n], None if self.q is None else self.q[:n], conf)

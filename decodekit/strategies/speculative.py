@@ -101,7 +101,7 @@ class Speculative(Strategy):
         drafts = drafter.propose(seqs, [self._budget(engine, s, by_value) for s in seqs])
         drafts = [_clip(d, s, engine) for d, s in zip(drafts, seqs)]
         if by_value:
-            drafts = [d.head(best_length(calibrated(d.confidence, s), drafter.verify_cost)[0])
+            drafts = [d.prefix(best_length(calibrated(d.confidence, s), drafter.verify_cost)[0])
                       for d, s in zip(drafts, seqs)]
         out = {}
         for seq, draft, logits in zip(seqs, drafts, self._score(engine, seqs, drafts)):
