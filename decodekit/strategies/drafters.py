@@ -174,7 +174,7 @@ def worth_drafting(confidence: list[float], seq, token_cost: float) -> bool:
     return math.prod(calibrated(confidence, seq)) > token_cost + VERIFY_ROW_COST
 
 
-# The drafter's confidences are scaled per sequence by (accepted + PRIOR) / (expected + PRIOR) over the
+# The drafter's confidences are scaled per sequence by (hits + PRIOR) / (claimed + PRIOR) over the
 # drafts verified so far: a drafter that is right more (less) often than it claims gets trusted more
 # (less). PRIOR keeps early steps near the drafter's own estimate.
 CALIBRATION_PRIOR = 8.0
@@ -182,7 +182,8 @@ MAX_CONFIDENCE = 0.99
 
 
 def calibrated(confidence: list[float], seq) -> list[float]:
-    scale = seq.state.get("confidence_scale", 1.0)
+    state = seq.state  # "hits" / "claimed": accepted drafts and their claimed confidences (Speculative)
+    scale = (state.get("hits", 0) + CALIBRATION_PRIOR) / (state.get("claimed", 0.0) + CALIBRATION_PRIOR)
     return [min(MAX_CONFIDENCE, scale * c) for c in confidence]
 
 
@@ -247,8 +248,6 @@ class ModelDrafter(Drafter):
 
 
 # ---- a trained draft head on the target's own hidden states ---------------------------------------
-
-
 
 class HeadState:
     """One sequence's draft-head K/V: entry j read token j and the target's feature at j - 1, both
@@ -350,7 +349,6 @@ class LookupThenModel(Drafter):
         self.lookup, self.model = lookup, model
         self.name = f"ngram+{model.name}"
         self.estimates_confidence = model.estimates_confidence
-        self.token_cost = model.token_cost
 
     def propose(self, seqs, ks):
         out = self.lookup.propose(seqs, ks)

@@ -16,7 +16,6 @@ from decodekit.sampling import probs_from_logits
 from decodekit.strategies.acceptance import verify_greedy, verify_sampled
 from decodekit.strategies.base import Proposal, Strategy
 from decodekit.strategies.drafters import (
-    CALIBRATION_PRIOR,
     CPU_VERIFY_COST,
     GPU_VERIFY_COST,
     MATCH_CAPS,
@@ -222,13 +221,12 @@ def _check_draft(draft) -> None:
 
 
 def _calibrate(seq, confidence: list[float], accepted: int) -> None:
-    """Fold this verify into the sequence's confidence scale: each draft that was tested (all before
-    it accepted) adds its claimed confidence to ``claimed``, and 1 to ``hits`` if it was accepted."""
+    """Fold this verify into the sequence's calibration (``drafters.calibrated``): each draft that was
+    tested (all before it accepted) adds its claimed confidence to ``claimed``, and 1 to ``hits`` if accepted."""
     state = seq.state
     tested = min(accepted + 1, len(confidence))
     state["claimed"] = state.get("claimed", 0.0) + sum(confidence[:tested])
     state["hits"] = state.get("hits", 0) + accepted
-    state["confidence_scale"] = (state["hits"] + CALIBRATION_PRIOR) / (state["claimed"] + CALIBRATION_PRIOR)
 
 
 def default_verify_cost(backend) -> tuple[float, ...]:
@@ -262,13 +260,11 @@ def _clip(draft: Draft, seq, engine) -> Draft:
         if t in stops:
             n = i + 1
             break
-    q = draft.q
-    if q is not None:
-        q = q[:n]
-        if q.shape[1] != vocab:  # same tokenizer, padded differently: align the draft's vocab to the target's
-            q = q[:, :vocab] if q.shape[1] > vocab else _pad(q, vocab)
-    conf = None if draft.confidence is None else draft.confidence[:n]
-    return Draft(draft.tokens[:n], q, conf)
+    cut = draft.prefix(n)
+    q = cut.q
+    if q is not None and q.shape[1] != vocab:  # same tokenizer, padded differently: align the draft's vocab
+        q = q[:, :vocab] if q.shape[1] > vocab else _pad(q, vocab)
+    return cut._replace(q=q)
 
 
 def _accept(seq, draft: Draft, logits) -> tuple[int, int]:
