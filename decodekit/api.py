@@ -72,9 +72,7 @@ class LLM:
                     if event.request_id == request.request_id:
                         yield event
         finally:
-            if not request.finished:
-                self.engine.abort(request.request_id)
-            self.engine.requests.pop(request.request_id, None)
+            self.engine.abort(request.request_id)  # finished or not: nothing of it stays in the engine
 
     def rollout(self, prompts, tree=None, **sampling):
         """Tree-structured segment rollouts (TreePO): ``max_width`` trajectories per prompt sharing

@@ -1,8 +1,13 @@
-"""The engine: owns sequences, seeds, stop conditions, streaming events and per-request stats.
+"""The engine: strategies decide, the engine computes.
 
-``step()`` is three calls: admit waiting requests (prefill, prefix reuse, fork for ``n``), let
-each strategy propose tokens for its running sequences, then append them checking stops.
-Requests join and leave between steps, which is what the server's continuous batching uses.
+``step()`` is three calls, like nano-vllm's: ``schedule`` (preempt if the pool runs short, admit
+what fits, pick prefill chunks), ``run`` (every strategy plans its rows; ONE forward per model over
+the rows of every running request, whatever its strategy, prefill chunks included) and
+``postprocess`` (each strategy turns its logits into proposals; the engine appends them checking
+stops, and streams events). Requests join and leave between steps: continuous batching.
+
+The engine owns sequences, generators, scheduling and stop conditions; a strategy owns an
+algorithm and its per-sequence state; the backend owns the model; the cache manager owns sharing.
 """
 
 from __future__ import annotations
@@ -10,24 +15,20 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections import deque
+from dataclasses import dataclass
 
 import torch
 
-from decodekit.output import TextState
-from decodekit.sampling import token_logprobs
-from decodekit.strategies.base import Proposal, Strategy
+from decodekit.output import token_info
+from decodekit.scheduler import Scheduler
+from decodekit.sequence import Request, Sequence, SeqStatus
+from decodekit.strategies.base import Proposal, Row, Strategy
 from decodekit.strategies.sample import Sample
-from decodekit.types import (
-    Choice,
-    Completion,
-    RequestStats,
-    SamplingParams,
-    TokenEvent,
-    TokenInfo,
-    TopLogprob,
-    Usage,
-)
+from decodekit.types import SamplingParams, TokenEvent
+
+__all__ = ["Engine", "EngineStats", "Request", "Sequence", "StepError", "check_prompt"]
+
+MAX_PREFILL_TOKENS = 512  # prompt tokens prefilled per step: a long prompt never holds decoders for long
 
 
 def check_prompt(prompt_ids: list[int], max_context: int) -> None:
@@ -48,78 +49,45 @@ class StepError(RuntimeError):
         self.events = events
 
 
-class Sequence:
-    """One sample of a request: prompt + output ids, its KV handle, generator and output text."""
+@dataclass
+class EngineStats:
+    """Engine-wide counters since creation (``Engine.stats()`` returns them as a dict)."""
 
-    def __init__(self, seq_id: int, request: Request, index: int, generator: torch.Generator):
-        self.seq_id = seq_id
-        self.request = request
-        self.index = index
-        self.ids = list(request.prompt_ids)
-        self.num_prompt = len(request.prompt_ids)
-        self.params = request.params
-        self.generator = generator
-        self.handle = None
-        self.next_logits: torch.Tensor | None = None
-        self.finish_reason: str | None = None
-        self.logprobs: list[TokenInfo] = []
-        self.text = TextState(request.tokenizer, request.params.stop)
-        self.num_forwards = 0
-        self.state: dict = {}  # strategy-owned
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.ids[self.num_prompt :]
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def take_next_logits(self) -> torch.Tensor:
-        logits, self.next_logits = self.next_logits, None
-        return logits
-
-
-class Request:
-    def __init__(self, request_id, prompt, prompt_ids, params, strategy, tokenizer):
-        self.request_id = request_id
-        self.prompt = prompt
-        self.prompt_ids = list(prompt_ids)
-        self.params = params
-        self.strategy = strategy
-        self.tokenizer = tokenizer
-        self.seqs: list[Sequence] = []
-        self.stats = RequestStats()
-        self.start_time = time.perf_counter()
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.seqs) and all(s.finished for s in self.seqs)
-
-    def completion(self) -> Completion:
-        choices = tuple(
-            Choice(s.index, s.text.text, tuple(s.output_ids), s.finish_reason,
-                   tuple(s.logprobs) if self.params.logprobs is not None else None)
-            for s in self.seqs
-        )
-        usage = Usage(len(self.prompt_ids), sum(len(s.output_ids) for s in self.seqs))
-        self.stats.forward_passes = max((s.num_forwards for s in self.seqs), default=0)
-        self.stats.extra.update(self.strategy.stats(self.seqs))
-        return Completion(self.request_id, self.prompt, tuple(self.prompt_ids), choices, usage, self.stats)
+    steps: int = 0
+    main_forwards: int = 0  # forward calls of the engine's model
+    side_forwards: int = 0  # forward calls of other models through the step (draft, entropy pair)
+    peak_running: int = 0  # most sequences running (or prefilling) in one step
+    preemptions: int = 0
 
 
 class Engine:
-    def __init__(self, backend, *, max_batch_size: int = 32, default_strategy: Strategy | None = None):
+    """Engine protocol used by ``LLM`` and the server: ``add_request`` / ``step`` / ``abort`` /
+    ``pop_completion`` / ``get_request`` / ``has_unfinished`` / ``stats`` / ``detach``."""
+
+    def __init__(self, backend, *, max_batch_size: int = 32, default_strategy: Strategy | None = None,
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS):
         self.backend = backend
         self.tokenizer = backend.tokenizer
-        self.max_batch_size = max_batch_size
         self.default_strategy = default_strategy or Sample()
-        self.waiting: deque[Request] = deque()
-        self.running: list[Sequence] = []
+        self.scheduler = Scheduler(self, max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
         self.requests: dict[str, Request] = {}
+        self.counters = EngineStats()
         self._attached: dict[int, Strategy] = {}  # holds the object so its id is never reused
         self._seq_ids = itertools.count()
         self._req_ids = itertools.count()
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.scheduler.max_batch_size
+
+    @property
+    def running(self) -> list[Sequence]:
+        """Sequences admitted and not finished (running or prefilling)."""
+        return self.scheduler.live_seqs()
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, strategy: Strategy | None = None,
@@ -142,127 +110,160 @@ class Engine:
                 f"request needs up to {need} KV slots (prompt + n * max_new_tokens), the cache budget is "
                 f"{self.backend.cache.capacity} tokens: lower max_new_tokens or n, or raise cache_tokens")
         self.requests[request_id] = request
-        self.waiting.append(request)
+        self.scheduler.waiting.append(request)
         return request
 
     def abort(self, request_id: str) -> None:
-        """Finish a request now (client gone); frees its cache slots."""
-        request = self.requests.get(request_id)
+        """Finish a request now (client gone); frees its cache slots and forgets it."""
+        request = self.requests.pop(request_id, None)
         if request is None:
             return
-        if request in self.waiting:
-            self.waiting.remove(request)
-        for seq in request.seqs:
-            if not seq.finished:
-                self._finish(seq, "abort")
-        self.running = [s for s in self.running if s.request is not request]
-        self.requests.pop(request_id, None)
+        if request in self.scheduler.waiting:
+            self.scheduler.waiting.remove(request)
+        for seq in request.live_seqs:
+            self._finish(seq, "abort")
+        self.scheduler.active = [r for r in self.scheduler.active if r is not request]
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.scheduler.waiting or self.scheduler.live_seqs())
 
-    def pop_completion(self, request_id: str) -> Completion:
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    def pop_completion(self, request_id: str):
         request = self.requests.pop(request_id)
         request.stats.wall_time_s = time.perf_counter() - request.start_time
         return request.completion()
 
+    def detach(self, strategy: Strategy) -> None:
+        """Forget an attached strategy instance (the server's per-option cache evicted it); requests
+        that still use it keep it alive, so its id cannot be reused while they run."""
+        if self._attached.get(id(strategy)) is strategy:
+            del self._attached[id(strategy)]
+
+    def stats(self) -> dict:
+        """Engine-wide counters: steps, main / side forwards, peak running sequences, preemptions."""
+        self.counters.preemptions = self.scheduler.num_preemptions
+        return dict(self.counters.__dict__)
+
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        self._admit()
-        by_strategy: dict[int, list[Sequence]] = {}
-        for seq in self.running:
-            by_strategy.setdefault(id(seq.request.strategy), []).append(seq)
+        self.scheduler.schedule()
+        groups = self._groups()
+        self.counters.steps += 1
+        self.counters.peak_running = max(self.counters.peak_running, len(self.scheduler.live_seqs()))
+        failed: dict[str, Exception] = {}
+        prefills = [Row(seq, ids) for seq, ids in self.scheduler.prefill_chunks()]
+        planned = {key: self._guard(failed, seqs, strategy.plan, self, seqs)
+                   for key, (strategy, seqs) in groups.items() if strategy.shares_forward}
+        self.run_rows(prefills + [r for rows in planned.values() if rows for r in rows])
+        self._finish_prefills(prefills)
         events: list[TokenEvent] = []
-        failed: list[str] = []
-        error: Exception | None = None
-        for seqs in by_strategy.values():
-            try:
-                proposals = seqs[0].request.strategy.step(self, seqs)
-            except Exception as e:  # isolate the failure: only this strategy's requests end
-                error = error or e
-                failed += self._abort_all({s.request.request_id for s in seqs})
+        for key, (strategy, seqs) in groups.items():
+            seqs = [s for s in seqs if not s.finished]
+            if not seqs or (strategy.shares_forward and planned[key] is None):
                 continue
-            for seq in seqs:
+            if strategy.shares_forward:
+                proposals = self._guard(failed, seqs, strategy.update, self, seqs, planned[key])
+            else:  # a one-call strategy: its own forward
+                proposals = self._guard(failed, seqs, strategy.step, self, seqs)
+            for seq in seqs if proposals is not None else ():
                 events.extend(self._append(seq, proposals.get(seq.seq_id, [])))
-        self.running = [s for s in self.running if not s.finished]
-        if error is not None:
-            raise StepError(f"strategy step failed ({type(error).__name__}: {error}); aborted requests {failed}",
-                            failed, events) from error
+        if failed:
+            error = next(iter(failed.values()))
+            ids = sorted(failed)
+            raise StepError(f"strategy step failed ({type(error).__name__}: {error}); aborted requests {ids}",
+                            ids, events) from error
         return events
 
-    def _abort_all(self, request_ids) -> list[str]:
-        for request_id in sorted(request_ids):
-            self.abort(request_id)
-        return sorted(request_ids)
+    def _groups(self) -> dict[int, tuple[Strategy, list[Sequence]]]:
+        groups: dict[int, tuple[Strategy, list[Sequence]]] = {}
+        for seq in self.scheduler.live_seqs():
+            if seq.status is SeqStatus.RUNNING:
+                strategy = seq.request.strategy
+                groups.setdefault(id(strategy), (strategy, []))[1].append(seq)
+        return groups
+
+    def _guard(self, failed: dict, seqs: list[Sequence], fn, *args):
+        """``fn(*args)``; on an exception abort ``seqs``' requests (only them) and return None."""
+        try:
+            return fn(*args)
+        except Exception as e:  # isolate the failure: only this strategy's requests end
+            for request_id in sorted({s.request.request_id for s in seqs}):
+                failed.setdefault(request_id, e)
+                self.abort(request_id)
+            return None
+
+    def run_rows(self, rows: list[Row]) -> None:
+        """One forward per model over ``rows`` (filling ``row.logits``); counted in the sequences' stats."""
+        by_backend: dict[int, list[Row]] = {}
+        for row in rows:
+            if not row.seq.finished:
+                by_backend.setdefault(id(row.backend or self.backend), []).append(row)
+        for group in by_backend.values():
+            backend = group[0].backend or self.backend
+            logits = backend.forward([r.kv for r in group], [r.new_ids for r in group], [r.num_logits for r in group])
+            for row, row_logits in zip(group, logits):
+                row.logits = row_logits
+            if backend is self.backend:
+                self.counters.main_forwards += 1
+                for seq in {id(r.seq): r.seq for r in group}.values():
+                    seq.num_forwards += 1
+            else:
+                self.counters.side_forwards += 1
+
+    def _finish_prefills(self, rows: list[Row]) -> None:
+        cache = self.backend.cache
+        for row in rows:
+            seq = row.seq
+            if seq.finished or len(seq.handle) < len(seq.ids):
+                continue
+            seq.next_logits = row.logits[-1]
+            seq.status = SeqStatus.RUNNING
+            cache.commit(seq.handle, seq.ids)  # verified: the prompt (and output) enters the prefix cache
+            if seq.num_preemptions == 0:  # the other samples of a fresh request fork its prompt
+                for sibling in [s for s in seq.request.seqs if s.status is SeqStatus.WAITING and not s.finished]:
+                    sibling.handle = cache.fork(seq.handle)
+                    sibling.next_logits = seq.next_logits
+                    sibling.num_forwards = seq.num_forwards
+                    sibling.status = SeqStatus.RUNNING
+
+    # ---- helpers for strategies -------------------------------------------------------------
+    def uncomputed(self, seq: Sequence) -> list[int]:
+        """``seq``'s tokens its handle lacks; at least its last one (rolled back if all are cached),
+        so the row yields the next-token logits."""
+        if len(seq.handle) >= len(seq.ids):
+            self.backend.cache.truncate(seq.handle, len(seq.ids) - 1)
+        return seq.ids[len(seq.handle):]
 
     def compute_next_logits(self, seqs: list[Sequence], backend=None) -> None:
-        """Fill ``seq.next_logits`` for sequences that lack it by computing their uncached tokens."""
+        """Fill ``seq.next_logits`` for sequences that lack it (one-call strategies: own forward)."""
         need = [s for s in seqs if s.next_logits is None]
-        if not need:
-            return
-        logits = self.forward(need, [s.ids[len(s.handle):] for s in need])
-        for seq, row in zip(need, logits):
-            seq.next_logits = row[-1]
+        if need:
+            for seq, row in zip(need, self.forward(need, [self.uncomputed(s) for s in need])):
+                seq.next_logits = row[-1]
 
     def forward(self, seqs: list[Sequence], new_ids: list[list[int]], num_logits=1) -> list[torch.Tensor]:
-        """Main-model forward over ``seqs`` (counted in each sequence's stats)."""
-        for seq in seqs:
-            seq.num_forwards += 1
-        return self.backend.forward([s.handle for s in seqs], new_ids, num_logits)
+        """A main-model forward of its own over ``seqs`` (one-call strategies)."""
+        counts = num_logits if isinstance(num_logits, list) else [num_logits] * len(seqs)
+        rows = [Row(s, ids, k) for s, ids, k in zip(seqs, new_ids, counts)]
+        self.run_rows(rows)
+        return [r.logits for r in rows]
 
-    # ---- admission ------------------------------------------------------------------------
-    def _admit(self) -> None:
-        admitted: list[Request] = []
-        deferred: list[Request] = []
-        while self.waiting and self._has_room(admitted, self.waiting[0]):
-            request = self.waiting[0]
-            if not self._fits(request, admitted):
-                break
-            self.waiting.popleft()
-            if self._shares_uncached_prefix(request, admitted):
-                deferred.append(request)
-                continue
-            admitted.append(request)
-        self.waiting.extendleft(reversed(deferred))
-        if admitted:
-            self._prefill(admitted)
+    def new_sequence(self, request: Request, index: int) -> Sequence:
+        return Sequence(next(self._seq_ids), request, index, self._generator(request.params, index))
 
-    def _prefill(self, requests: list[Request]) -> None:
+    def release_handle(self, seq: Sequence) -> None:
+        """Commit ``seq``'s verified tokens to the prefix cache and release its main handle."""
         cache = self.backend.cache
-        handles = [cache.open(r.prompt_ids) for r in requests]
-        for request, handle in zip(requests, handles):
-            request.stats.cached_prompt_tokens = len(handle)
-            request.stats.prefill_tokens_computed = len(request.prompt_ids) - len(handle)
-        logits = self.backend.forward(handles, [r.prompt_ids[len(h):] for r, h in zip(requests, handles)])
-        for request, handle, row in zip(requests, handles, logits):
-            cache.commit(handle, request.prompt_ids)
-            for index in range(request.params.n):
-                seq = Sequence(next(self._seq_ids), request, index, self._generator(request.params, index))
-                seq.handle = handle if index == 0 else cache.fork(handle)
-                seq.next_logits = row[-1]
-                seq.num_forwards = 1
-                request.seqs.append(seq)
-                self.running.append(seq)
-
-    def _fits(self, request: Request, admitted: list[Request]) -> bool:
-        reserved = sum(max(0, self._seq_budget(s.request) - len(s.handle)) for s in self.running)
-        reserved += sum(self._worst_case_slots(r) for r in admitted)
-        return self.backend.cache.available() - reserved >= self._worst_case_slots(request)
-
-    def _shares_uncached_prefix(self, request: Request, admitted: list[Request]) -> bool:
-        return self.backend.cache.shares_uncached_prefix(request.prompt_ids, [r.prompt_ids for r in admitted])
-
-    def _seq_budget(self, request: Request) -> int:
-        return len(request.prompt_ids) + request.params.max_new_tokens + request.strategy.extra_slots(request)
+        cache.truncate(seq.handle, min(len(seq.handle), len(seq.ids)))
+        cache.commit(seq.handle, seq.ids)
+        cache.release(seq.handle)
+        seq.handle = None
 
     def _worst_case_slots(self, request: Request) -> int:
         per_seq = request.params.max_new_tokens + request.strategy.extra_slots(request)
         return len(request.prompt_ids) + request.params.n * per_seq
-
-    def _has_room(self, admitted: list[Request], request: Request) -> bool:
-        """Batch-size check; a request with n above the batch size still runs, alone."""
-        running = len(self.running) + sum(r.params.n for r in admitted)
-        return running == 0 or running + request.params.n <= self.max_batch_size
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator:
         seed = params.seed + index if params.seed is not None else int.from_bytes(os.urandom(7), "little")
@@ -284,7 +285,7 @@ class Engine:
                 seq.ids.append(token)
                 new_ids.append(token)
                 if seq.params.logprobs is not None and logits is not None:
-                    infos.append(self._token_info(token, logits, seq.params.logprobs))
+                    infos.append(token_info(self.tokenizer, token, logits, seq.params.logprobs))
                     seq.logprobs.append(infos[-1])
                 reason = self._stop_reason_after(seq)
             if reason is not None:
@@ -313,17 +314,15 @@ class Engine:
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        running = seq.status is SeqStatus.RUNNING
         seq.finish_reason = reason
+        seq.status = SeqStatus.FINISHED
         seq.next_logits = None
-        cache = self.backend.cache
-        cache.truncate(seq.handle, min(len(seq.handle), len(seq.ids)))
-        if reason != "abort":
-            cache.commit(seq.handle, seq.ids)
-        cache.release(seq.handle)
-        seq.request.strategy.on_finish(self, seq)
-
-    def _token_info(self, token: int, logits: torch.Tensor, top_n: int) -> TokenInfo:
-        logp, top = token_logprobs(logits, token, top_n)
-        name = self.tokenizer.token_str
-        return TokenInfo(token, name(token), logp, tuple(TopLogprob(t, name(t), lp) for t, lp in top))
-
+        if seq.handle is not None:
+            cache = self.backend.cache
+            cache.truncate(seq.handle, min(len(seq.handle), len(seq.ids)))
+            if reason != "abort":
+                cache.commit(seq.handle, seq.ids)
+            cache.release(seq.handle)
+        if running:
+            seq.request.strategy.on_finish(self, seq)

@@ -1,6 +1,18 @@
-"""Incremental detokenization and stop-string handling for one sequence."""
+"""The output processor: incremental detokenization, stop strings, safe streaming deltas, logprobs.
+
+One per sequence, shared by the transformers and vLLM engines. Detokenization is incremental
+with prefix / read offsets (as in vLLM and text-generation-inference): each update decodes only
+the tokens since the last emitted piece, with the piece before it as left context, so a long answer is
+never re-decoded per token, and a piece ending in an incomplete UTF-8 character waits for the
+next token.
+"""
 
 from __future__ import annotations
+
+import torch
+
+from decodekit.sampling import token_logprobs
+from decodekit.types import TokenInfo, TopLogprob
 
 
 class TextState:
@@ -11,32 +23,54 @@ class TextState:
         self.stop = stop
         self.text = ""
         self.sent = 0
+        self.stopped = False
+        self._ids: list[int] = []
+        self._prefix = 0  # token offset where the context of the next decode starts
+        self._read = 0  # token offset up to which ``text`` holds the decoded output
 
     def update(self, output_ids: list[int]) -> bool:
-        """Re-decode the output; returns True when a stop string appeared (text is cut before it)."""
-        self.text = self.tokenizer.decode(output_ids)
-        if not self.stop:
-            return False
-        window = max(len(s) for s in self.stop) + 16
-        search_from = max(0, self.sent - window)
-        cuts = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
-        if cuts:
-            self.text = self.text[: min(cuts)]
+        """Fold in new output tokens; True when a stop string appeared (text is cut before it)."""
+        if self.stopped:
             return True
-        return False
+        self._ids = list(output_ids)
+        self._decode_new(flush=False)
+        return self._find_stop()
 
     def delta(self, final: bool) -> str:
         """Text not yet streamed, holding back an incomplete character or a possible stop-string start."""
+        if final and not self.stopped:
+            self._decode_new(flush=True)
+            self._find_stop()
         end = len(self.text)
         if not final:
-            while end > self.sent and self.text[end - 1] == "\ufffd":
-                end -= 1
             end -= self._stop_prefix_len(self.text[:end])
         if end <= self.sent:
             return ""
         piece = self.text[self.sent : end]
         self.sent = end
         return piece
+
+    def _decode_new(self, flush: bool) -> None:
+        if self._read >= len(self._ids):
+            return
+        decode = self.tokenizer.decode
+        before = decode(self._ids[self._prefix : self._read])
+        after = decode(self._ids[self._prefix :])
+        if len(after) > len(before) and (flush or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self._ids)
+        elif flush:
+            self._read = len(self._ids)
+
+    def _find_stop(self) -> bool:
+        if not self.stop:
+            return False
+        window = max(len(s) for s in self.stop) + 16
+        cut = stop_index(self.text, self.stop, max(0, self.sent - window))
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.stopped = True
+        return self.stopped
 
     def _stop_prefix_len(self, text: str) -> int:
         best = 0
@@ -46,3 +80,16 @@ class TextState:
                     best = max(best, k)
                     break
         return best
+
+
+def stop_index(text: str, stop: tuple[str, ...], search_from: int = 0) -> int:
+    """Where the first stop string starts in ``text`` (from ``search_from`` on), or -1."""
+    cuts = [i for s in stop if (i := text.find(s, search_from)) >= 0]
+    return min(cuts) if cuts else -1
+
+
+def token_info(tokenizer, token: int, logits: torch.Tensor, top_n: int) -> TokenInfo:
+    """The ``TokenInfo`` (log-probability under the raw model distribution, top alternatives) of ``token``."""
+    logp, top = token_logprobs(logits, token, top_n)
+    name = tokenizer.token_str
+    return TokenInfo(token, name(token), logp, tuple(TopLogprob(t, name(t), lp) for t, lp in top))

@@ -55,20 +55,77 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Sample one token id from one row of logits (V,)."""
-    if params.greedy:
-        return int(logits.argmax(-1))
-    return draw(process_logits(logits, params).softmax(-1), generator)
+    """Sample one token id from one row of logits (V,) (``sample_batch`` of one row)."""
+    return sample_batch(logits[None], [params], [generator])[0]
 
 
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
     """One index with probability proportional to ``weights`` (V,), drawn with ``generator``.
 
-    Per-request generators live on the CPU (a seed then draws the same stream whatever the model's
-    device), so weights on another device are drawn from on the generator's device."""
-    if generator is not None and weights.device != generator.device:
-        weights = weights.to(generator.device)
-    return int(torch.multinomial(weights.float(), 1, generator=generator))
+    One uniform from the generator per draw (inverse CDF), the same rule ``sample_batch`` applies
+    to a whole batch: a seeded request draws the same tokens alone or beside others."""
+    return int(inverse_cdf(weights[None], uniforms([generator], weights.device))[0])
+
+
+def uniforms(generators: list[torch.Generator | None], device) -> torch.Tensor:
+    """(B,) float64 uniforms in [0, 1), one from each row's generator (None: the global one).
+
+    Per-request generators live on the CPU, so a seed draws the same stream whatever the model's
+    device; only B numbers cross to the device, never a vocabulary row."""
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    return u.to(device)
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B,) indices: row i's first index where the cumulative weight exceeds u_i times the row total.
+
+    ``searchsorted(right=True)`` never lands on a zero-weight index (the CDF only rises at positive
+    weights); rounding past the total falls back to the row's last positive index."""
+    cdf = weights.double().cumsum(-1)  # (B, V)
+    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    last = (weights > 0).cumsum(-1).argmax(-1)  # (B,) last positive index
+    return torch.minimum(idx, last)
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of ``logits`` (B, V), each under its own request's parameters and generator.
+
+    Runs on the logits' device: greedy rows take the argmax, the others are processed in one batch
+    (per-row temperature, top-k, top-p, min-p) and drawn by inverse CDF with one uniform per row.
+    Row i's token equals ``sample_token(logits[i], params[i], generators[i])``."""
+    out = logits.argmax(-1)  # (B,)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        probs = process_batch(logits.index_select(0, index), [params[i] for i in sampled]).softmax(-1)
+        u = uniforms([generators[i] for i in sampled], logits.device)
+        out[index] = inverse_cdf(probs, u)
+    return out.tolist()
+
+
+def process_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``process_logits`` for a batch (B, V) of sampled rows, each with its own parameters."""
+    device = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
+    logits = logits.float() / temps[:, None]
+    vocab = logits.shape[-1]
+    if any(0 < p.top_k < vocab for p in params):
+        ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+        kth = torch.sort(logits, descending=True, dim=-1).values.gather(-1, (ks - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        tops = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=device)  # 2: keep all
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop_sorted = (probs.cumsum(-1) - probs) >= tops[:, None]
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    if any(p.min_p > 0.0 for p in params):
+        mins = torch.tensor([p.min_p for p in params], device=device, dtype=torch.float32)
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < probs.max(-1, keepdim=True).values * mins[:, None], float("-inf"))
+    return logits
 
 
 def token_logprobs(logits: torch.Tensor, token_id: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:

@@ -47,7 +47,7 @@ class Recording(EntropySwitch):
         before = {s.seq_id: list(s.ids) for s in seqs}
         out = super().step(engine, seqs)
         for s in seqs:
-            self.log.append((before[s.seq_id], s.state["writers"][-1], out[s.seq_id][0].logits))
+            self.log.append((before[s.seq_id], s.state.writers[-1], out[s.seq_id][0].logits))
         return out
 
 

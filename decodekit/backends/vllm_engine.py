@@ -16,7 +16,7 @@ import time
 
 from decodekit.backends.vllm_strategies import request_options, strategy_stats
 from decodekit.engine import check_prompt
-from decodekit.output import TextState
+from decodekit.output import TextState, stop_index
 from decodekit.strategies.base import Strategy
 from decodekit.types import Choice, Completion, RequestStats, SamplingParams, TokenEvent, TokenInfo, TopLogprob, Usage
 
@@ -206,11 +206,11 @@ def _without_stop_token(completion, request, finished: bool) -> list[int]:
 def _cut_at_stop(sample: _Sample) -> None:
     """Drop the tokens after the one that completes the stop string decodekit found (its decode can
     differ from vLLM's detokenizer at token boundaries): what a delta-by-delta run would have kept."""
-    ids, probe = sample.output_ids, TextState(sample.request.tokenizer, sample.request.params.stop)
+    ids, tokenizer, stop = sample.output_ids, sample.request.tokenizer, sample.request.params.stop
     lo, hi = 1, len(ids)  # the shortest prefix whose text holds a stop string: ids[:hi] always does
     while lo < hi:
         mid = (lo + hi) // 2
-        if probe.update(ids[:mid]):
+        if stop_index(tokenizer.decode(ids[:mid]), stop) >= 0:
             hi = mid
         else:
             lo = mid + 1

@@ -1,23 +1,52 @@
-"""The Strategy interface: an algorithm that proposes the next tokens of a batch of sequences.
+"""The Strategy interface: strategies decide, the engine computes.
 
-A strategy never decides when a request ends: it returns proposed tokens, and the engine
-appends them one at a time, checking stop conditions (EOS, stop strings, length) after each.
+Each step has two strategy phases around one forward per model: ``plan`` states the rows a
+strategy needs computed (a sequence or one of its forks, the new token ids, how many logits, on
+which model), the engine runs every running request's rows together, and ``update`` turns the
+logits into proposed tokens. A strategy never decides when a request ends: the engine appends
+proposals one at a time, checking stop conditions (EOS, stop strings, length) after each.
+
+Strategies written against the older one-call interface (``step(engine, seqs)``, which runs its
+own forward through ``engine.forward``) still work; they just do not share the step's forward.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, NamedTuple
+from abc import ABC
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 if TYPE_CHECKING:
-    from decodekit.engine import Engine, Request, Sequence
+    from decodekit.cache import KVHandle
+    from decodekit.engine import Engine
+    from decodekit.sequence import Request, Sequence
 
 
 class Proposal(NamedTuple):
     token_id: int
     logits: torch.Tensor | None = None  # raw model logits (V,) the token was drawn under, for logprobs
+
+
+@dataclass(eq=False)
+class Row:
+    """One row of a step's forward: ``new_ids`` appended to ``handle`` (default: the sequence's own).
+
+    ``backend`` None means the engine's model. ``key`` is the strategy's own tag (a particle, a
+    draft); ``logits`` (num_logits, V) is filled in by the engine after the forward."""
+
+    seq: Sequence
+    new_ids: list[int]
+    num_logits: int = 1
+    handle: KVHandle | None = None
+    backend: Any = None
+    key: Any = None
+    logits: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def kv(self) -> KVHandle:
+        return self.handle if self.handle is not None else self.seq.handle
 
 
 class Strategy(ABC):
@@ -30,16 +59,41 @@ class Strategy(ABC):
         """Raise ``ValueError`` if this strategy cannot serve ``request``."""
 
     def extra_slots(self, request: Request) -> int:
-        """Main-model KV slots a sequence may hold beyond its verified tokens (e.g. draft tokens)."""
+        """Main-model KV slots a sequence may hold beyond its verified tokens at worst (drafts, particles)."""
         return 0
 
-    @abstractmethod
-    def step(self, engine: Engine, seqs: list[Sequence]) -> dict[int, list[Proposal]]:
-        """Advance each sequence; returns proposed tokens by ``seq.seq_id``.
+    def step_slots(self, seq: Sequence) -> int:
+        """Main-model KV slots ``seq`` may allocate in its next step (the scheduler keeps them free)."""
+        return max(1, len(seq.ids) - len(seq.handle)) if seq.handle is not None else len(seq.ids)
 
-        On entry every sequence's cache holds all its tokens but possibly the last few; after a
-        prefill ``seq.next_logits`` holds the logits for the next token.
-        """
+    # ---- the two phases --------------------------------------------------------------------
+    def plan(self, engine: Engine, seqs: list[Sequence]) -> list[Row]:
+        """The rows ``seqs`` need computed this step (default: the uncomputed tail of each sequence
+        whose next-token logits are not ready).
+
+        On entry a sequence's cache holds all its tokens but possibly the last few; after a prefill
+        ``seq.next_logits`` holds the logits for the next token."""
+        return tail_rows(engine, seqs)
+
+    def update(self, engine: Engine, seqs: list[Sequence], rows: list[Row]) -> dict[int, list[Proposal]]:
+        """Turn the computed ``rows`` (``row.logits`` filled) into proposals by ``seq.seq_id``."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither update() nor step()")
+
+    def step(self, engine: Engine, seqs: list[Sequence]) -> dict[int, list[Proposal]]:
+        """One-call interface (own forward through ``engine.forward``); overriding it opts out of
+        the shared forward."""
+        raise NotImplementedError
+
+    @property
+    def shares_forward(self) -> bool:
+        """Whether this strategy uses ``plan`` / ``update`` (True) or the one-call ``step``."""
+        return type(self).step is Strategy.step
+
+    # ---- life cycle ------------------------------------------------------------------------
+    def on_preempt(self, engine: Engine, seq: Sequence) -> None:
+        """``seq`` is being preempted (its main handle is released and recomputed later): release
+        what the strategy holds for it beyond the main handle (draft caches, particles' handles)."""
+        self.on_finish(engine, seq)
 
     def on_finish(self, engine: Engine, seq: Sequence) -> None:
         """Release what the strategy holds for ``seq`` (draft caches, state)."""
@@ -47,3 +101,18 @@ class Strategy(ABC):
     def stats(self, seqs: list[Sequence]) -> dict:
         """Strategy counters for one request's sequences, merged into ``RequestStats.extra``."""
         return {}
+
+
+def tail_rows(engine: Engine, seqs: list[Sequence]) -> list[Row]:
+    """A one-logit row over each sequence's uncomputed tail, for those without ready logits."""
+    return [Row(s, engine.uncomputed(s)) for s in seqs if s.next_logits is None]
+
+
+def next_logits(seqs: list[Sequence], rows: list[Row]) -> dict[int, torch.Tensor]:
+    """Each sequence's next-token logits (V,): ready ones, or the last logit of its own row."""
+    out = {r.seq.seq_id: r.logits[-1] for r in rows if r.handle is None and r.backend is None}
+    for seq in seqs:
+        if seq.seq_id not in out:
+            out[seq.seq_id] = seq.take_next_logits()
+        seq.next_logits = None
+    return out

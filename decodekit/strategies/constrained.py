@@ -17,15 +17,42 @@ ended with EOS (``max_new_tokens`` counts the EOS), so outputs stop by EOS where
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from decodekit.constraints.awrs import NEG_INF, TokenDraw, check_all, masked_sample, recursive_awrs
 from decodekit.constraints.base import Constraint, TokenChecker
 from decodekit.constraints.smc import RESAMPLERS, Particle, ess, log_mean_weight, normalized_weights, resample
 from decodekit.sampling import process_logits
-from decodekit.strategies.base import Proposal, Strategy
+from decodekit.strategies.base import Proposal, Row, Strategy, next_logits
 
 SAMPLERS = ("awrs", "masked")
+
+
+@dataclass
+class SmcRun:
+    """One sequence's particle population: the first step reads the prefill's logits."""
+
+    particles: list[Particle]
+    first_logits: torch.Tensor | None
+    resamples: int = 0
+    ess_trace: list[float] = field(default_factory=list)
+    alive_trace: list[int] = field(default_factory=list)
+    log_ml: float | None = None
+    results: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class ConstrainedState:
+    """Per-sequence state: the token checker, the automaton (if any), the streamed track, SMC run."""
+
+    checker: TokenChecker
+    index: object | None
+    track: Particle
+    draws: int = 0
+    error: str | None = None
+    smc: SmcRun | None = None
 FINAL_CHECKS = 256  # one-particle last token: tokens tried before declaring the text incompletable
 
 
@@ -67,50 +94,75 @@ class Constrained(Strategy):
         # every particle may grow its own max_new_tokens beyond the shared prompt
         return (self.num_particles - 1) * (request.params.max_new_tokens + 1) + 1 if self.num_particles > 1 else 0
 
-    def step(self, engine, seqs):
+    def step_slots(self, seq) -> int:
+        run = st.smc if (st := _own_state(seq)) is not None else None
+        if self.num_particles == 1 or run is None:
+            return super().step_slots(seq)
+        prompt = seq.request.prompt_ids
+        return sum(len(prompt) + len(p.out) - (len(p.handle) if p.handle is not None else 0)
+                   for p in run.particles if p.alive) + 1
+
+    def plan(self, engine, seqs):
         if self.num_particles == 1:
-            return self._step_single(engine, seqs)
-        return self._step_smc(engine, seqs)
+            return super().plan(engine, seqs)
+        rows = []
+        for seq in seqs:
+            run = self._state(engine, seq).smc or self._start_smc(engine, seq)
+            if run.first_logits is not None:
+                continue
+            for p in run.particles:
+                if p.alive:
+                    if p.handle is None:  # released by a preemption: reopen through the prefix cache
+                        p.handle = engine.backend.cache.open(seq.request.prompt_ids + p.out)
+                    ids = seq.request.prompt_ids + p.out
+                    rows.append(Row(seq, ids[len(p.handle):], handle=p.handle, key=p))
+        return rows
+
+    def update(self, engine, seqs, rows):
+        if self.num_particles == 1:
+            return self._update_single(engine, seqs, next_logits(seqs, rows))
+        for row in rows:
+            row.key.next_logits = row.logits[-1]
+        return self._update_smc(engine, seqs)
 
     def on_finish(self, engine, seq) -> None:
-        run = seq.state.get("smc")
+        run = st.smc if (st := _own_state(seq)) is not None else None
         if run is not None:
-            for p in run["particles"]:
+            for p in run.particles:
                 if p.handle is not None:
                     engine.backend.cache.release(p.handle)
                     p.handle = None
 
     def stats(self, seqs) -> dict:
-        states = [s.state["constrained"] for s in seqs if "constrained" in s.state]
-        checks = sum(st["checker"].num_checks for st in states)
-        draws = sum(st["draws"] for st in states)
+        states = [st for s in seqs if (st := _own_state(s)) is not None]
+        checks = sum(st.checker.num_checks for st in states)
+        draws = sum(st.draws for st in states)
         out = {"sampler": self.sampler, "num_particles": self.num_particles, "constraint": self.constraint.name,
                "constraint_checks": checks, "token_draws": draws,
                "checks_per_token": checks / draws if draws else 0.0}
-        errors = [st["error"] for st in states if st.get("error")]
+        errors = [st.error for st in states if st.error]
         if errors:
             out["constraint_error"] = errors[0]
-        runs = [s.state["smc"] for s in seqs if "smc" in s.state]
+        runs = [st.smc for st in states if st.smc is not None]
         if runs:
-            out["resampling_events"] = sum(r["resamples"] for r in runs)
-            out["ess_trace"] = runs[0]["ess_trace"]
-            out["particles_alive"] = runs[0]["alive_trace"]
-            out["log_ml"] = runs[0].get("log_ml")
-            out["log_ml_per_choice"] = [r.get("log_ml") for r in runs]
-            out["particles"] = runs[0].get("results", [])
+            out["resampling_events"] = sum(r.resamples for r in runs)
+            out["ess_trace"] = runs[0].ess_trace
+            out["particles_alive"] = runs[0].alive_trace
+            out["log_ml"] = runs[0].log_ml
+            out["log_ml_per_choice"] = [r.log_ml for r in runs]
+            out["particles"] = runs[0].results
         return out
 
     # ---- one particle: a token per step, streamed ------------------------------------------
-    def _step_single(self, engine, seqs):
-        engine.compute_next_logits(seqs)
+    def _update_single(self, engine, seqs, logits_of: dict):
         out = {}
         for seq in seqs:
             st = self._state(engine, seq)
-            logits = seq.take_next_logits()
-            track = st["track"]
+            logits = logits_of[seq.seq_id]
+            track = st.track
             final = len(seq.output_ids) >= seq.params.max_new_tokens - 1
             if final and self.constraint.complete_ok(track.text):
-                out[seq.seq_id] = [Proposal(st["checker"].eos_token(), logits)]  # complete: end it while we may
+                out[seq.seq_id] = [Proposal(st.checker.eos_token(), logits)]  # complete: end it while we may
                 continue
             # the last token must complete the text (the engine then ends it with "length")
             draw = self._draw(engine, seq, st, track, logits, final=final)
@@ -124,48 +176,29 @@ class Constrained(Strategy):
         return out
 
     # ---- SMC: particles inside the request, one answer at the end ---------------------------
-    def _step_smc(self, engine, seqs):
-        runs = {seq.seq_id: seq.state.get("smc") or self._start_smc(engine, seq) for seq in seqs}
-        self._forward_particles(engine, seqs, runs)
+    def _update_smc(self, engine, seqs):
         out = {}
         for seq in seqs:
-            run = runs[seq.seq_id]
+            run = _own_state(seq).smc
             self._smc_advance(engine, seq, run)
-            if all(not p.alive for p in run["particles"]):
+            if all(not p.alive for p in run.particles):
                 proposals = self._smc_finish(engine, seq, run)
                 if proposals:
                     out[seq.seq_id] = proposals
         return out
 
-    def _start_smc(self, engine, seq) -> dict:
+    def _start_smc(self, engine, seq) -> SmcRun:
         st = self._state(engine, seq)
-        logits = seq.take_next_logits()
         cache = engine.backend.cache
-        particles = [Particle(cache.fork(seq.handle), [], b"", fsa_state=st["track"].fsa_state)
+        particles = [Particle(cache.fork(seq.handle), [], b"", fsa_state=st.track.fsa_state)
                      for _ in range(self.num_particles)]
-        run = {"particles": particles, "first_logits": logits, "resamples": 0, "ess_trace": [], "alive_trace": []}
-        seq.state["smc"] = run
-        return run
-
-    def _forward_particles(self, engine, seqs, runs) -> None:
-        rows, handles, new_ids = [], [], []
-        for seq in seqs:
-            for p in runs[seq.seq_id]["particles"]:
-                if p.alive and runs[seq.seq_id]["first_logits"] is None:
-                    ids = seq.request.prompt_ids + p.out
-                    rows.append(p)
-                    handles.append(p.handle)
-                    new_ids.append(ids[len(p.handle):])
-        if rows:
-            for seq in seqs:
-                seq.num_forwards += 1
-            for p, row in zip(rows, engine.backend.forward(handles, new_ids)):
-                p.next_logits = row[-1]
+        st.smc = SmcRun(particles, seq.take_next_logits())
+        return st.smc
 
     def _smc_advance(self, engine, seq, run) -> None:
-        st = seq.state["constrained"]
-        first, run["first_logits"] = run["first_logits"], None
-        for p in run["particles"]:
+        st = _own_state(seq)
+        first, run.first_logits = run.first_logits, None
+        for p in run.particles:
             if not p.alive:
                 continue
             logits, p.next_logits = (first if first is not None else p.next_logits), None
@@ -176,7 +209,7 @@ class Constrained(Strategy):
                 p.logw += draw.logw
                 if draw.logw == NEG_INF:
                     self._drop(engine, p)
-                elif draw.token in st["checker"].eos_ids:
+                elif draw.token in st.checker.eos_ids:
                     p.eos, p.done = draw.token, True
                     self._drop(engine, p)
                 else:
@@ -188,7 +221,7 @@ class Constrained(Strategy):
 
     def _force_eos(self, engine, seq, st, p: Particle, logits) -> None:
         """EOS at the length limit: proposal prob 1, so the weight gains p(EOS) c(complete)."""
-        eos = st["checker"].eos_token()
+        eos = st.checker.eos_token()
         logp = self._logp(engine, seq, logits)
         ok = self.constraint.complete_ok(p.text)
         p.logw += float(logp[eos]) if ok else NEG_INF
@@ -203,25 +236,25 @@ class Constrained(Strategy):
         p.critic = score
 
     def _maybe_resample(self, engine, seq, run) -> None:
-        particles = run["particles"]
+        particles = run.particles
         logw = torch.tensor([p.logw for p in particles], dtype=torch.float64)
         value = ess(logw)
-        run["ess_trace"].append(round(value, 3))
-        run["alive_trace"].append(sum(p.alive for p in particles))
+        run.ess_trace.append(round(value, 3))
+        run.alive_trace.append(sum(p.alive for p in particles))
         if any(p.alive for p in particles) and value < self.ess_threshold * len(particles) and value > 0:
             ancestors = RESAMPLERS[self.resampling](logw=logw, generator=seq.generator)
-            run["particles"] = resample(particles, ancestors, engine.backend.cache)
-            run["resamples"] += 1
+            run.particles = resample(particles, ancestors, engine.backend.cache)
+            run.resamples += 1
 
     def _smc_finish(self, engine, seq, run):
-        particles = run["particles"]
+        particles = run.particles
         logw = torch.tensor([p.logw for p in particles], dtype=torch.float64)
         w = normalized_weights(logw)
-        run["log_ml"] = log_mean_weight(logw)
-        run["results"] = [{"text": p.text.decode("utf-8", "replace"), "weight": float(wi), "log_weight": p.logw}
+        run.log_ml = log_mean_weight(logw)
+        run.results = [{"text": p.text.decode("utf-8", "replace"), "weight": float(wi), "log_weight": p.logw}
                           for p, wi in zip(particles, w)]
         if float(w.sum()) == 0.0:
-            self._fail(engine, seq, seq.state["constrained"], "every particle reached a dead end or the length limit")
+            self._fail(engine, seq, _own_state(seq), "every particle reached a dead end or the length limit")
             return None
         pick = int(w.argmax()) if seq.params.greedy else int(torch.multinomial(w, 1, generator=seq.generator))
         chosen = particles[pick]
@@ -229,14 +262,16 @@ class Constrained(Strategy):
         return [Proposal(t, lg) for t, lg in zip(chosen.out + [chosen.eos], logits)]
 
     # ---- shared pieces -----------------------------------------------------------------------
-    def _state(self, engine, seq) -> dict:
-        st = seq.state.get("constrained")
+    def _state(self, engine, seq) -> ConstrainedState:
+        st = _own_state(seq)
         if st is None:
             index = self.constraint.index(engine.tokenizer) if self._uses_index() else None
             track = Particle(None, [], b"", fsa_state=index.initial() if index else None)
-            st = {"checker": TokenChecker(self.constraint, engine.tokenizer), "index": index, "track": track,
-                  "draws": 0, "error": None}
-            seq.state["constrained"] = st
+            st = ConstrainedState(TokenChecker(self.constraint, engine.tokenizer), index, track)
+            if hasattr(seq.state, "inner"):  # composed inside another strategy (EntropySwitch)
+                seq.state.inner = st
+            else:
+                seq.state = st
         return st
 
     def _uses_index(self) -> bool:
@@ -262,11 +297,11 @@ class Constrained(Strategy):
 
     def _draw(self, engine, seq, st, track: Particle, logits, final: bool = False) -> TokenDraw:
         logp = self._logp(engine, seq, logits)
-        checker = st["checker"]
+        checker = st.checker
         accept = checker.accept_fn(track.text, final=final)
         gen = None if seq.params.greedy else seq.generator
-        st["draws"] += 1
-        index = None if final else st["index"]
+        st.draws += 1
+        index = None if final else st.index
         if self.sampler == "masked":
             allowed = self._exact_mask(st, track, logp) if index else check_all(logp=logp, accept=accept)
             return masked_sample(logp=logp, allowed=allowed, generator=gen)
@@ -279,22 +314,22 @@ class Constrained(Strategy):
         return draw
 
     def _exact_mask(self, st, track: Particle, logp) -> torch.Tensor:
-        allowed = st["index"].allowed(track.fsa_state)[: logp.shape[-1]]
+        allowed = st.index.allowed(track.fsa_state)[: logp.shape[-1]]
         if allowed.shape[-1] < logp.shape[-1]:
             allowed = torch.cat([allowed, torch.zeros(logp.shape[-1] - allowed.shape[-1], dtype=torch.bool)])
         complete = self.constraint.complete_ok(track.text)
-        st["checker"].num_checks += 1
-        for eos in st["checker"].eos_ids:
+        st.checker.num_checks += 1
+        for eos in st.checker.eos_ids:
             if eos < len(allowed):
                 allowed[eos] = complete
         return allowed
 
     def _advance(self, engine, st, track: Particle, token: int) -> None:
         track.out.append(token)
-        piece = st["checker"].token_bytes[token]
+        piece = st.checker.token_bytes[token]
         track.text += piece or b""
-        if st["index"] is not None:
-            track.fsa_state = st["index"].next(track.fsa_state, token)
+        if st.index is not None:
+            track.fsa_state = st.index.next(track.fsa_state, token)
 
     def _drop(self, engine, p: Particle) -> None:
         """A finished or dead particle needs no more KV: free its slots now."""
@@ -303,5 +338,11 @@ class Constrained(Strategy):
             p.handle = None
 
     def _fail(self, engine, seq, st, message: str) -> None:
-        st["error"] = message
+        st.error = message
         engine.finish(seq, "constraint_failed")
+
+
+def _own_state(seq) -> ConstrainedState | None:
+    """This strategy's state of ``seq``: ``seq.state``, or the ``inner`` slot of a composing strategy's."""
+    st = getattr(seq.state, "inner", seq.state)
+    return st if isinstance(st, ConstrainedState) else None

@@ -16,6 +16,7 @@ import torch
 
 from decodekit.backends.cpu_linear import unpacked
 from decodekit.sampling import draw, probs_from_logits
+from decodekit.strategies.spec_state import SpecState
 
 
 class Draft(NamedTuple):
@@ -182,8 +183,8 @@ MAX_CONFIDENCE = 0.99
 
 
 def calibrated(confidence: list[float], seq) -> list[float]:
-    state = seq.state  # "hits" / "claimed": accepted drafts and their claimed confidences (Speculative)
-    scale = (state.get("hits", 0) + CALIBRATION_PRIOR) / (state.get("claimed", 0.0) + CALIBRATION_PRIOR)
+    state = seq.state_as(SpecState)  # hits / claimed: accepted drafts and their claimed confidences
+    scale = (state.hits + CALIBRATION_PRIOR) / (state.claimed + CALIBRATION_PRIOR)
     return [min(MAX_CONFIDENCE, scale * c) for c in confidence]
 
 
@@ -199,7 +200,7 @@ class ModelDrafter(Drafter):
     def __init__(self, backend, key: str = "draft", token_cost: float = 0.4):
         self.backend = backend
         self.name = backend.name
-        self.key = f"{key}_handle"  # seq.state key of this drafter's handle
+        self.key = f"{key}_handle"  # where this drafter's handle lives in SpecState.drafter
         self.token_cost = token_cost
 
     def propose(self, seqs, ks):
@@ -212,7 +213,7 @@ class ModelDrafter(Drafter):
             handle = self._handle(seqs[i])
             new_ids[i] = seqs[i].ids[len(handle):]  # catch up on verified tokens the draft has not seen
         for step in range(max((ks[i] for i in active), default=0)):
-            handles = [seqs[i].state[self.key] for i in active]
+            handles = [seqs[i].state.drafter[self.key] for i in active]
             logits = self.backend.forward(handles, [new_ids[i] for i in active], 1)
             for i, row in zip(active, logits):
                 token, q, conf = draw_draft(row[-1], seqs[i])
@@ -225,20 +226,21 @@ class ModelDrafter(Drafter):
         return [Draft(d, torch.stack(q) if q else None, c) for d, q, c in zip(drafts, qs, confs)]
 
     def _handle(self, seq):
-        handle = seq.state.get(self.key)
+        kept = seq.state_as(SpecState).drafter
+        handle = kept.get(self.key)
         if handle is None:
-            handle = seq.state[self.key] = self.backend.open(seq.ids)
+            handle = kept[self.key] = self.backend.open(seq.ids)
         elif len(handle) >= len(seq.ids):
             self.backend.cache.truncate(handle, len(seq.ids) - 1)  # keep one token to compute
         return handle
 
     def rollback(self, seq, num_verified):
-        handle = seq.state.get(self.key)
+        handle = seq.state_as(SpecState).drafter.get(self.key)
         if handle is not None and len(handle) > num_verified:
             self.backend.cache.truncate(handle, num_verified)
 
     def release(self, seq):
-        handle = seq.state.pop(self.key, None)
+        handle = seq.state_as(SpecState).drafter.pop(self.key, None)
         if handle is None:
             return
         cache = self.backend.cache
@@ -285,11 +287,11 @@ class HeadDrafter(Drafter):
         return [self._propose(seq, k) if k > 0 else Draft([], None, []) for seq, k in zip(seqs, ks)]
 
     def release(self, seq):
-        seq.state.pop("head", None)
+        seq.state_as(SpecState).drafter.pop("head", None)
 
     @torch.inference_mode()
     def _propose(self, seq, k: int) -> Draft:
-        state = seq.state.setdefault("head", HeadState())
+        state = seq.state_as(SpecState).drafter.setdefault("head", HeadState())
         last = len(seq.ids) - 1  # the newest entry reads the last verified token and the feature at last - 1
         if state.next_entry is None:
             first = self.target.first_featured(seq.handle, last)
@@ -298,7 +300,7 @@ class HeadDrafter(Drafter):
             state.next_entry = first + 1
         feats = self.target.features_at(seq.handle, state.next_entry - 1, last)
         if feats is None:
-            seq.state.pop("head")  # features missing (computed before capture): start over next step
+            seq.state.drafter.pop("head")  # features missing (computed before capture): start over next step
             return Draft([], None, [])
         entries = range(state.next_entry, last + 1)
         device = self.head.fc.weight.device

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from decodekit.sampling import entropy_bits, sample_token
 from decodekit.strategies.base import Proposal, Strategy
@@ -131,28 +131,28 @@ class EntropySwitch(Strategy):
     # ---- the step -----------------------------------------------------------------------------
     def step(self, engine, seqs):
         for seq in seqs:
-            if "active" not in seq.state:
-                _init_state(seq, self.main_role)
-        logits = self._compute(engine, seqs, {s.seq_id: s.state["active"] for s in seqs})
+            if not isinstance(seq.state, SwitchState):
+                seq.state = SwitchState(self.main_role)
+        logits = self._compute(engine, seqs, {s.seq_id: s.state.active for s in seqs})
         switch = {}
         for seq in seqs:
             st = seq.state
-            st["entropies"].append(float(entropy_bits(logits[seq.seq_id])))
-            choice = choose_model(active=st["active"], mean_entropy=rolling_mean(st["entropies"], self.window),
-                                  threshold=self.threshold, since_switch=st["since_switch"], min_dwell=self.min_dwell)
-            if choice != st["active"]:
+            st.entropies.append(float(entropy_bits(logits[seq.seq_id])))
+            choice = choose_model(active=st.active, mean_entropy=rolling_mean(st.entropies, self.window),
+                                  threshold=self.threshold, since_switch=st.since_switch, min_dwell=self.min_dwell)
+            if choice != st.active:
                 switch[seq.seq_id] = choice
         if switch:
             switched = [s for s in seqs if s.seq_id in switch]
             logits.update(self._compute(engine, switched, switch))
             for seq in switched:
                 st = seq.state
-                st["active"], st["since_switch"], st["num_switches"] = switch[seq.seq_id], 0, st["num_switches"] + 1
-                st["entropies"][-1] = float(entropy_bits(logits[seq.seq_id]))
+                st.active, st.since_switch, st.num_switches = switch[seq.seq_id], 0, st.num_switches + 1
+                st.entropies[-1] = float(entropy_bits(logits[seq.seq_id]))
         out = self._choose_tokens(engine, seqs, logits)
         for seq in seqs:
-            seq.state["writers"].append(seq.state["active"])
-            seq.state["since_switch"] += 1
+            seq.state.writers.append(seq.state.active)
+            seq.state.since_switch += 1
         return out
 
     def _choose_tokens(self, engine, seqs, logits: dict) -> dict:
@@ -162,7 +162,7 @@ class EntropySwitch(Strategy):
         # Constrained takes ready ``seq.next_logits`` as they are (it computes only missing ones)
         for seq in seqs:
             seq.next_logits = logits[seq.seq_id]
-        out = self.constrained.step(engine, seqs)
+        out = self.constrained.update(engine, seqs, [])
         for seq in seqs:
             seq.next_logits = None  # never leave one model's logits where the main model's are expected
         return out
@@ -180,7 +180,7 @@ class EntropySwitch(Strategy):
             model.forward_time_s += took
             for seq, row in zip(group, rows):
                 out[seq.seq_id] = row
-                seq.state["forward_time_s"][role] += took / len(group)  # a batched call's time, split evenly
+                seq.state.forward_time_s[role] += took / len(group)  # a batched call's time, split evenly
         return out
 
     def _main_logits(self, engine, seqs, model: _Model) -> list:
@@ -196,23 +196,23 @@ class EntropySwitch(Strategy):
     def _other_logits(self, seqs, model: _Model) -> list:
         cache = model.backend.cache
         for seq in seqs:
-            if seq.state.get("handle") is None:
-                seq.state["handle"] = model.backend.open(seq.ids)
-        handles = [s.state["handle"] for s in seqs]
+            if seq.state.handle is None:
+                seq.state.handle = model.backend.open(seq.ids)
+        handles = [s.state.handle for s in seqs]
         tails = [s.ids[len(h):] for s, h in zip(seqs, handles)]
         for seq, tail in zip(seqs, tails):
             _count(seq, model, len(tail))
         rows = model.backend.forward(handles, tails)
         for seq, handle in zip(seqs, handles):
-            if seq.state["other_forwards"] == 0:
+            if seq.state.other_forwards == 0:
                 cache.commit(handle, seq.ids)  # verified tokens (the prompt) enter this namespace for siblings
-            seq.state["other_forwards"] += 1
+            seq.state.other_forwards += 1
         return [r[-1] for r in rows]
 
     def on_finish(self, engine, seq) -> None:
-        handle = seq.state.pop("handle", None)
-        if handle is None:
+        if not isinstance(seq.state, SwitchState) or seq.state.handle is None:
             return
+        handle, seq.state.handle = seq.state.handle, None
         cache = next(m for m in self.models.values() if not m.is_main).backend.cache
         cache.truncate(handle, min(len(handle), len(seq.ids)))
         cache.commit(handle, seq.ids)
@@ -220,13 +220,14 @@ class EntropySwitch(Strategy):
 
     # ---- provenance and cost ------------------------------------------------------------------
     def stats(self, seqs) -> dict:
-        writers = ["".join("L" if w == LARGE else "S" for w in s.state.get("writers", [])[: len(s.output_ids)])
-                   for s in seqs]
+        states = [s.state for s in seqs if isinstance(s.state, SwitchState)]
+        writers = ["".join("L" if w == LARGE else "S" for w in s.state.writers[: len(s.output_ids)])
+                   for s in seqs if isinstance(s.state, SwitchState)]
         num_large = sum(w.count("L") for w in writers)
         num_small = sum(w.count("S") for w in writers)
         total = num_small + num_large
         params = {role: m.backend.num_params for role, m in self.models.items()}
-        fwd = {role: sum(s.state.get("forward_tokens", {}).get(role, 0) for s in seqs) for role in (SMALL, LARGE)}
+        fwd = {role: sum(st.forward_tokens[role] for st in states) for role in (SMALL, LARGE)}
         measured = (fwd[SMALL] * params[SMALL] + fwd[LARGE] * params[LARGE]) / (total * params[LARGE]) if total else 0.0
         extra = self.constrained.stats(seqs) if self.constrained is not None else {}
         return {
@@ -234,14 +235,12 @@ class EntropySwitch(Strategy):
             "provenance": writers,  # per choice, one letter per generated token: S small, L large
             "tokens_by_model": {SMALL: num_small, LARGE: num_large},
             "large_share": num_large / total if total else 0.0,
-            "num_switches": sum(s.state.get("num_switches", 0) for s in seqs),
+            "num_switches": sum(st.num_switches for st in states),
             "cost_param_weighted": param_weighted_cost(num_small, num_large, params[SMALL], params[LARGE]),
             "forward_tokens": fwd,  # decode + catch-up prefill, the engine's prompt prefill excluded
             "cost_measured_param_weighted": measured,
-            "forward_time_s": {role: sum(s.state.get("forward_time_s", {}).get(role, 0.0) for s in seqs)
-                               for role in (SMALL, LARGE)},
-            "mean_entropy_bits": sum(sum(s.state.get("entropies", [])) for s in seqs)
-            / max(1, sum(len(s.state.get("entropies", [])) for s in seqs)),
+            "forward_time_s": {role: sum(st.forward_time_s[role] for st in states) for role in (SMALL, LARGE)},
+            "mean_entropy_bits": sum(sum(st.entropies) for st in states) / max(1, sum(len(st.entropies) for st in states)),
         }
 
     def model_times(self) -> dict:
@@ -249,15 +248,25 @@ class EntropySwitch(Strategy):
         return {role: m.forward_time_s for role, m in self.models.items()}
 
 
-def _init_state(seq, main_role: str) -> None:
-    seq.state.update(active=main_role, since_switch=0, entropies=[], writers=[], num_switches=0,
-                     forward_tokens={SMALL: 0, LARGE: 0}, forward_time_s={SMALL: 0.0, LARGE: 0.0},
-                     other_forwards=0, handle=None)
-    seq.state["since_switch"] = 1 << 30  # the first position may go to either model at once
+@dataclass
+class SwitchState:
+    """Per-sequence state: the writing model, the entropy window, provenance, per-model cost, and
+    the other model's KV handle (the engine's model keeps ``seq.handle``)."""
+
+    active: str
+    since_switch: int = 1 << 30  # the first position may go to either model at once
+    entropies: list[float] = field(default_factory=list)
+    writers: list[str] = field(default_factory=list)
+    num_switches: int = 0
+    forward_tokens: dict[str, int] = field(default_factory=lambda: {SMALL: 0, LARGE: 0})
+    forward_time_s: dict[str, float] = field(default_factory=lambda: {SMALL: 0.0, LARGE: 0.0})
+    other_forwards: int = 0
+    handle: object = None
+    inner: object = None  # the composed Constrained strategy's state, when a constraint is given
 
 
 def _count(seq, model: _Model, n: int) -> None:
-    seq.state["forward_tokens"][model.role] += n
+    seq.state.forward_tokens[model.role] += n
     model.forward_tokens += n
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from decodekit.sampling import sample_token
-from decodekit.strategies.base import Proposal, Strategy
+import torch
+
+from decodekit.sampling import sample_batch
+from decodekit.strategies.base import Proposal, Strategy, next_logits
 
 
 class Sample(Strategy):
+    """One token per sequence per step, all rows drawn by one batched sampler call on the model's device."""
+
     name = "sample"
 
-    def step(self, engine, seqs):
-        engine.compute_next_logits(seqs)
-        out = {}
-        for seq in seqs:
-            logits = seq.take_next_logits()
-            token = sample_token(logits, seq.params, seq.generator)
-            out[seq.seq_id] = [Proposal(token, logits)]
-        return out
+    def update(self, engine, seqs, rows):
+        logits = next_logits(seqs, rows)
+        batch = torch.stack([logits[s.seq_id] for s in seqs])  # (B, V)
+        tokens = sample_batch(batch, [s.params for s in seqs], [s.generator for s in seqs])
+        return {s.seq_id: [Proposal(t, batch[i])] for i, (s, t) in enumerate(zip(seqs, tokens))}

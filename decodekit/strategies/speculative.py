@@ -14,7 +14,7 @@ import torch
 
 from decodekit.sampling import probs_from_logits
 from decodekit.strategies.acceptance import verify_greedy, verify_sampled
-from decodekit.strategies.base import Proposal, Strategy
+from decodekit.strategies.base import Proposal, Row, Strategy
 from decodekit.strategies.drafters import (
     CPU_VERIFY_COST,
     GPU_VERIFY_COST,
@@ -30,6 +30,7 @@ from decodekit.strategies.drafters import (
     check_same_tokenizer,
     int8_backend,
 )
+from decodekit.strategies.spec_state import SpecState
 
 MAX_DRAFT_TOKENS = 16
 ADAPTIVE_START = 4
@@ -89,11 +90,17 @@ class Speculative(Strategy):
     def extra_slots(self, request):
         return self.max_k + 1
 
-    def on_finish(self, engine, seq):
-        self._drafters[id(engine)].release(seq)
+    def step_slots(self, seq):
+        return len(seq.ids) - len(seq.handle) + self.max_k + 1
 
-    def step(self, engine, seqs):
+    def on_finish(self, engine, seq):
+        if isinstance(seq.state, SpecState):
+            self._drafters[id(engine)].release(seq)
+
+    def plan(self, engine, seqs):
+        """Draft for every sequence, then one verify row each: the uncomputed tail plus the drafts."""
         drafter = self._drafters[id(engine)]
+        states = [seq.state_as(SpecState) for seq in seqs]
         # Batches keep the grow/shrink/pause rule: measured at batch 4 on CPU, the value rule (even with
         # costs rescaled for padded rows) ran 0.83x plain where the old rule ran 1.14x.
         by_value = self.adaptive and drafter.estimates_confidence and len(seqs) == 1
@@ -102,13 +109,35 @@ class Speculative(Strategy):
         if by_value:
             drafts = [d.prefix(best_length(calibrated(d.confidence, s), drafter.verify_cost)[0])
                       for d, s in zip(drafts, seqs)]
+        rows = []
+        for seq, state, draft in zip(seqs, states, drafts):
+            state.draft, state.by_value = draft, by_value
+            state.head = seq.take_next_logits()
+            tail = seq.ids[len(seq.handle):]
+            if not tail and state.head is None:  # nothing cached for the next position: recompute the last token
+                tail = engine.uncomputed(seq)
+            if tail:
+                state.head = None
+            if tail or draft.tokens:
+                rows.append(Row(seq, tail + draft.tokens, len(draft.tokens) + (1 if tail else 0)))
+        return rows
+
+    def update(self, engine, seqs, rows):
+        drafter = self._drafters[id(engine)]
+        computed = {r.seq.seq_id: r.logits for r in rows}
         out = {}
-        for seq, draft, logits in zip(seqs, drafts, self._score(engine, seqs, drafts)):
+        for seq in seqs:
+            state = seq.state
+            draft = state.draft
+            parts = [p for p in (state.head[None] if state.head is not None else None,
+                                 computed.get(seq.seq_id)) if p is not None]
+            logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # (k + 1, V)
+            state.head = state.draft = None
             accepted, token = _accept(seq, draft, logits)
             num_verified = len(seq.ids) + accepted
             engine.backend.cache.truncate(seq.handle, num_verified)  # drop rejected drafts' K/V
             drafter.rollback(seq, num_verified)
-            self._record(seq, len(draft.tokens), accepted, adapt_k=self.adaptive and not by_value)
+            self._record(seq, len(draft.tokens), accepted, adapt_k=self.adaptive and not state.by_value)
             if draft.confidence:
                 _calibrate(seq, draft.confidence, accepted)
             kept = [Proposal(t, logits[i]) for i, t in enumerate(draft.tokens[:accepted])]
@@ -116,10 +145,11 @@ class Speculative(Strategy):
         return out
 
     def stats(self, seqs):
-        drafted = sum(s.state.get("drafted", 0) for s in seqs)
-        accepted = sum(s.state.get("accepted", 0) for s in seqs)
-        steps = sum(s.state.get("steps", 0) for s in seqs)
-        hist = [sum(s.state.get("hist", [0] * (self.max_k + 1))[i] for s in seqs) for i in range(self.max_k + 1)]
+        states = [s.state for s in seqs if isinstance(s.state, SpecState)]
+        drafted = sum(st.drafted for st in states)
+        accepted = sum(st.accepted for st in states)
+        steps = sum(st.steps for st in states)
+        hist = [sum(st.hist[i] if i < len(st.hist) else 0 for st in states) for i in range(self.max_k + 1)]
         return {
             "draft": self.draft if isinstance(self.draft, str) else getattr(self.draft, "name", "backend"),
             "tokens_drafted": drafted,
@@ -136,53 +166,34 @@ class Speculative(Strategy):
     def _budget(self, engine, seq, by_value: bool = False) -> int:
         """Draft length for this step: the adaptive k (or, drafting by value, the most allowed),
         capped so no draft lands past max_new_tokens (accepted + 1 tokens must fit) or the model's context."""
-        k = self.max_k if by_value else seq.state.setdefault("k", self.start_k)
-        if seq.state.get("pause", 0) > 0:
-            seq.state["pause"] -= 1
+        state = seq.state_as(SpecState)
+        if state.k is None:
+            state.k = self.start_k
+        k = self.max_k if by_value else state.k
+        if state.pause > 0:
+            state.pause -= 1
             return 0
         left = seq.params.max_new_tokens - len(seq.output_ids) - 1
         room = engine.backend.max_context - len(seq.ids) - 1
         return max(0, min(k, left, room))
 
-    def _score(self, engine, seqs, drafts: list[Draft]) -> list:
-        """Target logits (k + 1, V) per sequence from one batched forward: the uncomputed tail plus drafts."""
-        rows, new_ids, counts = [], [], []
-        heads = []
-        for seq, draft in zip(seqs, drafts):
-            head = seq.take_next_logits()
-            tail = seq.ids[len(seq.handle):]
-            if not tail and head is None:  # nothing cached for the next position: recompute the last token
-                engine.backend.cache.truncate(seq.handle, len(seq.ids) - 1)
-                tail = seq.ids[-1:]
-            heads.append(None if tail else head)
-            if tail or draft.tokens:
-                rows.append(seq)
-                new_ids.append(tail + draft.tokens)
-                counts.append(len(draft.tokens) + (1 if tail else 0))
-        logits = dict(zip((s.seq_id for s in rows), engine.forward(rows, new_ids, counts) if rows else []))
-        out = []
-        for seq, head in zip(seqs, heads):
-            parts = ([head.unsqueeze(0)] if head is not None else []) + ([logits[seq.seq_id]] if seq.seq_id in logits
-                                                                          else [])
-            out.append(parts[0] if len(parts) == 1 else _cat(parts))
-        return out
-
     def _record(self, seq, drafted: int, accepted: int, adapt_k: bool = True) -> None:
-        state = seq.state
-        state["drafted"] = state.get("drafted", 0) + drafted
+        state = seq.state_as(SpecState)
+        state.drafted += drafted
         if drafted == 0:
             return  # a plain step (no proposal): not a verify step
-        state["accepted"] = state.get("accepted", 0) + accepted
-        state["steps"] = state.get("steps", 0) + 1
-        state.setdefault("hist", [0] * (self.max_k + 1))[accepted] += 1
+        state.accepted += accepted
+        state.steps += 1
+        if len(state.hist) <= accepted:
+            state.hist += [0] * (accepted + 1 - len(state.hist))
+        state.hist[accepted] += 1
         if adapt_k and self.adaptive:
-            k = state["k"]
-            state["k"] = min(self.max_k, k + 2) if accepted == drafted else max(1, k - 1)
+            k = state.k if state.k is not None else self.start_k
+            state.k = min(self.max_k, k + 2) if accepted == drafted else max(1, k - 1)
             if accepted:
-                state["backoff"] = 1
+                state.backoff = 1
             elif drafted == 1:
-                backoff = state.get("backoff", 1)
-                state["pause"], state["backoff"] = backoff, min(MAX_PAUSE, 2 * backoff)
+                state.pause, state.backoff = state.backoff, min(MAX_PAUSE, 2 * state.backoff)
 
 
 def make_drafter(draft, target, *, ngram: tuple[int, int] = (1, 3), match_caps: tuple[int, ...] = MATCH_CAPS):
@@ -225,8 +236,8 @@ def _calibrate(seq, confidence: list[float], accepted: int) -> None:
     tested (all before it accepted) adds its claimed confidence to ``claimed``, and 1 to ``hits`` if accepted."""
     state = seq.state
     tested = min(accepted + 1, len(confidence))
-    state["claimed"] = state.get("claimed", 0.0) + sum(confidence[:tested])
-    state["hits"] = state.get("hits", 0) + accepted
+    state.claimed += sum(confidence[:tested])
+    state.hits += accepted
 
 
 def default_verify_cost(backend) -> tuple[float, ...]:
@@ -272,10 +283,6 @@ def _accept(seq, draft: Draft, logits) -> tuple[int, int]:
         return verify_greedy(draft=draft.tokens, target=logits.argmax(-1).tolist())
     p = probs_from_logits(logits, seq.params)  # (k + 1, V), the request's processed distributions
     return verify_sampled(draft=draft.tokens, p=p, q=draft.q, generator=seq.generator)
-
-
-def _cat(parts):
-    return torch.cat(parts, dim=0)
 
 
 def _pad(q, vocab: int):

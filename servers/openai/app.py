@@ -73,7 +73,7 @@ class Server:
 
     def _forget_strategy(self, strategy) -> None:
         # the engine keeps attached strategies alive; drop an evicted one so its draft models can be freed
-        self.worker.call(lambda engine: getattr(engine, "_attached", {}).pop(id(strategy), None))
+        self.worker.call(lambda engine: engine.detach(strategy) if hasattr(engine, "detach") else None)
 
 
 class Gate:
