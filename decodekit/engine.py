@@ -21,7 +21,7 @@ import torch
 
 from decodekit.output import token_info
 from decodekit.scheduler import Scheduler
-from decodekit.sequence import Request, Sequence, SeqStatus
+from decodekit.sequence import Request, SeqStatus, Sequence
 from decodekit.strategies.base import Proposal, Row, Strategy
 from decodekit.strategies.sample import Sample
 from decodekit.types import SamplingParams, TokenEvent

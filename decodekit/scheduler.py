@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
-from decodekit.sequence import Request, Sequence, SeqStatus
+from decodekit.sequence import Request, SeqStatus, Sequence
 
 if TYPE_CHECKING:
     from decodekit.engine import Engine

@@ -12,7 +12,6 @@ own forward through ``engine.forward``) still work; they just do not share the s
 
 from __future__ import annotations
 
-from abc import ABC
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -49,7 +48,7 @@ class Row:
         return self.handle if self.handle is not None else self.seq.handle
 
 
-class Strategy(ABC):
+class Strategy:
     name = "strategy"
 
     def attach(self, engine: Engine) -> None:

@@ -240,7 +240,8 @@ class EntropySwitch(Strategy):
             "forward_tokens": fwd,  # decode + catch-up prefill, the engine's prompt prefill excluded
             "cost_measured_param_weighted": measured,
             "forward_time_s": {role: sum(st.forward_time_s[role] for st in states) for role in (SMALL, LARGE)},
-            "mean_entropy_bits": sum(sum(st.entropies) for st in states) / max(1, sum(len(st.entropies) for st in states)),
+            "mean_entropy_bits": sum(sum(st.entropies) for st in states)
+            / max(1, sum(len(st.entropies) for st in states)),
         }
 
     def model_times(self) -> dict:
