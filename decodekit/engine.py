@@ -72,6 +72,7 @@ class Engine:
         self.scheduler = Scheduler(self, max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
         self.requests: dict[str, Request] = {}
         self.counters = EngineStats()
+        self.step_batch = 0
         self._attached: dict[int, Strategy] = {}  # holds the object so its id is never reused
         self._seq_ids = itertools.count()
         self._req_ids = itertools.count()
@@ -150,6 +151,7 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         self.scheduler.schedule()
         groups = self._groups()
+        self.step_batch = sum(len(seqs) for _, seqs in groups.values())  # rows sharing this step's forward
         self.counters.steps += 1
         self.counters.peak_running = max(self.counters.peak_running, len(self.scheduler.live_seqs()))
         failed: dict[str, Exception] = {}

@@ -131,6 +131,7 @@ class HFBackend(Backend):
         configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
         self._sdpa_configs = [c for c in configs.values() if getattr(c, "_attn_implementation", None) == "sdpa"]
         self._hidden: torch.Tensor | None = None
+        self.key_cost = _key_cost(config, self.num_params)
 
     def capture_features(self) -> None:
         """Keep the final-norm hidden states (what the LM head reads) of every forward."""
@@ -146,12 +147,42 @@ class HFBackend(Backend):
 
     @torch.inference_mode()
     def forward_rows(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
+        if self._pack_pays(rows):
+            return self._forward_packed(rows)
         inputs = _assemble(rows, self.device)
         masks = self._masks(inputs) if len(rows) > 1 else None
-        step = StepCache(self.kv, inputs["write_idx"], inputs["gather_idx"], inputs["span"])
         keep = max(r.num_logits for r in rows)
+        out = self._run(inputs, masks, keep)
+        logits = out.logits.float()  # (B, keep, V)
+        if self._hidden is not None:
+            t = self._hidden.shape[1]  # rows are left-padded: each row's new tokens are its last positions
+            self.last_hidden = [self._hidden[b, t - len(r.new_ids):] for b, r in enumerate(rows)]
+            self._hidden = None
+        return [logits[b, keep - r.num_logits :] for b, r in enumerate(rows)]
+
+    def _forward_packed(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
+        """Ragged rows as ONE sequence of all their new tokens, each attending only to its own row's
+        keys (a block-causal mask over the rows' concatenated slot lists): no padding, so a verify row
+        of k + 1 tokens beside one-token decode rows costs k extra tokens, not k per row."""
+        inputs = _assemble_packed(rows, self.device)
+        logits = self._run(inputs, self._masks(inputs), inputs["keep"]).logits.float()[0]  # (sum logits, V)
+        if self._hidden is not None:
+            self.last_hidden = list(self._hidden[0].split([len(r.new_ids) for r in rows]))
+            self._hidden = None
+        return list(logits.split([r.num_logits for r in rows]))
+
+    def _pack_pays(self, rows: list[ForwardRow]) -> bool:
+        """Packing trades padded token rows (linear layers) for attention over every row's keys."""
+        if len(rows) < 2 or len({len(r.new_ids) for r in rows}) == 1:
+            return False
+        padded = len(rows) * max(len(r.new_ids) for r in rows) * (1 + self.key_cost * max(len(r.slots) for r in rows))
+        packed = sum(len(r.new_ids) for r in rows) * (1 + self.key_cost * sum(len(r.slots) for r in rows))
+        return packed < padded
+
+    def _run(self, inputs: dict, masks, keep):
+        step = StepCache(self.kv, inputs["write_idx"], inputs["gather_idx"], inputs["span"])
         with self._gqa_attention():
-            out = self.model(
+            return self.model(
                 input_ids=inputs["input_ids"],
                 position_ids=inputs["position_ids"],
                 attention_mask=masks,
@@ -159,12 +190,6 @@ class HFBackend(Backend):
                 use_cache=True,
                 logits_to_keep=keep,
             )
-        logits = out.logits.float()  # (B, keep, V)
-        if self._hidden is not None:
-            t = self._hidden.shape[1]  # rows are left-padded: each row's new tokens are its last positions
-            self.last_hidden = [self._hidden[b, t - len(r.new_ids):] for b, r in enumerate(rows)]
-            self._hidden = None
-        return [logits[b, keep - r.num_logits :] for b, r in enumerate(rows)]
 
     @contextmanager
     def _gqa_attention(self):
@@ -179,14 +204,14 @@ class HFBackend(Backend):
                 c._attn_implementation = "sdpa"
 
     def _masks(self, inputs):
-        allowed = _allowed(inputs)  # (B, T, L) bool
+        allowed = inputs["allowed"] if "allowed" in inputs else _allowed(inputs)  # (B, T, L) bool
         full = self._format_mask(allowed)
         if not self.mask_by_type:
             return full
         masks = {"full_attention": full}
         if self.sliding_window:
             qpos = inputs["position_ids"].unsqueeze(-1)
-            kpos = torch.arange(allowed.shape[-1], device=self.device)
+            kpos = inputs.get("key_pos", torch.arange(allowed.shape[-1], device=self.device))
             in_window = kpos > qpos - self.sliding_window
             masks["sliding_attention"] = self._format_mask(allowed & (in_window | inputs["pad_query"].unsqueeze(-1)))
         return masks
@@ -197,6 +222,15 @@ class HFBackend(Backend):
             dtype = self.model.dtype
             return torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, torch.finfo(dtype).min)
         return mask
+
+
+def _key_cost(config, num_params: int) -> float:
+    """Attention work per key of one query token, against that token's linear-layer work (about
+    2 flops per parameter): 4 flops per head dimension per layer (scores and values)."""
+    layers = int(getattr(config, "num_hidden_layers", 1))
+    heads = int(getattr(config, "num_attention_heads", 1))
+    head_dim = int(getattr(config, "head_dim", None) or getattr(config, "hidden_size", 64) // heads)
+    return 4 * layers * heads * head_dim / max(1, 2 * num_params)
 
 
 def _accepts_mask_mapping(model) -> bool:
@@ -235,6 +269,32 @@ def _assemble(rows: list[ForwardRow], device) -> dict:
         "lens": lens.to(device),
         "pad_query": pad_query.to(device),
         "span": span,
+    }
+
+
+def _assemble_packed(rows: list[ForwardRow], device) -> dict:
+    """One sequence of every row's new tokens; keys are the rows' slot lists one after another, and
+    the mask lets each query see its own row's keys up to its position: (1, T, L) bool."""
+    input_ids = torch.tensor([t for r in rows for t in r.new_ids])
+    position_ids = torch.cat([torch.arange(len(r.slots) - len(r.new_ids), len(r.slots)) for r in rows])
+    write_idx = torch.tensor([s for r in rows for s in r.slots[len(r.slots) - len(r.new_ids):]])
+    gather_idx = torch.tensor([s for r in rows for s in r.slots])
+    query_row = torch.cat([torch.full((len(r.new_ids),), i) for i, r in enumerate(rows)])
+    key_row = torch.cat([torch.full((len(r.slots),), i) for i, r in enumerate(rows)])
+    key_pos = torch.cat([torch.arange(len(r.slots)) for r in rows])
+    allowed = (query_row[:, None] == key_row[None]) & (key_pos[None] <= position_ids[:, None])  # (T, L)
+    ends = torch.tensor([len(r.new_ids) for r in rows]).cumsum(0)
+    keep = torch.cat([torch.arange(int(e) - r.num_logits, int(e)) for e, r in zip(ends, rows)])
+    return {
+        "input_ids": input_ids[None].to(device),
+        "position_ids": position_ids[None].to(device),
+        "write_idx": write_idx.to(device),
+        "gather_idx": gather_idx[None].to(device),
+        "allowed": allowed[None].to(device),
+        "key_pos": key_pos.to(device),
+        "pad_query": torch.zeros((1, len(input_ids)), dtype=torch.bool, device=device),
+        "keep": keep.to(device),
+        "span": None,
     }
 
 

@@ -25,6 +25,7 @@ from decodekit.strategies.drafters import (
     LookupThenModel,
     ModelDrafter,
     NgramDrafter,
+    batch_verify_cost,
     best_length,
     calibrated,
     check_same_tokenizer,
@@ -101,14 +102,14 @@ class Speculative(Strategy):
         """Draft for every sequence, then one verify row each: the uncomputed tail plus the drafts."""
         drafter = self._drafters[id(engine)]
         states = [seq.state_as(SpecState) for seq in seqs]
-        # Batches keep the grow/shrink/pause rule: measured at batch 4 on CPU, the value rule (even with
-        # costs rescaled for padded rows) ran 0.83x plain where the old rule ran 1.14x.
-        by_value = self.adaptive and drafter.estimates_confidence and len(seqs) == 1
+        # The value rule prices a draft token against this row's share of the whole step (rows of every
+        # strategy share it, packed): the more rows, the surer a draft must be to pay.
+        by_value = self.adaptive and drafter.estimates_confidence
+        cost = batch_verify_cost(drafter.verify_cost, max(len(seqs), getattr(engine, "step_batch", 1)))
         drafts = drafter.propose(seqs, [self._budget(engine, s, by_value) for s in seqs])
         drafts = [_clip(d, s, engine) for d, s in zip(drafts, seqs)]
         if by_value:
-            drafts = [d.prefix(best_length(calibrated(d.confidence, s), drafter.verify_cost)[0])
-                      for d, s in zip(drafts, seqs)]
+            drafts = [d.prefix(best_length(calibrated(d.confidence, s), cost)[0]) for d, s in zip(drafts, seqs)]
         rows = []
         for seq, state, draft in zip(seqs, states, drafts):
             state.draft, state.by_value = draft, by_value
