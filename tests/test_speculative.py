@@ -144,10 +144,10 @@ def test_generated_tokens_follow_target_distribution(draft_kind, sampling, k, on
              "similar_model": lambda: MockBackend(vocab_size=V, seed=0, name="draft", cache_tokens=n * 30 + 64,
                                                   logits_fn=_noisy(target.logits_fn)),
              "ngram": lambda: "ngram"}[draft_kind]()
-    # adaptive: one sequence at a time, where draft lengths are chosen by value (batches keep adaptive k)
-    llm = LLM(backend=target, max_batch_size=1 if k == "adaptive" else n)
+    # adaptive: draft lengths chosen by value (flat costs: every draft the confidences justify is verified)
+    llm = LLM(backend=target, max_batch_size=n)
     prompt = "abcab"  # the n-gram drafter finds "ab" and proposes "c"
-    spec = Speculative(draft=draft, num_draft_tokens=k, verify_cost=(1.0,) * 17)
+    spec = Speculative(draft=draft, num_draft_tokens=k, verify_cost=(1.0,) * 17, step_cost=(1.0,) * 17)
     out = llm.generate(prompt, strategy=spec, max_new_tokens=4, n=n, seed=11, ignore_eos=True, **sampling)
     counts = torch.zeros(V * V)
     for choice in out.choices:

@@ -161,23 +161,33 @@ class HFBackend(Backend):
         return [logits[b, keep - r.num_logits :] for b, r in enumerate(rows)]
 
     def _forward_packed(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
-        """Ragged rows as ONE sequence of all their new tokens, each attending only to its own row's
-        keys (a block-causal mask over the rows' concatenated slot lists): no padding, so a verify row
-        of k + 1 tokens beside one-token decode rows costs k extra tokens, not k per row."""
-        inputs = _assemble_packed(rows, self.device)
-        logits = self._run(inputs, self._masks(inputs), inputs["keep"]).logits.float()[0]  # (sum logits, V)
+        """Ragged rows packed into bins as long as the longest row: each bin row holds the new tokens
+        of several sequences, each attending only to its own keys (block-causal mask over the members'
+        concatenated slot lists). A verify row of k + 1 tokens beside one-token decode rows then costs
+        about k extra tokens, not k per row, and each query sees only its bin's keys."""
+        bins = _bins(rows)
+        inputs = _assemble_bins(rows, bins, self.device)
+        logits = self._run(inputs, self._masks(inputs), inputs["input_ids"].shape[1]).logits.float()  # (B', T, V)
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        hidden: list[torch.Tensor | None] = [None] * len(rows)
+        for b, (members, ends) in enumerate(zip(bins, inputs["ends"])):
+            for i, end in zip(members, ends):
+                out[i] = logits[b, end - rows[i].num_logits : end]
+                if self._hidden is not None:
+                    hidden[i] = self._hidden[b, end - len(rows[i].new_ids) : end]
         if self._hidden is not None:
-            self.last_hidden = list(self._hidden[0].split([len(r.new_ids) for r in rows]))
-            self._hidden = None
-        return list(logits.split([r.num_logits for r in rows]))
+            self.last_hidden, self._hidden = hidden, None
+        return out
 
     def _pack_pays(self, rows: list[ForwardRow]) -> bool:
-        """Packing trades padded token rows (linear layers) for attention over every row's keys."""
+        """Bins cut padded token rows (linear layers) for attention over a bin's keys: the cheaper wins."""
         if len(rows) < 2 or len({len(r.new_ids) for r in rows}) == 1:
             return False
-        padded = len(rows) * max(len(r.new_ids) for r in rows) * (1 + self.key_cost * max(len(r.slots) for r in rows))
-        packed = sum(len(r.new_ids) for r in rows) * (1 + self.key_cost * sum(len(r.slots) for r in rows))
-        return packed < padded
+        width = max(len(r.new_ids) for r in rows)
+        padded = len(rows) * width * (1 + self.key_cost * max(len(r.slots) for r in rows))
+        bins = _bins(rows)
+        keys = max(sum(len(rows[i].slots) for i in members) for members in bins)
+        return len(bins) * width * (1 + self.key_cost * keys) < padded
 
     def _run(self, inputs: dict, masks, keep):
         step = StepCache(self.kv, inputs["write_idx"], inputs["gather_idx"], inputs["span"])
@@ -272,28 +282,65 @@ def _assemble(rows: list[ForwardRow], device) -> dict:
     }
 
 
-def _assemble_packed(rows: list[ForwardRow], device) -> dict:
-    """One sequence of every row's new tokens; keys are the rows' slot lists one after another, and
-    the mask lets each query see its own row's keys up to its position: (1, T, L) bool."""
-    input_ids = torch.tensor([t for r in rows for t in r.new_ids])
-    position_ids = torch.cat([torch.arange(len(r.slots) - len(r.new_ids), len(r.slots)) for r in rows])
-    write_idx = torch.tensor([s for r in rows for s in r.slots[len(r.slots) - len(r.new_ids):]])
-    gather_idx = torch.tensor([s for r in rows for s in r.slots])
-    query_row = torch.cat([torch.full((len(r.new_ids),), i) for i, r in enumerate(rows)])
-    key_row = torch.cat([torch.full((len(r.slots),), i) for i, r in enumerate(rows)])
-    key_pos = torch.cat([torch.arange(len(r.slots)) for r in rows])
-    allowed = (query_row[:, None] == key_row[None]) & (key_pos[None] <= position_ids[:, None])  # (T, L)
-    ends = torch.tensor([len(r.new_ids) for r in rows]).cumsum(0)
-    keep = torch.cat([torch.arange(int(e) - r.num_logits, int(e)) for e, r in zip(ends, rows)])
+def _bins(rows: list[ForwardRow]) -> list[list[int]]:
+    """First-fit decreasing: row indices grouped so each group's new tokens fit the longest row's."""
+    width = max(len(r.new_ids) for r in rows)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i].new_ids)):
+        n = len(rows[i].new_ids)
+        j = next((j for j, free in enumerate(room) if free >= n), None)
+        if j is None:
+            bins.append([i])
+            room.append(width - n)
+        else:
+            bins[j].append(i)
+            room[j] -= n
+    return bins
+
+
+def _assemble_bins(rows: list[ForwardRow], bins: list[list[int]], device) -> dict:
+    """(B', T) inputs of packed bins, left-padded; keys are each bin's members' slot lists one after
+    another, and ``allowed`` (B', T, L) lets a query see its own member's keys up to its position."""
+    width = max(sum(len(rows[i].new_ids) for i in m) for m in bins)
+    length = max(sum(len(rows[i].slots) for i in m) for m in bins)
+    nb = len(bins)
+    input_ids = torch.zeros((nb, width), dtype=torch.long)
+    position_ids = torch.zeros((nb, width), dtype=torch.long)
+    write_idx = torch.zeros((nb, width), dtype=torch.long)
+    gather_idx = torch.zeros((nb, length), dtype=torch.long)
+    key_pos = torch.zeros((nb, length), dtype=torch.long)
+    query_member = torch.full((nb, width), -1, dtype=torch.long)
+    key_member = torch.full((nb, length), -2, dtype=torch.long)
+    ends = []
+    for b, members in enumerate(bins):
+        q = width - sum(len(rows[i].new_ids) for i in members)  # left padding
+        k, bin_ends = 0, []
+        for i in members:
+            r = rows[i]
+            n, total = len(r.new_ids), len(r.slots)
+            input_ids[b, q : q + n] = torch.tensor(r.new_ids)
+            position_ids[b, q : q + n] = torch.arange(total - n, total)
+            write_idx[b, q : q + n] = torch.tensor(r.slots[total - n :])
+            query_member[b, q : q + n] = i
+            gather_idx[b, k : k + total] = torch.tensor(r.slots)
+            key_pos[b, k : k + total] = torch.arange(total)
+            key_member[b, k : k + total] = i
+            q, k = q + n, k + total
+            bin_ends.append(q)
+        ends.append(bin_ends)
+    pad_query = query_member < 0
+    allowed = (query_member[:, :, None] == key_member[:, None, :]) & (key_pos[:, None, :] <= position_ids[:, :, None])
+    allowed[:, :, 0] |= pad_query  # padded queries attend to one key so softmax stays finite
     return {
-        "input_ids": input_ids[None].to(device),
-        "position_ids": position_ids[None].to(device),
-        "write_idx": write_idx.to(device),
-        "gather_idx": gather_idx[None].to(device),
-        "allowed": allowed[None].to(device),
-        "key_pos": key_pos.to(device),
-        "pad_query": torch.zeros((1, len(input_ids)), dtype=torch.bool, device=device),
-        "keep": keep.to(device),
+        "input_ids": input_ids.to(device),
+        "position_ids": position_ids.to(device),
+        "write_idx": write_idx.view(-1).to(device),
+        "gather_idx": gather_idx.to(device),
+        "allowed": allowed.to(device),
+        "key_pos": key_pos[:, None, :].to(device),
+        "pad_query": pad_query.to(device),
+        "ends": ends,
         "span": None,
     }
 

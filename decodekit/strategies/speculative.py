@@ -16,6 +16,7 @@ from decodekit.sampling import probs_from_logits
 from decodekit.strategies.acceptance import verify_greedy, verify_sampled
 from decodekit.strategies.base import Proposal, Row, Strategy
 from decodekit.strategies.drafters import (
+    CPU_STEP_COST,
     CPU_VERIFY_COST,
     GPU_VERIFY_COST,
     MATCH_CAPS,
@@ -58,9 +59,11 @@ class Speculative(Strategy):
     name = "speculative"
 
     def __init__(self, draft="ngram", num_draft_tokens: int | str = "adaptive", *, max_ngram: int = 3,
-                 min_ngram: int = 1, match_caps: tuple[int, ...] = MATCH_CAPS, verify_cost=None):
+                 min_ngram: int = 1, match_caps: tuple[int, ...] = MATCH_CAPS, verify_cost=None,
+                 step_cost=None):
         _check_draft(draft)
         self.verify_cost = None if verify_cost is None else _check_verify_cost(verify_cost)
+        self.step_cost = None if step_cost is None else _check_verify_cost(step_cost, "step_cost")
         adaptive = num_draft_tokens == "adaptive"
         if not adaptive and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
                              or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS):
@@ -105,7 +108,8 @@ class Speculative(Strategy):
         # The value rule prices a draft token against this row's share of the whole step (rows of every
         # strategy share it, packed): the more rows, the surer a draft must be to pay.
         by_value = self.adaptive and drafter.estimates_confidence
-        cost = batch_verify_cost(drafter.verify_cost, max(len(seqs), getattr(engine, "step_batch", 1)))
+        cost = batch_verify_cost(drafter.verify_cost, max(len(seqs), getattr(engine, "step_batch", 1)),
+                                 self.step_cost or default_step_cost(engine.backend))
         drafts = drafter.propose(seqs, [self._budget(engine, s, by_value) for s in seqs])
         drafts = [_clip(d, s, engine) for d, s in zip(drafts, seqs)]
         if by_value:
@@ -241,19 +245,24 @@ def _calibrate(seq, confidence: list[float], accepted: int) -> None:
     state.hits += accepted
 
 
+def default_step_cost(backend) -> tuple[float, ...]:
+    device = getattr(backend, "device", None)
+    return GPU_VERIFY_COST if getattr(device, "type", device) == "cuda" else CPU_STEP_COST
+
+
 def default_verify_cost(backend) -> tuple[float, ...]:
     device = getattr(backend, "device", None)
     return GPU_VERIFY_COST if getattr(device, "type", device) == "cuda" else CPU_VERIFY_COST
 
 
-def _check_verify_cost(table) -> tuple[float, ...]:
+def _check_verify_cost(table, name: str = "verify_cost") -> tuple[float, ...]:
     try:
         values = tuple(float(c) for c in table)
     except (TypeError, ValueError):
         values = ()
     rising = all(b >= a for a, b in zip(values, values[1:]))
     if not values or values[0] != 1.0 or not rising:
-        raise ValueError("verify_cost must be a non-decreasing sequence of positive costs starting at 1.0 "
+        raise ValueError(f"{name} must be a non-decreasing sequence of positive costs starting at 1.0 "
                          f"(a 1-token forward), got {table!r}")
     return values
 
