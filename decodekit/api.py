@@ -16,9 +16,11 @@ class LLM:
 
     def __init__(self, model: str = DEFAULT_MODEL, *, backend=None, dtype: str | None = None,
                  device: str | None = None, cache_tokens: int = 16384, max_batch_size: int = 32,
-                 prefix_cache: bool = True, **engine_args):
+                 prefix_cache: bool = True, max_prefill_tokens: int | None = None, **engine_args):
         """``backend``: None or "hf" (transformers, dtype float32 by default), "vllm" (dtype bfloat16 by
-        default; ``engine_args`` go to ``vllm.LLM``: tensor_parallel_size, ...), or a Backend instance."""
+        default; ``engine_args`` go to ``vllm.LLM``: tensor_parallel_size, ...), or a Backend instance.
+        ``max_prefill_tokens``: prompt tokens prefilled per step while other sequences decode (default
+        256 on CPU, 2048 on CUDA)."""
         if backend == "vllm":
             from decodekit.backends.vllm import VLLMBackend
 
@@ -35,7 +37,7 @@ class LLM:
         self.tokenizer = backend.tokenizer
         make_engine = getattr(backend, "create_engine", None)  # request-level backends (vLLM) bring their own
         self.engine = make_engine(max_batch_size=max_batch_size) if make_engine else Engine(
-            backend, max_batch_size=max_batch_size)
+            backend, max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
 
     def generate(self, prompts, strategy: Strategy | str | None = None, **sampling):
         """Complete one prompt (-> ``Completion``) or a list of prompts (-> list, one batch).

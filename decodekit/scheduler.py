@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 WATERMARK_FRACTION = 0.01  # of the pool, kept free at admission (vLLM keeps 1%)
 MIN_WATERMARK = 8
+IDLE_PREFILL_TOKENS = 4096  # prefill budget of a step in which no sequence is decoding
 
 
 class Scheduler:
@@ -57,8 +58,12 @@ class Scheduler:
         return [s for r in self.active for s in r.live_seqs]
 
     def prefill_chunks(self) -> list[tuple[Sequence, list[int]]]:
-        """(sequence, token ids) to prefill this step, oldest admission first, within the budget."""
-        budget, out = self.max_prefill_tokens, []
+        """(sequence, token ids) to prefill this step, oldest admission first, within the budget.
+
+        The budget protects sequences that are decoding; when none is, prefill runs in big chunks."""
+        decoding = any(s.status is SeqStatus.RUNNING for s in self.live_seqs())
+        budget = self.max_prefill_tokens if decoding else max(self.max_prefill_tokens, IDLE_PREFILL_TOKENS)
+        out = []
         for seq in self.live_seqs():
             if seq.status is SeqStatus.PREFILLING and budget > 0:
                 ids = seq.ids[len(seq.handle): len(seq.handle) + budget]
