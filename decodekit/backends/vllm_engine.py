@@ -81,6 +81,8 @@ class VLLMEngine:
         self.running: list[_Sample] = []
         self.waiting: list = []  # vLLM queues internally; kept for Engine's surface
         self._by_vllm_id: dict[str, _Sample] = {}
+        self.num_steps = 0
+        self.peak_running = 0
         self._req_ids = itertools.count()
         self._vllm_ids = itertools.count()
 
@@ -125,6 +127,17 @@ class VLLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.running)
 
+    def get_request(self, request_id: str) -> VLLMRequest | None:
+        return self.requests.get(request_id)
+
+    def detach(self, strategy: Strategy) -> None:
+        """Nothing is attached here: vLLM maps each request's strategy to its own options."""
+
+    def stats(self) -> dict:
+        """The engine protocol's counters as far as a request-level engine knows them."""
+        return {"steps": self.num_steps, "main_forwards": self.backend.num_forward_calls, "side_forwards": 0,
+                "peak_running": self.peak_running, "preemptions": 0}
+
     def pop_completion(self, request_id: str) -> Completion:
         request = self.requests.pop(request_id)
         request.stats.wall_time_s = time.perf_counter() - request.start_time
@@ -135,6 +148,8 @@ class VLLMEngine:
         """One vLLM engine step; a ``TokenEvent`` per sample that got tokens or finished."""
         if not self.running:
             return []
+        self.num_steps += 1
+        self.peak_running = max(self.peak_running, len(self.running))
         events = []
         outputs = self.core.step()
         if outputs:
