@@ -50,17 +50,22 @@ class LLM:
             raise ValueError("prompts is empty")
         strategy = resolve_strategy(strategy, sampling)
         params = sampling_params(**sampling)
+        done = self._complete(batch, params, strategy)
+        return done[0] if single else done
+
+    def _complete(self, batch, params, strategy) -> list[Completion]:
+        """Add every prompt (a prompt, or a ready ``(text, ids)`` pair), step until they are done."""
         requests = []
         try:
             for p in batch:
-                requests.append(self._add(p, params, strategy, stream=False))
+                text, ids = p if isinstance(p, tuple) else self.encode_prompt(p)
+                requests.append(self.engine.add_request(ids, params, strategy, prompt=text, stream=False))
             self._run({r.request_id for r in requests})
         except BaseException:  # a bad prompt or a failed step: leave nothing of this call in the engine
             for r in requests:
                 self.engine.abort(r.request_id)
             raise
-        done = [self.engine.pop_completion(r.request_id) for r in requests]
-        return done[0] if single else done
+        return [self.engine.pop_completion(r.request_id) for r in requests]
 
     def stream(self, prompt, strategy: Strategy | str | None = None, **sampling) -> Iterator[TokenEvent]:
         """Yield ``TokenEvent``s (text deltas per choice) as tokens are accepted."""
@@ -79,20 +84,26 @@ class LLM:
     def rollout(self, prompts, tree=None, **sampling):
         """Tree-structured segment rollouts (TreePO): ``max_width`` trajectories per prompt sharing
         prefixes in the KV cache. One prompt -> ``RolloutResult``, a list -> list; ``tree`` is a
-        ``TreeRollout`` (default settings when None). Runs on this model's backend while the engine is idle;
-        on vLLM through ``decodekit.backends.vllm_rollouts`` (one vLLM request per segment, prefix caching).
+        ``TreeRollout`` (default settings when None). Each prompt is one engine request (its leaves
+        ride in the engine's shared forward), so rollouts run beside other requests; on vLLM through
+        ``decodekit.backends.vllm_rollouts`` (one vLLM request per segment, prefix caching).
         """
         from decodekit.strategies.tree import TreeRollout
+        from decodekit.strategies.tree_strategy import TreeStrategy
 
         single = _is_single(prompts)
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise ValueError("prompts is empty")
-        if self.engine.has_unfinished():
-            raise ValueError("rollout needs an idle engine: finish or abort running requests first")
+        tree = tree or TreeRollout()
+        params = sampling_params(**sampling)
         encoded = [self.encode_prompt(p) for p in batch]
-        results = (tree or TreeRollout()).run(self.backend, [ids for _, ids in encoded], sampling_params(**sampling),
-                                              texts=[text for text, _ in encoded])
+        if getattr(self.backend, "tree_rollout", None) is not None:  # a request-level backend's own driver
+            results = tree.run(self.backend, [ids for _, ids in encoded], params, texts=[t for t, _ in encoded])
+            return results[0] if single else results
+        strategy = TreeStrategy(tree)
+        done = self._complete([(text, ids) for text, ids in encoded], params, strategy)
+        results = [c.stats.extra["rollout"] for c in done]
         return results[0] if single else results
 
     def encode_prompt(self, prompt) -> tuple[str, list[int]]:

@@ -87,7 +87,10 @@ class Scheduler:
     def _preempt_until_fits(self) -> bool:
         preempted = False
         while len(self.active) > 1 and self.cache.available() < self.step_need():
-            self.preempt(max(self.active, key=lambda r: r.admit_order))
+            candidates = [r for r in self.active if r.strategy.preemptible]
+            if not candidates or (len(candidates) == 1 and len(self.active) == 1):
+                break
+            self.preempt(max(candidates, key=lambda r: r.admit_order))
             preempted = True
         return preempted
 
@@ -127,7 +130,8 @@ class Scheduler:
         """Slots admission takes out of ``available()``: every token of the sequences it opens (a
         cached prefix gets locked, so it leaves the evictable count too) plus one step each."""
         if not request.seqs:
-            return len(request.prompt_ids) + request.params.n
+            reserve = 0 if request.strategy.preemptible else request.strategy.extra_slots(request)
+            return len(request.prompt_ids) + request.params.n * (1 + reserve)
         return sum(len(s.ids) + 1 for s in request.live_seqs)
 
     def _start(self, request: Request) -> None:

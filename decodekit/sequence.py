@@ -87,12 +87,12 @@ class Request:
         return [s for s in self.seqs if not s.finished]
 
     def completion(self) -> Completion:
-        choices = tuple(
+        choices = self.strategy.choices(self) or tuple(
             Choice(s.index, s.text.text, tuple(s.output_ids), s.finish_reason,
                    tuple(s.logprobs) if self.params.logprobs is not None else None)
             for s in self.seqs
         )
-        usage = Usage(len(self.prompt_ids), sum(len(s.output_ids) for s in self.seqs))
+        usage = Usage(len(self.prompt_ids), sum(len(c.token_ids) for c in choices))
         self.stats.forward_passes = max((s.num_forwards for s in self.seqs), default=0)
         preempted = sum(s.num_preemptions for s in self.seqs)
         if preempted:

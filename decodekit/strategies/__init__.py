@@ -5,13 +5,15 @@ from decodekit.strategies.constrained import Constrained
 from decodekit.strategies.entropy import EntropySwitch
 from decodekit.strategies.sample import Sample
 from decodekit.strategies.speculative import Speculative
+from decodekit.strategies.tree_strategy import TreeStrategy
 
 
 def by_name(name: str, **options) -> Strategy:
-    registry = {"sample": Sample, "constrained": Constrained, "entropy": EntropySwitch, "speculative": Speculative}
+    registry = {"sample": Sample, "constrained": Constrained, "entropy": EntropySwitch, "speculative": Speculative,
+                "tree": TreeStrategy}
     if name not in registry:
         raise ValueError(f"unknown strategy {name!r}; known: {sorted(registry)}")
     return registry[name](**options)
 
 
-__all__ = ["Constrained", "EntropySwitch", "Proposal", "Sample", "Speculative", "Strategy", "by_name"]
+__all__ = ["Constrained", "EntropySwitch", "Proposal", "Sample", "Speculative", "Strategy", "TreeStrategy", "by_name"]

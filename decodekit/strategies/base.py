@@ -50,6 +50,7 @@ class Row:
 
 class Strategy:
     name = "strategy"
+    preemptible = True  # False: admission reserves the worst case and the scheduler never preempts it
 
     def attach(self, engine: Engine) -> None:
         """Called once per engine before the first request: load extra models, check tokenizers."""
@@ -100,6 +101,11 @@ class Strategy:
     def stats(self, seqs: list[Sequence]) -> dict:
         """Strategy counters for one request's sequences, merged into ``RequestStats.extra``."""
         return {}
+
+    def choices(self, request: Request):
+        """The completion's choices when they are not the request's sequences (tree rollouts: the
+        trajectories); None keeps one choice per sequence."""
+        return None
 
 
 def tail_rows(engine: Engine, seqs: list[Sequence]) -> list[Row]:
