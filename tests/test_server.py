@@ -310,3 +310,58 @@ def test_full_queue_answers_429(srv, client):
     assert 'decodekit_requests_total{endpoint="/v1/completions",status="429"} 1' in metrics
     for name in ("decodekit_cache_hit_rate", "decodekit_queue_length", "decodekit_completion_tokens_total"):
         assert f"\n{name} " in metrics
+
+
+# ---- one engine step for every strategy ------------------------------------------------------------
+def _schemas(k: int) -> list[dict]:
+    return [{"type": "object", "properties": {f"field{i}": {"type": "integer"}, "name": {"type": "string",
+                                                                                       "maxLength": 8}},
+             "required": [f"field{i}"], "additionalProperties": False} for i in range(k)]
+
+
+def test_16_clients_with_16_schemas_share_steps(srv, client):
+    """Each client sends its own JSON schema (its own strategy instance): the engine still runs one
+    main-model forward per step for all of them, and every answer is valid."""
+    before = on_engine(srv, lambda engine: engine.stats())
+
+    def one(schema):
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Reply with a small JSON object."}], max_tokens=40,
+            temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+        return r.choices[0], schema
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, _schemas(16)))
+    for choice, schema in results:
+        if choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content), schema)
+    assert sum(c.finish_reason == "stop" for c, _ in results) >= 12
+    after = on_engine(srv, lambda engine: engine.stats())
+    assert after["main_forwards"] - before["main_forwards"] <= after["steps"] - before["steps"]
+    assert after["peak_running"] >= 8
+    assert_cache_clean(srv)
+
+
+def test_server_serves_a_tree_rollout_beside_chat(srv, client):
+    """``n`` with ``"decodekit": {"strategy": "tree"}``: trajectories as choices, tree statistics in the
+    response; a chat request running at the same time is unaffected."""
+    chat_solo = client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=12, temperature=0)
+
+    def rollout():
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Name three animals."}], max_tokens=16, n=4, seed=3,
+            temperature=1.0, extra_body={"decodekit": {"strategy": "tree", "segment_len": 4, "first_split": 2}})
+
+    with ThreadPoolExecutor(2) as pool:
+        tree_future = pool.submit(rollout)
+        chat = pool.submit(client.chat.completions.create, model=MODEL, messages=CAPITAL, max_tokens=12,
+                           temperature=0).result()
+        tree = tree_future.result()
+    assert chat.choices[0].message.content == chat_solo.choices[0].message.content
+    assert len(tree.choices) == 4 and all(c.message.content for c in tree.choices)
+    extra = tree.model_extra["decodekit"]
+    assert extra["tree"]["num_trajectories"] == 4 and len(extra["rollout"]["trajectories"]) == 4
+    r = httpx.post(f"{srv.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": MODEL, "messages": CAPITAL, "stream": True, "decodekit": {"strategy": "tree"}})
+    assert r.status_code == 400 and "stream" in r.json()["error"]["message"]
+    assert_cache_clean(srv)

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from servers.openai import errors, protocol
 from servers.openai import responses as R
 from servers.openai.calls import Call, ClientDisconnected
-from servers.openai.errors import APIError
+from servers.openai.errors import APIError, bad_value
 from servers.openai.metrics import Metrics
 from servers.openai.protocol import ChatCompletionRequest, CompletionRequest
 from servers.openai.strategies import StrategyCache
@@ -60,7 +60,13 @@ class Server:
         guided = protocol.guided(body)
         if not body.decodekit and response_format is None and not any(v is not None for v in guided.values()):
             return None
-        return await asyncio.to_thread(self.strategies.resolve, body.decodekit, response_format, guided)
+        options = body.decodekit
+        if isinstance(options, dict) and options.get("strategy") == "tree":
+            if body.stream:
+                raise bad_value("tree rollouts are returned whole: set stream to false", "stream")
+            if body.n > 1 and "max_width" not in options:  # n trajectories: the tree's width
+                options = {**options, "max_width": body.n}
+        return await asyncio.to_thread(self.strategies.resolve, options, response_format, guided)
 
     def params(self, body, max_tokens, default, logprobs, prompt_len):
         return protocol.sampling_params(body, max_tokens=max_tokens, default_max_tokens=default,
@@ -170,6 +176,7 @@ async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     protocol.check_chat(body)
     messages = protocol.chat_messages(body)
     strategy = await server.strategy_for(body, body.response_format)
+    body = _one_request_per_tree(body, strategy)
     top = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     make = partial(server.params, body, max_tokens, server.default_max_tokens, top)
@@ -193,6 +200,8 @@ async def _text(server: Server, body: CompletionRequest, request: Request):
     protocol.check_completion(body)
     prompts = protocol.completion_prompts(body)
     strategy = await server.strategy_for(body)
+    width = body.n
+    body = _one_request_per_tree(body, strategy)
     make = partial(server.params, body, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs)
     call = Call(server, prompts, make, strategy, stream=bool(body.stream))
     await call.start()
@@ -208,7 +217,13 @@ async def _text(server: Server, body: CompletionRequest, request: Request):
         done = await call.collect(request)
     except ClientDisconnected:
         return Response(status_code=499)
-    return JSONResponse(R.text_response(response_id, server.model_name, done, body.n, body.echo, want_logprobs))
+    width = getattr(getattr(strategy, "config", None), "max_width", width)
+    return JSONResponse(R.text_response(response_id, server.model_name, done, width, body.echo, want_logprobs))
+
+
+def _one_request_per_tree(body, strategy):
+    """A tree rollout is one engine request (n = 1) whose trajectories are the choices."""
+    return body.model_copy(update={"n": 1}) if getattr(strategy, "name", None) == "tree" else body
 
 
 class ServerThread:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -30,6 +31,8 @@ def stats(completion: Completion) -> dict:
 def _jsonable(extra: dict) -> dict:
     out = {}
     for k, v in extra.items():
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):  # records (a rollout tree) as JSON
+            v = dataclasses.asdict(v)
         try:
             json.dumps(v)
             out[k] = v
