@@ -17,8 +17,9 @@ import time
 from decodekit.backends.vllm_strategies import request_options, strategy_stats
 from decodekit.engine import check_prompt
 from decodekit.output import TextState, stop_index
+from decodekit.sequence import Request
 from decodekit.strategies.base import Strategy
-from decodekit.types import Choice, Completion, RequestStats, SamplingParams, TokenEvent, TokenInfo, TopLogprob, Usage
+from decodekit.types import Choice, Completion, SamplingParams, TokenEvent, TokenInfo, TopLogprob, Usage
 
 
 class _Sample:
@@ -40,22 +41,12 @@ class _Sample:
         return self.finish_reason is not None
 
 
-class VLLMRequest:
-    def __init__(self, request_id, prompt, prompt_ids, params, strategy, tokenizer):
-        self.request_id = request_id
-        self.prompt = prompt
-        self.prompt_ids = list(prompt_ids)
-        self.params = params
-        self.strategy = strategy
-        self.tokenizer = tokenizer
-        self.seqs: list[_Sample] = []
-        self.stats = RequestStats()
-        self.start_time = time.perf_counter()
-        self.metrics_before: dict[str, float] = {}
+class VLLMRequest(Request):
+    """The engine's ``Request`` whose samples are vLLM requests (``_Sample``)."""
 
-    @property
-    def finished(self) -> bool:
-        return bool(self.seqs) and all(s.finished for s in self.seqs)
+    def __init__(self, request_id, prompt, prompt_ids, params, strategy, tokenizer):
+        super().__init__(request_id, prompt, prompt_ids, params, strategy, tokenizer)
+        self.metrics_before: dict[str, float] = {}
 
     def completion(self, extra: dict) -> Completion:
         logprobs = self.params.logprobs is not None
