@@ -113,7 +113,7 @@ def test_head_speculation_greedy_identical_and_cache_clean(k):
     head = _head(model, torch.arange(0, 16, 2))
     flat = (1.0,) * 17  # an untrained head is unsure: with free verify rows (alone or in a batch) it still drafts
     spec = Speculative(draft=HeadDrafter(backend, head, min_confidence=0.0), num_draft_tokens=k, verify_cost=flat,
-                       step_cost=flat)
+                       width_cost=0.0)
     fast = _engine_run(engine, PROMPTS, params, spec)
     assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
     assert sum(c.stats.extra["tokens_drafted"] for c in fast) > 0
@@ -122,7 +122,7 @@ def test_head_speculation_greedy_identical_and_cache_clean(k):
     assert backend.cache.num_open_handles == 0
     # an unsure head drafts less (drafting stops below the confidence floor), output unchanged
     unsure = _engine_run(engine, PROMPTS, params, Speculative(draft=HeadDrafter(backend, head, min_confidence=0.9),
-                                                              num_draft_tokens=k, verify_cost=flat, step_cost=flat))
+                                                              num_draft_tokens=k, verify_cost=flat, width_cost=0.0))
     assert [c.token_ids for c in unsure] == [c.token_ids for c in plain]
     drafted = sum(c.stats.extra["tokens_drafted"] for c in unsure)
     assert drafted < sum(c.stats.extra["tokens_drafted"] for c in fast)

@@ -147,7 +147,7 @@ def test_generated_tokens_follow_target_distribution(draft_kind, sampling, k, on
     # adaptive: draft lengths chosen by value (flat costs: every draft the confidences justify is verified)
     llm = LLM(backend=target, max_batch_size=n)
     prompt = "abcab"  # the n-gram drafter finds "ab" and proposes "c"
-    spec = Speculative(draft=draft, num_draft_tokens=k, verify_cost=(1.0,) * 17, step_cost=(1.0,) * 17)
+    spec = Speculative(draft=draft, num_draft_tokens=k, verify_cost=(1.0,) * 17, width_cost=0.0)
     out = llm.generate(prompt, strategy=spec, max_new_tokens=4, n=n, seed=11, ignore_eos=True, **sampling)
     counts = torch.zeros(V * V)
     for choice in out.choices:
@@ -388,3 +388,20 @@ def test_real_gemma_greedy_identical(gemma):
 def test_real_tokenizer_mismatch(smollm, gemma):
     with pytest.raises(ValueError, match="different tokenizer"):
         check_same_tokenizer(smollm, gemma)
+
+
+def test_common_draft_length_prices_the_step_width():
+    """A batched step costs by its width: drafts pay when all rows' expected accepted drafts together
+    beat widening the step; once wide, every row's drafts up to that width ride along."""
+    from decodekit.strategies.drafters import common_draft_length
+
+    cost = (0.05, 0.1, 0.125, 0.15) + (0.3,) * 12
+    assert common_draft_length([[0.7, 0.6], [], [], []], 4, cost) == 1  # 4.7 / 1.15 > 4, 5.12 / 1.3 < 4.7/1.15
+    assert common_draft_length([[0.3], [], [], []], 4, cost) == 0  # 4.3 / 1.15 < 4
+    assert common_draft_length([[0.9, 0.9]] * 4, 4, cost) == 2  # (4 + 4 * 1.71) / 1.3 beats k = 1
+    assert common_draft_length([[0.9, 0.9, 0.9]] + [[]] * 15, 16, cost) == 0  # one row cannot pay a wide batch
+    assert common_draft_length([[0.8]] * 16, 16, cost) == 1  # all rows can: 28.8 / 1.3 > 16
+    assert common_draft_length([[0.2]], 4, (0.0,)) == 1  # free width: any draft
+    # no request waiting: only the rows with the most tokens left count, and together
+    assert common_draft_length([[0.7], [0.7], [0.7], [0.7]], 4, cost, critical=[True] * 4) == 0  # 0.7^4 = 0.24
+    assert common_draft_length([[0.9], [0.2], [0.2], [0.2]], 4, cost, critical=[True, False, False, False]) == 1

@@ -38,11 +38,27 @@ class Draft(NamedTuple):
 # runs (m = 1..8, 10, 12, 16; the rest interpolated). GPU: a forward this small is launch-bound.
 CPU_VERIFY_COST = (1.0, 1.05, 1.12, 1.25, 1.32, 1.37, 1.41, 1.45, 1.55, 1.65, 1.7, 1.75, 1.8, 1.85, 1.9, 1.95, 2.0)
 GPU_VERIFY_COST = tuple(1.0 + 0.01 * m for m in range(17))
-# Cost of a whole step whose forward computes N tokens over ~N rows (entry N - 1), against a one-row
-# decode step: what a batch pays per extra token. CPU: SmolLM2-135M as above, N one-token rows at a
-# ~300-token context (N = 1, 2, 4, 8, 12, 16, 24 measured on a loaded machine, smoothed); past ~8
-# tokens the linear layers are compute-bound and each token costs ~0.13 of a decode step.
-CPU_STEP_COST = tuple(round(1.0 + 0.1 * n if n < 8 else 1.7 + 0.125 * (n - 7), 3) for n in range(24))
+# Cost of widening a batched step by one token position (every row may fill it: ragged rows are packed
+# or padded to the widest), against the plain step, by batch size B (entry B - 1, flat past the end).
+# CPU, SmolLM2-135M float32, 1 thread, ~300-token contexts: a batch of 4 one-token rows took 85 ms,
+# 100 ms with one row verifying 1 draft and 99 ms with all four doing so, 112 ms with 2 drafts; a
+# batch of 16 ~170 ms, +40-65% with 2 drafts. Drafts of other rows ride almost free once a step is wide.
+_CPU_WIDTH_POINTS = {1: 0.05, 2: 0.1, 4: 0.15, 8: 0.22, 16: 0.3, 32: 0.4}
+
+
+def _interpolate(points: dict[int, float], size: int) -> tuple[float, ...]:
+    keys = sorted(points)
+    out = []
+    for b in range(1, size + 1):
+        lo = max(k for k in keys if k <= b)
+        hi = min((k for k in keys if k >= b), default=lo)
+        t = 0.0 if hi == lo else (b - lo) / (hi - lo)
+        out.append(round(points[lo] + t * (points[hi] - points[lo]), 4))
+    return tuple(out)
+
+
+CPU_WIDTH_COST = _interpolate(_CPU_WIDTH_POINTS, 32)
+GPU_WIDTH_COST = (0.01,) * 32
 
 
 def verify_cost_of(table, m: int) -> float:
@@ -70,18 +86,30 @@ def best_length(confidence: list[float], verify_cost) -> tuple[int, float]:
     return best_k, best
 
 
-def batch_verify_cost(verify_cost, batch: int, step_cost=CPU_STEP_COST) -> tuple[float, ...]:
-    """The verify-cost table of one row in a step of ``batch`` one-token rows, against that row's
-    share of the plain step: entry m - 1 is (share + step(batch + m - 1) - step(batch)) / share with
-    share = step(batch) / batch, from the step-cost table (``step_cost``). One row alone keeps
-    ``verify_cost``. On this CPU a first draft pays from 5% confidence alone, ~30% in a batch of 4,
-    ~75% in a batch of 16 (every extra token is then a full token of compute)."""
-    table = tuple(verify_cost)
-    if batch <= 1:
-        return table
-    base = verify_cost_of(step_cost, batch)
-    share = base / batch
-    return tuple((share + verify_cost_of(step_cost, batch + m) - base) / share for m in range(len(table)))
+def common_draft_length(confidences: list[list[float]], batch: int, width_cost,
+                        critical: list[bool] | None = None) -> int:
+    """The draft length k every row of a batched step may use: it maximises the step's expected gain
+    per unit of its cost, 1 + k x ``width_cost[batch - 1]`` (a step costs by its width, so once drafts
+    pay for a wider step, every row's drafts up to that width ride along).
+
+    The gain is ``batch`` plus, by default, every row's expected accepted drafts within k (rows that
+    finish sooner make room for waiting requests). With ``critical`` (no request waiting: the batch
+    lasts as long as its longest rows), only the rows marked critical count, and together: a step is
+    saved only when all of them accept, so the gain at depth i is the product of their chances."""
+    per_token = width_cost[min(batch, len(width_cost)) - 1]
+    longest = max((len(c) for c in confidences), default=0)
+    paths = [[math.prod(c[:i]) if i <= len(c) else 0.0 for i in range(1, longest + 1)] for c in confidences]
+    if critical is None:
+        depth_gain = [sum(p[i] for p in paths) for i in range(longest)]
+    else:
+        depth_gain = [math.prod(p[i] for p, crit in zip(paths, critical) if crit) for i in range(longest)]
+    best_k, best, gain = 0, float(batch), 0.0
+    for k in range(1, longest + 1):
+        gain += depth_gain[k - 1]
+        rate = (batch + gain) / (1.0 + k * per_token)
+        if rate > best:
+            best_k, best = k, rate
+    return best_k
 
 
 class Drafter(ABC):

@@ -16,9 +16,10 @@ from decodekit.sampling import probs_from_logits
 from decodekit.strategies.acceptance import verify_greedy, verify_sampled
 from decodekit.strategies.base import Proposal, Row, Strategy
 from decodekit.strategies.drafters import (
-    CPU_STEP_COST,
     CPU_VERIFY_COST,
+    CPU_WIDTH_COST,
     GPU_VERIFY_COST,
+    GPU_WIDTH_COST,
     MATCH_CAPS,
     Draft,
     Drafter,
@@ -26,10 +27,10 @@ from decodekit.strategies.drafters import (
     LookupThenModel,
     ModelDrafter,
     NgramDrafter,
-    batch_verify_cost,
     best_length,
     calibrated,
     check_same_tokenizer,
+    common_draft_length,
     int8_backend,
 )
 from decodekit.strategies.spec_state import SpecState
@@ -60,10 +61,10 @@ class Speculative(Strategy):
 
     def __init__(self, draft="ngram", num_draft_tokens: int | str = "adaptive", *, max_ngram: int = 3,
                  min_ngram: int = 1, match_caps: tuple[int, ...] = MATCH_CAPS, verify_cost=None,
-                 step_cost=None):
+                 width_cost=None):
         _check_draft(draft)
         self.verify_cost = None if verify_cost is None else _check_verify_cost(verify_cost)
-        self.step_cost = None if step_cost is None else _check_verify_cost(step_cost, "step_cost")
+        self.width_cost = None if width_cost is None else _check_width_cost(width_cost)
         adaptive = num_draft_tokens == "adaptive"
         if not adaptive and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
                              or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS):
@@ -105,15 +106,21 @@ class Speculative(Strategy):
         """Draft for every sequence, then one verify row each: the uncomputed tail plus the drafts."""
         drafter = self._drafters[id(engine)]
         states = [seq.state_as(SpecState) for seq in seqs]
-        # The value rule prices a draft token against this row's share of the whole step (rows of every
-        # strategy share it, packed): the more rows, the surer a draft must be to pay.
+        # Alone, a sequence keeps the draft prefix with the most tokens per verify cost; in a batch (rows
+        # of every strategy share the step) the rows share one width, worth it only when their drafts
+        # together pay for widening the whole step.
         by_value = self.adaptive and drafter.estimates_confidence
-        cost = batch_verify_cost(drafter.verify_cost, max(len(seqs), getattr(engine, "step_batch", 1)),
-                                 self.step_cost or default_step_cost(engine.backend))
+        batch = max(len(seqs), getattr(engine, "step_batch", 1))
         drafts = drafter.propose(seqs, [self._budget(engine, s, by_value) for s in seqs])
         drafts = [_clip(d, s, engine) for d, s in zip(drafts, seqs)]
-        if by_value:
-            drafts = [d.prefix(best_length(calibrated(d.confidence, s), cost)[0]) for d, s in zip(drafts, seqs)]
+        if by_value and batch == 1:
+            drafts = [d.prefix(best_length(calibrated(d.confidence, s), drafter.verify_cost)[0])
+                      for d, s in zip(drafts, seqs)]
+        elif by_value:
+            confidences = [calibrated(d.confidence, s) for d, s in zip(drafts, seqs)]
+            k = common_draft_length(confidences, batch, self.width_cost or default_width_cost(engine.backend),
+                                    _critical_rows(engine, seqs))
+            drafts = [d.prefix(min(k, len(d.tokens))) for d in drafts]
         rows = []
         for seq, state, draft in zip(seqs, states, drafts):
             state.draft, state.by_value = draft, by_value
@@ -245,9 +252,32 @@ def _calibrate(seq, confidence: list[float], accepted: int) -> None:
     state.hits += accepted
 
 
-def default_step_cost(backend) -> tuple[float, ...]:
+def _critical_rows(engine, seqs) -> list[bool] | None:
+    """With requests waiting, every row that finishes sooner admits the next: None (all rows count).
+    With none, the batch lasts as long as its longest rows: those with the most tokens left."""
+    if getattr(engine, "waiting", None):
+        return None
+    left = [s.params.max_new_tokens - len(s.output_ids) for s in seqs]
+    most = max(left, default=0)
+    return [n == most for n in left]
+
+
+def default_width_cost(backend) -> tuple[float, ...]:
     device = getattr(backend, "device", None)
-    return GPU_VERIFY_COST if getattr(device, "type", device) == "cuda" else CPU_STEP_COST
+    return GPU_WIDTH_COST if getattr(device, "type", device) == "cuda" else CPU_WIDTH_COST
+
+
+def _check_width_cost(table) -> tuple[float, ...]:
+    """A width-cost table (entry B - 1: widening a step of B rows by one token, against the plain step);
+    a single number applies to every batch size."""
+    try:
+        values = (float(table),) if isinstance(table, (int, float)) and not isinstance(table, bool) else tuple(
+            float(c) for c in table)
+    except (TypeError, ValueError):
+        values = ()
+    if not values or any(not c >= 0 for c in values):
+        raise ValueError(f"width_cost must be a number >= 0 or a sequence of them by batch size, got {table!r}")
+    return values
 
 
 def default_verify_cost(backend) -> tuple[float, ...]:
@@ -255,14 +285,14 @@ def default_verify_cost(backend) -> tuple[float, ...]:
     return GPU_VERIFY_COST if getattr(device, "type", device) == "cuda" else CPU_VERIFY_COST
 
 
-def _check_verify_cost(table, name: str = "verify_cost") -> tuple[float, ...]:
+def _check_verify_cost(table) -> tuple[float, ...]:
     try:
         values = tuple(float(c) for c in table)
     except (TypeError, ValueError):
         values = ()
     rising = all(b >= a for a, b in zip(values, values[1:]))
     if not values or values[0] != 1.0 or not rising:
-        raise ValueError(f"{name} must be a non-decreasing sequence of positive costs starting at 1.0 "
+        raise ValueError("verify_cost must be a non-decreasing sequence of positive costs starting at 1.0 "
                          f"(a 1-token forward), got {table!r}")
     return values
 
