@@ -98,6 +98,8 @@ def common_draft_length(confidences: list[list[float]], batch: int, width_cost,
     saved only when all of them accept, so the gain at depth i is the product of their chances."""
     per_token = width_cost[min(batch, len(width_cost)) - 1]
     longest = max((len(c) for c in confidences), default=0)
+    if per_token <= 0:
+        return longest  # a free width: every draft is worth verifying
     paths = [[math.prod(c[:i]) if i <= len(c) else 0.0 for i in range(1, longest + 1)] for c in confidences]
     if critical is None:
         depth_gain = [sum(p[i] for p in paths) for i in range(longest)]
