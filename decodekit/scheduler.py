@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 WATERMARK_FRACTION = 0.01  # of the pool, kept free at admission (vLLM keeps 1%)
 MIN_WATERMARK = 8
 IDLE_PREFILL_TOKENS = 4096  # prefill budget of a step in which no sequence is decoding
+MIN_CHUNK = 16  # a prefilling sequence advances at least this much per step
 
 
 class Scheduler:
@@ -60,14 +61,20 @@ class Scheduler:
     def prefill_chunks(self) -> list[tuple[Sequence, list[int]]]:
         """(sequence, token ids) to prefill this step, oldest admission first, within the budget.
 
-        The budget protects sequences that are decoding; when none is, prefill runs in big chunks."""
+        The budget protects sequences that are decoding; when none is, prefill runs in big chunks. A
+        chunk deep in a long prompt also attends to every earlier token, so the budget counts each
+        token at 1 + ``key_cost`` x its context (the backend's attention cost per key)."""
         decoding = any(s.status is SeqStatus.RUNNING for s in self.live_seqs())
-        budget = self.max_prefill_tokens if decoding else max(self.max_prefill_tokens, IDLE_PREFILL_TOKENS)
+        budget = float(self.max_prefill_tokens if decoding else max(self.max_prefill_tokens, IDLE_PREFILL_TOKENS))
+        key_cost = float(getattr(self.engine.backend, "key_cost", 0.0)) if decoding else 0.0
         out = []
         for seq in self.live_seqs():
-            if seq.status is SeqStatus.PREFILLING and budget > 0:
-                ids = seq.ids[len(seq.handle): len(seq.handle) + budget]
-                budget -= len(ids)
+            if seq.status is SeqStatus.PREFILLING and budget >= 1:
+                start = len(seq.handle)
+                per_token = 1.0 + key_cost * start
+                n = max(min(MIN_CHUNK, self.max_prefill_tokens), int(budget / per_token))
+                ids = seq.ids[start : start + n]
+                budget -= len(ids) * per_token
                 out.append((seq, ids))
         return out
 

@@ -86,6 +86,9 @@ class StepCache:
 
 
 GQA_SDPA = "decodekit_sdpa"
+# Gathering one key's K and V for every layer into a batch row costs about this much of a token's
+# linear-layer work on CPU (SmolLM2-135M: ~15% of a balanced batch-16 decode step at 300-token contexts).
+GATHER_COST = 1e-3
 
 
 def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -148,7 +151,7 @@ class HFBackend(Backend):
     @torch.inference_mode()
     def forward_rows(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
         if self._pack_pays(rows):
-            return self._forward_packed(rows)
+            return self._forward_packed(rows, self._packing(rows)[0])
         inputs = _assemble(rows, self.device)
         masks = self._masks(inputs) if len(rows) > 1 else None
         keep = max(r.num_logits for r in rows)
@@ -160,12 +163,13 @@ class HFBackend(Backend):
             self._hidden = None
         return [logits[b, keep - r.num_logits :] for b, r in enumerate(rows)]
 
-    def _forward_packed(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
+    def _forward_packed(self, rows: list[ForwardRow], bins: list[list[int]]) -> list[torch.Tensor]:
         """Ragged rows packed into bins as long as the longest row: each bin row holds the new tokens
         of several sequences, each attending only to its own keys (block-causal mask over the members'
         concatenated slot lists). A verify row of k + 1 tokens beside one-token decode rows then costs
-        about k extra tokens, not k per row, and each query sees only its bin's keys."""
-        bins = _bins(rows)
+        about k extra tokens, not k per row, and each query sees only its bin's keys. One bin of every
+        row serves one-token rows of very different context lengths: padding would gather every row's
+        keys up to the longest context."""
         inputs = _assemble_bins(rows, bins, self.device)
         logits = self._run(inputs, self._masks(inputs), inputs["input_ids"].shape[1]).logits.float()  # (B', T, V)
         out: list[torch.Tensor | None] = [None] * len(rows)
@@ -180,14 +184,24 @@ class HFBackend(Backend):
         return out
 
     def _pack_pays(self, rows: list[ForwardRow]) -> bool:
-        """Bins cut padded token rows (linear layers) for attention over a bin's keys: the cheaper wins."""
-        if len(rows) < 2 or len({len(r.new_ids) for r in rows}) == 1:
+        """Whether packed bins beat left-padding (``_packing``'s cost model)."""
+        if len(rows) < 2:
             return False
-        width = max(len(r.new_ids) for r in rows)
-        padded = len(rows) * width * (1 + self.key_cost * max(len(r.slots) for r in rows))
-        bins = _bins(rows)
-        keys = max(sum(len(rows[i].slots) for i in members) for members in bins)
-        return len(bins) * width * (1 + self.key_cost * keys) < padded
+        return self._packing(rows)[1] < self._layout_cost(rows, [[i] for i in range(len(rows))])
+
+    def _packing(self, rows: list[ForwardRow]) -> tuple[list[list[int]], float]:
+        """The cheaper packing: bins as wide as the longest row, or one bin of every row."""
+        options = [_bins(rows), [list(range(len(rows)))]]
+        costs = [self._layout_cost(rows, bins) for bins in options]
+        best = min(range(len(options)), key=costs.__getitem__)
+        return options[best], costs[best]
+
+    def _layout_cost(self, rows: list[ForwardRow], bins: list[list[int]]) -> float:
+        """Work of a (bins, width) layout in token units: linear layers per token slot, attention per
+        query and key, and the gather of every bin row's keys (K and V of every layer)."""
+        width = max(sum(len(rows[i].new_ids) for i in m) for m in bins)
+        keys = max(sum(len(rows[i].slots) for i in m) for m in bins)
+        return len(bins) * (width * (1 + self.key_cost * keys) + GATHER_COST * keys)
 
     def _run(self, inputs: dict, masks, keep):
         step = StepCache(self.kv, inputs["write_idx"], inputs["gather_idx"], inputs["span"])
