@@ -84,6 +84,7 @@ class Speculative(Strategy):
         self.start_k = min(ADAPTIVE_START, self.max_k) if adaptive else num_draft_tokens
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self._drafters: dict[int, object] = {}  # per engine (a strategy may serve several)
+        self._batch_pause: dict[int, tuple[int, int]] = {}  # per engine: (steps to skip, next backoff)
 
     # ---- Strategy hooks ---------------------------------------------------------------------
     def attach(self, engine):
@@ -111,15 +112,18 @@ class Speculative(Strategy):
         # together pay for widening the whole step.
         by_value = self.adaptive and drafter.estimates_confidence
         batch = max(len(seqs), getattr(engine, "step_batch", 1))
-        drafts = drafter.propose(seqs, [self._budget(engine, s, by_value) for s in seqs])
+        batched = by_value and batch > 1
+        skip = batched and self._batch_pause.get(id(engine), (0, 1))[0] > 0 and _drafting_cost(drafter) > 0
+        drafts = drafter.propose(seqs, [0 if skip else self._budget(engine, s, by_value) for s in seqs])
         drafts = [_clip(d, s, engine) for d, s in zip(drafts, seqs)]
         if by_value and batch == 1:
             drafts = [d.prefix(best_length(calibrated(d.confidence, s), drafter.verify_cost)[0])
                       for d, s in zip(drafts, seqs)]
-        elif by_value:
+        elif batched:
             confidences = [calibrated(d.confidence, s) for d, s in zip(drafts, seqs)]
             k = common_draft_length(confidences, batch, self.width_cost or default_width_cost(engine.backend),
                                     _critical_rows(engine, seqs))
+            self._pause_model_drafts(engine, skip, k, any(d.tokens for d in drafts))
             drafts = [d.prefix(min(k, len(d.tokens))) for d in drafts]
         rows = []
         for seq, state, draft in zip(seqs, states, drafts):
@@ -175,6 +179,18 @@ class Speculative(Strategy):
         }
 
     # ---- internals ----------------------------------------------------------------------------
+    def _pause_model_drafts(self, engine, skipped: bool, k: int, drafted: bool) -> None:
+        """A model drafter's drafts cost target-step fractions even when the batch then verifies none:
+        after a batched step that drafted and kept none, skip drafting for 1, 2, 4 ... 16 steps."""
+        pause, backoff = self._batch_pause.get(id(engine), (0, 1))
+        if skipped:
+            pause -= 1
+        elif k > 0:
+            backoff = 1
+        elif drafted:
+            pause, backoff = backoff, min(MAX_PAUSE, 2 * backoff)
+        self._batch_pause[id(engine)] = (pause, backoff)
+
     def _budget(self, engine, seq, by_value: bool = False) -> int:
         """Draft length for this step: the adaptive k (or, drafting by value, the most allowed),
         capped so no draft lands past max_new_tokens (accepted + 1 tokens must fit) or the model's context."""
@@ -250,6 +266,12 @@ def _calibrate(seq, confidence: list[float], accepted: int) -> None:
     tested = min(accepted + 1, len(confidence))
     state.claimed += sum(confidence[:tested])
     state.hits += accepted
+
+
+def _drafting_cost(drafter) -> float:
+    """Target steps one draft token costs (a lookup drafts for free; ``ngram+<model>`` pays the model's)."""
+    inner = getattr(drafter, "model", None)
+    return max(float(getattr(drafter, "token_cost", 0.0)), float(getattr(inner, "token_cost", 0.0) or 0.0))
 
 
 def _critical_rows(engine, seqs) -> list[bool] | None:
