@@ -59,7 +59,6 @@ class EngineStats:
     main_forwards: int = 0  # forward calls of the engine's model
     side_forwards: int = 0  # forward calls of other models through the step (draft, entropy pair)
     peak_running: int = 0  # most sequences running (or prefilling) in one step
-    preemptions: int = 0
 
 
 class Engine:
@@ -149,8 +148,7 @@ class Engine:
 
     def stats(self) -> dict:
         """Engine-wide counters: steps, main / side forwards, peak running sequences, preemptions."""
-        self.counters.preemptions = self.scheduler.num_preemptions
-        return dict(self.counters.__dict__)
+        return {**self.counters.__dict__, "preemptions": self.scheduler.num_preemptions}
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
@@ -260,11 +258,12 @@ class Engine:
     def new_sequence(self, request: Request, index: int) -> Sequence:
         return Sequence(next(self._seq_ids), request, index, self._generator(request.params, index))
 
-    def release_handle(self, seq: Sequence) -> None:
-        """Commit ``seq``'s verified tokens to the prefix cache and release its main handle."""
+    def release_handle(self, seq: Sequence, commit: bool = True) -> None:
+        """Release ``seq``'s main handle, first committing its verified tokens to the prefix cache."""
         cache = self.backend.cache
         cache.truncate(seq.handle, min(len(seq.handle), len(seq.ids)))
-        cache.commit(seq.handle, seq.ids)
+        if commit:
+            cache.commit(seq.handle, seq.ids)
         cache.release(seq.handle)
         seq.handle = None
 
@@ -326,10 +325,6 @@ class Engine:
         seq.status = SeqStatus.FINISHED
         seq.next_logits = None
         if seq.handle is not None:
-            cache = self.backend.cache
-            cache.truncate(seq.handle, min(len(seq.handle), len(seq.ids)))
-            if reason != "abort":
-                cache.commit(seq.handle, seq.ids)
-            cache.release(seq.handle)
+            self.release_handle(seq, commit=reason != "abort")
         if running:
             seq.request.strategy.on_finish(self, seq)

@@ -64,11 +64,12 @@ class Scheduler:
         The budget protects sequences that are decoding; when none is, prefill runs in big chunks. A
         chunk deep in a long prompt also attends to every earlier token, so the budget counts each
         token at 1 + ``key_cost`` x its context (the backend's attention cost per key)."""
-        decoding = any(s.status is SeqStatus.RUNNING for s in self.live_seqs())
+        seqs = self.live_seqs()
+        decoding = any(s.status is SeqStatus.RUNNING for s in seqs)
         budget = float(self.max_prefill_tokens if decoding else max(self.max_prefill_tokens, IDLE_PREFILL_TOKENS))
         key_cost = float(getattr(self.engine.backend, "key_cost", 0.0)) if decoding else 0.0
         out = []
-        for seq in self.live_seqs():
+        for seq in seqs:
             if seq.status is SeqStatus.PREFILLING and budget >= 1:
                 start = len(seq.handle)
                 per_token = 1.0 + key_cost * start
@@ -95,7 +96,7 @@ class Scheduler:
         preempted = False
         while len(self.active) > 1 and self.cache.available() < self.step_need():
             candidates = [r for r in self.active if r.strategy.preemptible]
-            if not candidates or (len(candidates) == 1 and len(self.active) == 1):
+            if not candidates:
                 break
             self.preempt(max(candidates, key=lambda r: r.admit_order))
             preempted = True
