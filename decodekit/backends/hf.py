@@ -171,12 +171,18 @@ class HFBackend(Backend):
         row serves one-token rows of very different context lengths: padding would gather every row's
         keys up to the longest context."""
         inputs = _assemble_bins(rows, bins, self.device)
-        logits = self._run(inputs, self._masks(inputs), inputs["input_ids"].shape[1]).logits.float()  # (B', T, V)
+        # the LM head runs only at positions some member needs logits for (a prefill chunk needs one)
+        needed = sorted({p for members, ends in zip(bins, inputs["ends"]) for i, end in zip(members, ends)
+                         for p in range(end - rows[i].num_logits, end)})
+        column = {p: j for j, p in enumerate(needed)}
+        keep = torch.tensor(needed, device=self.device)
+        logits = self._run(inputs, self._masks(inputs), keep).logits.float()  # (B', len(needed), V)
         out: list[torch.Tensor | None] = [None] * len(rows)
         hidden: list[torch.Tensor | None] = [None] * len(rows)
         for b, (members, ends) in enumerate(zip(bins, inputs["ends"])):
             for i, end in zip(members, ends):
-                out[i] = logits[b, end - rows[i].num_logits : end]
+                first = column[end - rows[i].num_logits]  # a member's positions are consecutive in ``needed``
+                out[i] = logits[b, first : first + rows[i].num_logits]
                 if self._hidden is not None:
                     hidden[i] = self._hidden[b, end - len(rows[i].new_ids) : end]
         if self._hidden is not None:
