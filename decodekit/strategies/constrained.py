@@ -112,9 +112,9 @@ class Constrained(Strategy):
                 continue
             for p in run.particles:
                 if p.alive:
-                    if p.handle is None:  # released by a preemption: reopen through the prefix cache
-                        p.handle = engine.backend.cache.open(seq.request.prompt_ids + p.out)
                     ids = seq.request.prompt_ids + p.out
+                    if p.handle is None:  # released by a preemption: reopen through the prefix cache
+                        p.handle = engine.backend.cache.open(ids)
                     rows.append(Row(seq, ids[len(p.handle):], handle=p.handle, key=p))
         return rows
 

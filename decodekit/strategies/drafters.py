@@ -120,7 +120,8 @@ class Drafter(ABC):
     # once the chance that the next draft is still accepted falls below this plus a verify row.
     token_cost = 0.0
     estimates_confidence = False  # True: every Draft carries ``confidence``
-    verify_cost = CPU_VERIFY_COST  # the strategy sets its own table at attach
+    verify_cost = CPU_VERIFY_COST  # the strategy sets its own tables at attach
+    width_cost = CPU_WIDTH_COST
 
     @abstractmethod
     def propose(self, seqs, ks: list[int]) -> list[Draft]:

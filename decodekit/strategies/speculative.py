@@ -91,6 +91,7 @@ class Speculative(Strategy):
         drafter = make_drafter(self.draft, engine.backend, ngram=(self.min_ngram, self.max_ngram),
                                match_caps=self.match_caps)
         drafter.verify_cost = self.verify_cost or default_verify_cost(engine.backend)
+        drafter.width_cost = self.width_cost or default_width_cost(engine.backend)
         self._drafters[id(engine)] = drafter
 
     def extra_slots(self, request):
@@ -121,8 +122,7 @@ class Speculative(Strategy):
                       for d, s in zip(drafts, seqs)]
         elif batched:
             confidences = [calibrated(d.confidence, s) for d, s in zip(drafts, seqs)]
-            k = common_draft_length(confidences, batch, self.width_cost or default_width_cost(engine.backend),
-                                    _critical_rows(engine, seqs))
+            k = common_draft_length(confidences, batch, drafter.width_cost, _critical_rows(engine, seqs))
             self._pause_model_drafts(engine, skip, k, any(d.tokens for d in drafts))
             drafts = [d.prefix(min(k, len(d.tokens))) for d in drafts]
         rows = []
@@ -285,8 +285,7 @@ def _critical_rows(engine, seqs) -> list[bool] | None:
 
 
 def default_width_cost(backend) -> tuple[float, ...]:
-    device = getattr(backend, "device", None)
-    return GPU_WIDTH_COST if getattr(device, "type", device) == "cuda" else CPU_WIDTH_COST
+    return GPU_WIDTH_COST if _on_cuda(backend) else CPU_WIDTH_COST
 
 
 def _check_width_cost(table) -> tuple[float, ...]:
@@ -303,8 +302,12 @@ def _check_width_cost(table) -> tuple[float, ...]:
 
 
 def default_verify_cost(backend) -> tuple[float, ...]:
+    return GPU_VERIFY_COST if _on_cuda(backend) else CPU_VERIFY_COST
+
+
+def _on_cuda(backend) -> bool:
     device = getattr(backend, "device", None)
-    return GPU_VERIFY_COST if getattr(device, "type", device) == "cuda" else CPU_VERIFY_COST
+    return getattr(device, "type", device) == "cuda"
 
 
 def _check_verify_cost(table) -> tuple[float, ...]:
