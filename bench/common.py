@@ -57,6 +57,21 @@ def spec_bench(per_category: int, categories: list[str] | None = None) -> list[d
     return out
 
 
+def compiling_schemas(folder: Path, max_chars: int, compile_fn):
+    """Schemas (sorted ``<subset>/<file>.json``) of at most ``max_chars`` characters that parse and that
+    ``compile_fn(schema)`` accepts (a ``ValueError`` skips one), lazily: (subset/file, text, schema, compiled)."""
+    for path in sorted(folder.glob("*/*.json")):
+        text = path.read_text()
+        if len(text) > max_chars:
+            continue
+        try:
+            schema = json.loads(text)  # json.JSONDecodeError is a ValueError
+            compiled = compile_fn(schema)
+        except ValueError:
+            continue
+        yield f"{path.parent.name}/{path.name}", text, schema, compiled
+
+
 def timed(fn):
     """(result, seconds) of one call."""
     t0 = time.perf_counter()

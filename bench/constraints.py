@@ -14,11 +14,10 @@ per token), so the masked grammar run is limited to a few tokens of one prompt.
 from __future__ import annotations
 
 import csv
-import json
 import random
 import time
 
-from bench.common import DATA, md_table, median, parser, write_results
+from bench.common import DATA, compiling_schemas, md_table, median, parser, write_results
 from decodekit.api import LLM
 from decodekit.constraints import Grammar, JsonSchema, Regex
 from decodekit.strategies.constrained import Constrained
@@ -47,18 +46,11 @@ def pattern_task(k: int) -> list[tuple[str, object, str]]:
 
 def json_task(k: int) -> list[tuple[str, object, str]]:
     out = []
-    for path in sorted((DATA / "jsonschemabench" / "schemas").glob("*/*.json")):
-        text = path.read_text()
-        if len(text) > 600:
-            continue
-        try:
-            c = JsonSchema(json.loads(text))
-        except ValueError:
-            continue
+    for name, text, _, c in compiling_schemas(DATA / "jsonschemabench" / "schemas", 600, JsonSchema):
         if len(c.regex) > 3000:
             continue
         prompt = f"Write one JSON document that follows this JSON schema.\nSchema: {text}\nJSON: "
-        out.append((prompt, c, path.name))
+        out.append((prompt, c, name.split("/")[-1]))
         if len(out) == k:
             break
     return out

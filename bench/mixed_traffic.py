@@ -28,6 +28,7 @@ and on all 16 prompts as one batch each; tokens/s ratio, median of same-round ra
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -35,7 +36,17 @@ from collections.abc import Callable
 
 import torch
 
-from bench.common import DATA, interleaved, md_table, median, paired_ratio, parser, spec_bench, write_results
+from bench.common import (
+    DATA,
+    compiling_schemas,
+    interleaved,
+    md_table,
+    median,
+    paired_ratio,
+    parser,
+    spec_bench,
+    write_results,
+)
 from decodekit import LLM, Constrained, JsonSchema, Regex, SamplingParams, Speculative
 
 TEMPERATURES = [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0]
@@ -76,20 +87,11 @@ def questions(n: int) -> list[str]:
 
 def schemas(k: int) -> list[tuple[str, dict, JsonSchema]]:
     """The first ``k`` small JSONSchemaBench schemas that compile: (file, schema, constraint)."""
-    out = []
-    for path in sorted((DATA / "jsonschemabench" / "schemas").glob("*/*.json")):
-        text = path.read_text()
-        if len(text) > 600:
-            continue
-        try:
-            schema = json.loads(text)
-            constraint = JsonSchema(schema)
-        except ValueError:
-            continue
-        out.append((f"{path.parent.name}/{path.name}", schema, constraint))
-        if len(out) == k:
-            return out
-    sys.exit(f"only {len(out)} small JSON schemas compile under {DATA / 'jsonschemabench' / 'schemas'}, need {k}")
+    folder = DATA / "jsonschemabench" / "schemas"
+    out = [(name, schema, c) for name, _, schema, c in itertools.islice(compiling_schemas(folder, 600, JsonSchema), k)]
+    if len(out) < k:
+        sys.exit(f"only {len(out)} small JSON schemas compile under {folder}, need {k}")
+    return out
 
 
 def mixed_jobs(llm, prompts: list[str], tokens: int) -> list[Job]:

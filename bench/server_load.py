@@ -25,6 +25,7 @@ Starts ``decodekit serve`` in a subprocess on a free local port (default KV cach
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import ROOT, md_table, median, parser, require_data, spec_bench, write_results
+from bench.common import ROOT, compiling_schemas, md_table, median, parser, require_data, spec_bench, write_results
 
 LEVELS = (1, 4, 16)
 TARGET_SPEEDUP = 3.0
@@ -167,30 +168,9 @@ async def run_level(url: str, model: str, prompts: list[str], concurrency: int, 
 async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
-    t0 = time.perf_counter()
-    out = {"ttft_s": None, "latency_s": None, "tokens": 0, "error": None, "done": False}
-    try:
-        async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                out["error"] = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                return out
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    out["done"] = True
-                    break
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    out["error"] = chunk["error"]["message"]
-                elif chunk.get("usage"):
-                    out["tokens"] = chunk["usage"]["completion_tokens"]
-                elif out["ttft_s"] is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    out["ttft_s"] = time.perf_counter() - t0
-    except httpx.HTTPError as e:
-        out["error"] = f"{type(e).__name__}: {e}"
-    out["latency_s"] = time.perf_counter() - t0
-    return out
+    r = await stream_chat(http, url, body)
+    return {"ttft_s": r["ttft_s"], "latency_s": r["end_at"] - r["sent_at"], "tokens": r["tokens"],
+            "error": r["error"], "done": r["done"]}
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -315,20 +295,10 @@ def gaps_after(times: list[float], t0: float) -> list[float]:
 def pick_schemas(folder: Path, k: int, max_chars: int, compiles) -> list[tuple[str, dict]]:
     """The first ``k`` schemas (sorted ``<subset>/<file>.json``) of at most ``max_chars`` characters that
     parse and that ``compiles(schema)`` accepts (a ``ValueError`` skips one): [(subset/file, schema)]."""
-    out = []
-    for path in sorted(folder.glob("*/*.json")):
-        text = path.read_text()
-        if len(text) > max_chars:
-            continue
-        try:
-            schema = json.loads(text)
-            compiles(schema)
-        except ValueError:  # json.JSONDecodeError is one
-            continue
-        out.append((f"{path.parent.name}/{path.name}", schema))
-        if len(out) == k:
-            return out
-    sys.exit(f"only {len(out)} JSON schemas under {max_chars} characters compile in {folder}, need {k}")
+    out = [(name, schema) for name, _, schema, _ in itertools.islice(compiling_schemas(folder, max_chars, compiles), k)]
+    if len(out) < k:
+        sys.exit(f"only {len(out)} JSON schemas under {max_chars} characters compile in {folder}, need {k}")
+    return out
 
 
 def compile_schema(schema: dict) -> None:
