@@ -143,23 +143,41 @@ def sampling_params(**sampling) -> SamplingParams:
 
 def resolve_strategy(strategy: Strategy | str | None, sampling: dict | None = None) -> Strategy | None:
     """A Strategy from an instance or a name; ``constraint=`` (with optional ``sampler=``,
-    ``particles=``) in ``sampling`` is popped and becomes ``Constrained(...)``."""
+    ``particles=``) in ``sampling`` is popped and becomes ``Constrained(...)``, or, with a
+    ``Speculative`` strategy, ``ConstrainedSpeculative(...)`` (drafting under the constraint)."""
     constraint = sampling.pop("constraint", None) if sampling is not None else None
     options = {k: sampling.pop(k) for k in ("sampler", "particles") if sampling and k in sampling}
-    if constraint is not None:
-        if strategy is not None:
-            raise ValueError("give either strategy= or constraint=, not both (Constrained(...) is a strategy)")
-        from decodekit.strategies.constrained import Constrained
+    if isinstance(strategy, str):
+        from decodekit.strategies import by_name
 
-        return Constrained(constraint, sampler=options.get("sampler", "awrs"),
-                           num_particles=options.get("particles", 1))
+        strategy = by_name(strategy)
+    if constraint is not None:
+        return constrained_strategy(constraint, strategy, options.get("sampler", "awrs"), options.get("particles", 1))
     if options:
         raise ValueError(f"{sorted(options)} only apply together with constraint=")
-    if strategy is None or isinstance(strategy, Strategy):
-        return strategy
-    from decodekit.strategies import by_name
+    return strategy
 
-    return by_name(strategy)
+
+def constrained_strategy(constraint, strategy: Strategy | None, sampler: str = "awrs", particles: int = 1) -> Strategy:
+    """The strategy enforcing ``constraint`` on top of ``strategy`` (None, or one that composes)."""
+    from decodekit.strategies.constrained import Constrained
+    from decodekit.strategies.constrained_speculative import ConstrainedSpeculative
+    from decodekit.strategies.speculative import Speculative
+
+    if strategy is None or strategy.name == "sample":
+        return Constrained(constraint, sampler=sampler, num_particles=particles)
+    if isinstance(strategy, Speculative):
+        return ConstrainedSpeculative(constraint, strategy, sampler=sampler, num_particles=particles)
+    raise ValueError(NO_CONSTRAINT_COMPOSITION.get(strategy.name, f"strategy {strategy.name!r} does not take "
+                                                   "constraint=; give a Constrained(...) strategy alone"))
+
+
+NO_CONSTRAINT_COMPOSITION = {  # what a user gets instead of a silently dropped constraint
+    "constrained": "give either strategy=Constrained(...) or constraint=, not both",
+    "constrained_speculative": "give either strategy=ConstrainedSpeculative(...) or constraint=, not both",
+    "entropy": "EntropySwitch takes the constraint itself: EntropySwitch(..., constraint=C, sampler=...)",
+    "tree": "tree rollouts take the constraint in TreeRollout(constraint=C)",
+}
 
 
 @functools.lru_cache(maxsize=2)

@@ -90,12 +90,13 @@ def _structured(backend, strategy):
     name = getattr(strategy, "name", None)
     if strategy is None or name == "sample":
         return None
-    if name == "speculative":
+    if name in ("speculative", "constrained_speculative"):  # under a constraint: structured outputs + vLLM's drafts
         if backend.speculative_config is None:
             raise ValueError("vLLM sets speculative decoding per engine: build the backend with "
                              "speculative_config={'method': 'ngram', 'num_speculative_tokens': 4, "
                              "'prompt_lookup_max': 3} (LLM(model, backend='vllm', speculative_config=...))")
-        return None
+        if name == "speculative":
+            return None
     if isinstance(strategy, Structured):
         return strategy.params()
     constraint = getattr(strategy, "constraint", None)

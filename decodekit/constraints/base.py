@@ -97,6 +97,21 @@ class Constraint(ABC):
         """A regular expression (outlines-core syntax) whose language equals ``prefix_ok``'s, or None."""
         return None
 
+    def byte_dfa(self):
+        """The byte automaton of ``automaton()`` (forced-text drafting), or None; built once."""
+        if "_byte_dfa" not in self.__dict__:
+            pattern = self.automaton()
+            dfa = None
+            if pattern is not None:
+                from decodekit.constraints.regex import ByteDFA
+
+                try:
+                    dfa = ByteDFA(pattern)
+                except ValueError:
+                    dfa = None
+            self._byte_dfa = dfa
+        return self._byte_dfa
+
     def index(self, tokenizer):
         """The exact token mask (an ``AutomatonIndex``) for ``tokenizer``, or None; built once."""
         pattern = self.automaton()

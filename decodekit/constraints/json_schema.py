@@ -140,3 +140,6 @@ class JsonSchema(Constraint):
 
     def automaton(self) -> str:
         return self.regex
+
+    def byte_dfa(self) -> ByteDFA:
+        return self.dfa

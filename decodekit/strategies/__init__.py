@@ -2,6 +2,7 @@
 
 from decodekit.strategies.base import Proposal, Strategy
 from decodekit.strategies.constrained import Constrained
+from decodekit.strategies.constrained_speculative import ConstrainedSpeculative
 from decodekit.strategies.entropy import EntropySwitch
 from decodekit.strategies.sample import Sample
 from decodekit.strategies.speculative import Speculative
@@ -16,4 +17,4 @@ def by_name(name: str, **options) -> Strategy:
     return registry[name](**options)
 
 
-__all__ = ["Constrained", "EntropySwitch", "Proposal", "Sample", "Speculative", "Strategy", "TreeStrategy", "by_name"]
+__all__ = ["Constrained", "ConstrainedSpeculative", "EntropySwitch", "Proposal", "Sample", "Speculative", "Strategy", "TreeStrategy", "by_name"]

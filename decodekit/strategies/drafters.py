@@ -136,6 +136,16 @@ class Drafter(ABC):
         return None
 
 
+class NoDrafter(Drafter):
+    """Proposes nothing: under a constraint, only the forced text is drafted (``draft="forced"``)."""
+
+    name = "forced"
+    estimates_confidence = True
+
+    def propose(self, seqs, ks):
+        return [Draft([], None, []) for _ in seqs]
+
+
 # ---- n-gram / prompt lookup ------------------------------------------------------------------
 
 def ngram_propose(ids: list[int], *, num_tokens: int, max_ngram: int = 3, min_ngram: int = 1,

@@ -27,3 +27,7 @@ class SpecState:
     draft: Any = None
     head: torch.Tensor | None = None
     by_value: bool = False
+    own: int = 0  # under a constraint: the drafter's own tokens at the head of ``draft`` (then forced ones)
+    forced: int = 0  # under a constraint: forced-text drafts accepted
+    cut_q: torch.Tensor | None = None  # under a constraint: q of a sampled draft's first forbidden token
+    inner: Any = None  # under a constraint: the Constrained strategy's state

@@ -27,6 +27,7 @@ from decodekit.strategies.drafters import (
     LookupThenModel,
     ModelDrafter,
     NgramDrafter,
+    NoDrafter,
     best_length,
     calibrated,
     check_same_tokenizer,
@@ -106,6 +107,12 @@ class Speculative(Strategy):
 
     def plan(self, engine, seqs):
         """Draft for every sequence, then one verify row each: the uncomputed tail plus the drafts."""
+        drafts = self.choose_drafts(engine, seqs)
+        return [row for seq, draft in zip(seqs, drafts) if (row := verify_row(engine, seq, draft)) is not None]
+
+    def choose_drafts(self, engine, seqs, cut=None) -> list[Draft]:
+        """Each sequence's draft for this step (``cut(draft, seq)``: a draft filter applied before the
+        length is chosen, e.g. a constraint's); sets ``state.by_value``."""
         drafter = self._drafters[id(engine)]
         states = [seq.state_as(SpecState) for seq in seqs]
         # Alone, a sequence keeps the draft prefix with the most tokens per verify cost; in a batch (rows
@@ -117,6 +124,8 @@ class Speculative(Strategy):
         skip = batched and self._batch_pause.get(id(engine), (0, 1))[0] > 0 and _drafting_cost(drafter) > 0
         drafts = drafter.propose(seqs, [0 if skip else self._budget(engine, s, by_value) for s in seqs])
         drafts = [_clip(d, s, engine) for d, s in zip(drafts, seqs)]
+        if cut is not None:
+            drafts = [cut(d, s) for d, s in zip(drafts, seqs)]
         if by_value and batch == 1:
             drafts = [d.prefix(best_length(calibrated(d.confidence, s), drafter.verify_cost)[0])
                       for d, s in zip(drafts, seqs)]
@@ -125,40 +134,31 @@ class Speculative(Strategy):
             k = common_draft_length(confidences, batch, drafter.width_cost, _critical_rows(engine, seqs))
             self._pause_model_drafts(engine, skip, k, any(d.tokens for d in drafts))
             drafts = [d.prefix(min(k, len(d.tokens))) for d in drafts]
-        rows = []
-        for seq, state, draft in zip(seqs, states, drafts):
-            state.draft, state.by_value = draft, by_value
-            state.head = seq.take_next_logits()
-            tail = seq.ids[len(seq.handle):]
-            if not tail and state.head is None:  # nothing cached for the next position: recompute the last token
-                tail = engine.uncomputed(seq)
-            if tail:
-                state.head = None
-            if tail or draft.tokens:
-                rows.append(Row(seq, tail + draft.tokens, len(draft.tokens) + (1 if tail else 0)))
-        return rows
+        for state in states:
+            state.by_value = by_value
+        return drafts
 
     def update(self, engine, seqs, rows):
-        drafter = self._drafters[id(engine)]
-        computed = {r.seq.seq_id: r.logits for r in rows}
         out = {}
-        for seq in seqs:
-            state = seq.state
-            draft = state.draft
-            parts = [p for p in (state.head[None] if state.head is not None else None,
-                                 computed.get(seq.seq_id)) if p is not None]
-            logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # (k + 1, V)
-            state.head = state.draft = None
+        for seq, logits in block_logits(seqs, rows):
+            draft = seq.state.draft
+            seq.state.draft = None
             accepted, token = _accept(seq, draft, logits)
-            num_verified = len(seq.ids) + accepted
-            engine.backend.cache.truncate(seq.handle, num_verified)  # drop rejected drafts' K/V
-            drafter.rollback(seq, num_verified)
-            self._record(seq, len(draft.tokens), accepted, adapt_k=self.adaptive and not state.by_value)
-            if draft.confidence:
-                _calibrate(seq, draft.confidence, accepted)
+            self.settle(engine, seq, draft, accepted)
             kept = [Proposal(t, logits[i]) for i, t in enumerate(draft.tokens[:accepted])]
             out[seq.seq_id] = [*kept, Proposal(token, logits[accepted])]
         return out
+
+    def settle(self, engine, seq, draft: Draft, accepted: int, drafted: int | None = None) -> None:
+        """After a verify that kept ``accepted`` drafts: drop rejected K/V (target and drafter), count
+        and calibrate (over the first ``drafted`` tokens: the drafter's own, not forced ones)."""
+        num_verified = len(seq.ids) + accepted
+        engine.backend.cache.truncate(seq.handle, num_verified)  # drop rejected drafts' K/V
+        self._drafters[id(engine)].rollback(seq, num_verified)
+        self._record(seq, len(draft.tokens), accepted, adapt_k=self.adaptive and not seq.state.by_value)
+        own = len(draft.tokens) if drafted is None else drafted
+        if draft.confidence and own:
+            _calibrate(seq, draft.confidence[:own], min(accepted, own))
 
     def stats(self, seqs):
         states = [s.state for s in seqs if isinstance(s.state, SpecState)]
@@ -224,6 +224,33 @@ class Speculative(Strategy):
                 state.pause, state.backoff = state.backoff, min(MAX_PAUSE, 2 * state.backoff)
 
 
+def verify_row(engine, seq, draft: Draft) -> Row | None:
+    """The verify row of ``seq``: its uncomputed tail plus the drafts, or None when its next-token
+    logits are ready and it has no drafts (``state.head`` keeps them)."""
+    state = seq.state
+    state.draft = draft
+    state.head = seq.take_next_logits()
+    tail = seq.ids[len(seq.handle):]
+    if not tail and state.head is None:  # nothing cached for the next position: recompute the last token
+        tail = engine.uncomputed(seq)
+    if tail:
+        state.head = None
+    if tail or draft.tokens:
+        return Row(seq, tail + draft.tokens, len(draft.tokens) + (1 if tail else 0))
+    return None
+
+
+def block_logits(seqs, rows):
+    """(seq, logits (k + 1, V)) per sequence: the ready head logits and / or its verify row's."""
+    computed = {r.seq.seq_id: r.logits for r in rows}
+    for seq in seqs:
+        state = seq.state
+        parts = [p for p in (state.head[None] if state.head is not None else None,
+                             computed.get(seq.seq_id)) if p is not None]
+        state.head = None
+        yield seq, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def make_drafter(draft, target, *, ngram: tuple[int, int] = (1, 3), match_caps: tuple[int, ...] = MATCH_CAPS):
     """The drafter for a ``draft`` spec, checked against the ``target`` backend."""
     if isinstance(draft, Drafter):
@@ -235,6 +262,8 @@ def make_drafter(draft, target, *, ngram: tuple[int, int] = (1, 3), match_caps: 
         return LookupThenModel(NgramDrafter(ngram[1], ngram[0], match_caps), model)
     if draft == "ngram":
         return NgramDrafter(ngram[1], ngram[0], match_caps)
+    if draft == "forced":
+        return NoDrafter()
     if draft == "int8":
         return ModelDrafter(int8_backend(target))
     if draft == "head" or (isinstance(draft, str) and draft.startswith("head:")):

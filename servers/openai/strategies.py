@@ -11,6 +11,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from decodekit.api import NO_CONSTRAINT_COMPOSITION
 from decodekit.strategies import by_name
 from servers.openai.errors import APIError, bad_value
 
@@ -47,10 +48,12 @@ class StrategyCache:
         name = options.pop("strategy", None)
         spec = constraint_spec(response_format, guided)
         if spec is not None:
-            if name not in (None, "constrained"):
-                raise bad_value(f"constrained output needs the constrained strategy, got decodekit.strategy={name!r}",
-                                "decodekit.strategy")
-            return self._get(("constrained", spec, options), lambda: _constrained(spec, options))
+            if name not in (None, "constrained", "speculative"):
+                why = NO_CONSTRAINT_COMPOSITION.get(name, "")
+                raise bad_value(f"constrained output composes with decodekit.strategy 'constrained' or 'speculative', "
+                                f"got {name!r}" + (f" ({why})" if why else ""), "decodekit.strategy")
+            speculative = name == "speculative"
+            return self._get((name or "constrained", spec, options), lambda: _constrained(spec, options, speculative))
         if name is None:
             if options:
                 raise bad_value(f"decodekit options {sorted(options)} need a decodekit.strategy", "decodekit")
@@ -124,7 +127,10 @@ def _parse_schema(schema) -> dict:
     return schema
 
 
-def _constrained(spec: tuple[str, object], options: dict):
+CONSTRAINED_OPTIONS = ("sampler", "num_particles", "ess_threshold", "resampling", "exact_weights")
+
+
+def _constrained(spec: tuple[str, object], options: dict, speculative: bool = False):
     if not json_constraint_available():
         raise APIError(400, "constrained output (response_format json, guided_*) needs decodekit.constraints, "
                             "which this build lacks", param="response_format", code="unsupported")
@@ -135,7 +141,15 @@ def _constrained(spec: tuple[str, object], options: dict):
     builders = {"json": C.JsonSchema, "regex": C.Regex, "choice": C.OneOf, "grammar": C.Grammar}
     options = {"sampler": "awrs", **options}
     try:
-        return Constrained(builders[kind](value), **options)
+        constraint = builders[kind](value)
+        if speculative:  # the constraint's options to it, the rest to the draft source
+            from decodekit.strategies.constrained_speculative import ConstrainedSpeculative
+            from decodekit.strategies.speculative import Speculative
+
+            own = {k: v for k, v in options.items() if k in CONSTRAINED_OPTIONS}
+            drafting = Speculative(**{k: v for k, v in options.items() if k not in CONSTRAINED_OPTIONS})
+            return ConstrainedSpeculative(constraint, drafting, **own)
+        return Constrained(constraint, **options)
     except ValueError as e:
         raise bad_value(f"invalid {kind} constraint or options: {e}", "response_format" if kind == "json"
                         else f"guided_{kind}") from None
