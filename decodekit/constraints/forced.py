@@ -9,9 +9,12 @@ exact, and the one the tokenizer itself would choose is the one the model most l
 
 from __future__ import annotations
 
+import itertools
+
 from decodekit.constraints.tokens import token_bytes
 
 MAX_FORCED_BYTES = 256
+MAX_LAYOUT_CHOICES = 3  # guess only at small branches (optional whitespace, a comma or a brace), never in free text
 
 
 class ForcedText:
@@ -28,6 +31,28 @@ class ForcedText:
         if state not in self._by_state:
             self._by_state[state] = self._walk(state)
         return self._by_state[state]
+
+    def layout_guess(self, text: bytes, history: bytes = b"") -> bytes:
+        """At a small branch after ``text`` (e.g. optional whitespace), the allowed byte that last
+        followed the same byte in ``history + text`` (the prompt shows a layout too), then the forced
+        bytes after it; b"" if none applies. A guess, not forced: verification keeps it only where the
+        model agrees."""
+        state = self._dfa.state(text)
+        if state is None or not text:
+            return b""
+        index = self._dfa._index
+        allowed = index.get_allowed_tokens(state)
+        if not 1 < len(allowed) <= MAX_LAYOUT_CHOICES or index.is_final_state(state):
+            return b""
+        chosen = _last_follower(history + text, text[-1], set(allowed))
+        if chosen is None:
+            return b""
+        nxt = index.get_next_state(state, chosen)
+        if nxt is None:
+            return b""
+        if nxt not in self._by_state:
+            self._by_state[nxt] = self._walk(nxt)
+        return bytes([chosen]) + self._by_state[nxt]
 
     def _walk(self, state: int) -> bytes:
         index = self._dfa._index
@@ -57,15 +82,63 @@ class ForcedTokens:
         self._longest = max((len(p) for p in self._by_bytes), default=1)
         self._pieces = pieces
         self._tokenized: dict[bytes, list[int]] = {}
+        self._extensions: dict[bytes, list[bytes]] | None = None
+        self._merge_memo: dict[tuple[int, bytes], bool] = {}
 
     def after(self, text: bytes, limit: int) -> list[int]:
         """Up to ``limit`` tokens spelling (a prefix of) the forced text after ``text``; whole tokens only."""
-        data = self.forced.after(text)
-        if not data or limit <= 0:
+        return self._tokens(self.forced.after(text))[: max(limit, 0)]
+
+    def draft(self, text: bytes, limit: int, history: bytes = b"", layout: bool = True) -> tuple[list[int], int]:
+        """(tokens, how many are forced): the forced text after ``text``, then, with ``layout``, up to
+        two layout guesses (``ForcedText.layout_guess`` over ``history`` and the text), each followed
+        by what it forces; tokenized together. The last token is left out where a longer token could
+        continue it (``{`` before ``"``: the model writes ``{"``, and a draft ``{`` would be rejected)."""
+        forced = self.forced.after(text)
+        data = forced
+        for _ in range(2 if layout else 0):
+            guess = self.forced.layout_guess(text + data, history)
+            if not guess:
+                break
+            data += guess
+        tokens = self._tokens(data)
+        if tokens and self._merges(text + data, self._pieces[tokens[-1]]):
+            tokens = tokens[:-1]
+        tokens = tokens[: max(limit, 0)]
+        ends = itertools.accumulate(len(self._pieces[t]) for t in tokens)
+        return tokens, sum(1 for end in ends if end <= len(forced))
+
+    def _merges(self, text: bytes, piece: bytes) -> bool:
+        """Whether a longer token starting with ``piece`` (which ends ``text``) is allowed there too and
+        the text after it is structure (a small branch), so the model likely writes the longer token.
+        Before free text (a string's content) the piece stays: models end a token there."""
+        state = self.forced._dfa.state(text)
+        if state is None:
+            return False
+        key = (state, piece)
+        if key not in self._merge_memo:
+            index = self.forced._dfa._index
+            if len(index.get_allowed_tokens(state)) > MAX_LAYOUT_CHOICES:
+                self._merge_memo[key] = False
+                return False
+            self._merge_memo[key] = any(_walks(index, state, longer[len(piece):]) for longer in self._longer(piece))
+        return self._merge_memo[key]
+
+    def _longer(self, piece: bytes) -> list[bytes]:
+        """Token byte strings that start with ``piece`` and are longer (built once per tokenizer)."""
+        if self._extensions is None:
+            self._extensions = {}
+            for p in self._by_bytes:
+                for i in range(1, len(p)):
+                    self._extensions.setdefault(p[:i], []).append(p)
+        return self._extensions.get(piece, [])
+
+    def _tokens(self, data: bytes) -> list[int]:
+        if not data:
             return []
         if data not in self._tokenized:
             self._tokenized[data] = self._tokenize(data)
-        return self._tokenized[data][:limit]
+        return self._tokenized[data]
 
     def _tokenize(self, data: bytes) -> list[int]:
         """The tokenizer's own split where it spells ``data`` exactly; else greedy longest match."""
@@ -96,6 +169,28 @@ class ForcedTokens:
             return list(self.tokenizer.encode(text))
         except ValueError:
             return None
+
+
+def _walks(index, state: int, data: bytes) -> bool:
+    for b in data:
+        state = index.get_next_state(state, b)
+        if state is None:
+            return False
+    return True
+
+
+def _last_follower(text: bytes, byte: int, allowed: set[int], tries: int = 16) -> int | None:
+    """The allowed byte that followed the latest earlier occurrence of ``byte`` in ``text`` (the last
+    ``tries`` occurrences looked at)."""
+    end = len(text) - 1
+    for _ in range(tries):
+        at = text.rfind(bytes([byte]), 0, end)
+        if at < 0:
+            return None
+        if text[at + 1] in allowed:
+            return text[at + 1]
+        end = at
+    return None
 
 
 def forced_tokens(constraint, tokenizer) -> ForcedTokens | None:

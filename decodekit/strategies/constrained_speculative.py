@@ -41,6 +41,7 @@ from decodekit.strategies.spec_state import SpecState
 from decodekit.strategies.speculative import MAX_DRAFT_TOKENS, Speculative, block_logits, verify_row
 
 SMC_DRAFTS = ("forced", "ngram")
+LAYOUT_HISTORY = 512  # prompt tokens whose text layout guesses learn from
 
 
 class ConstrainedSpeculative(Constrained):
@@ -79,9 +80,10 @@ class ConstrainedSpeculative(Constrained):
     def stats(self, seqs) -> dict:
         out = super().stats(seqs)
         spec = self.spec.stats(seqs)
-        forced = sum(st.forced for s in seqs if isinstance(st := s.state, SpecState))
+        states = [st for s in seqs if isinstance(st := s.state, SpecState)]
         return out | {k: v for k, v in spec.items() if k != "target_forward_passes"} | {
-            "forced_tokens": forced, "target_forward_passes": spec["target_forward_passes"]}
+            "forced_tokens": sum(st.forced for st in states), "layout_tokens": sum(st.layout for st in states),
+            "target_forward_passes": spec["target_forward_passes"]}
 
     def _state(self, engine, seq) -> ConstrainedState:
         seq.state_as(SpecState)  # the drafters' state; the constraint's lives in its ``inner`` slot
@@ -123,10 +125,12 @@ class ConstrainedSpeculative(Constrained):
             st = _own_state(seq)
             proposals, accepted, error = self._verify(engine, seq, st, draft, logits)
             self.spec.settle(engine, seq, draft, accepted, drafted=min(state.own, len(draft.tokens)))
-            state.forced += max(0, min(accepted, len(draft.tokens)) - min(state.own, accepted))
-            if error is not None:
+            structural = max(0, min(accepted, len(draft.tokens)) - state.own)
+            state.forced += min(structural, state.num_forced)
+            state.layout += structural - min(structural, state.num_forced)
+            if error is not None and not proposals:
                 self._fail(engine, seq, st, error)
-            else:
+            else:  # a dead end after some kept tokens: they are output; the next step meets it again and fails
                 out[seq.seq_id] = proposals
         return out
 
@@ -139,7 +143,7 @@ class ConstrainedSpeculative(Constrained):
         room = min(MAX_DRAFT_TOKENS - kept, seq.params.max_new_tokens - len(seq.output_ids) - 1 - kept,
                    engine.backend.max_context - len(seq.ids) - 1 - kept)
         ended = any(t in _stops(engine, seq) for t in draft.tokens)
-        extra = [] if ended else self._forced(engine, text, room)
+        extra, seq.state.num_forced = ([], 0) if ended else self._forced(engine, seq, text, room)
         return _extend(draft, extra, engine.backend.vocab_size)
 
     def _admissible(self, st, text: bytes, fsa, tokens: list[int], seq) -> tuple[int, bytes, object]:
@@ -161,9 +165,17 @@ class ConstrainedSpeculative(Constrained):
             kept += 1
         return kept, text, fsa
 
-    def _forced(self, engine, text: bytes, limit: int) -> list[int]:
+    def _forced(self, engine, seq, text: bytes, limit: int) -> tuple[list[int], int]:
+        """(tokens, how many are strictly forced): the forced text after ``text``, then layout guesses
+        (learnt from the prompt's and the text's own layout)."""
         forced = forced_tokens(self.constraint, engine.tokenizer)
-        return forced.after(text, limit) if forced is not None and limit > 0 else []
+        if forced is None or limit <= 0:
+            return [], 0
+        state = seq.state
+        if state.prompt_bytes is None:
+            pieces = forced._pieces
+            state.prompt_bytes = b"".join(pieces[t] or b"" for t in seq.request.prompt_ids[-LAYOUT_HISTORY:])
+        return forced.draft(text, limit, state.prompt_bytes)
 
     def _verify(self, engine, seq, st, draft: Draft, logits) -> tuple[list[Proposal], int, str | None]:
         """(proposals, drafts kept, dead-end message) for one verify block: each position emits what
@@ -247,7 +259,7 @@ class ConstrainedSpeculative(Constrained):
         tokens = tokens[:kept]
         if any(t in st.checker.eos_ids for t in tokens):
             return tokens
-        return tokens + self._forced(engine, text, room - kept)
+        return tokens + self._forced(engine, seq, text, room - kept)[0]
 
     def _update_particles(self, engine, seqs, rows):
         blocks = {id(row.key[0]): (row.logits, row.key[1]) for row in rows}

@@ -28,6 +28,9 @@ class SpecState:
     head: torch.Tensor | None = None
     by_value: bool = False
     own: int = 0  # under a constraint: the drafter's own tokens at the head of ``draft`` (then forced ones)
+    num_forced: int = 0  # under a constraint: forced-text tokens after them in ``draft`` (then layout guesses)
     forced: int = 0  # under a constraint: forced-text drafts accepted
+    layout: int = 0  # under a constraint: layout-guess drafts accepted
     cut_q: torch.Tensor | None = None  # under a constraint: q of a sampled draft's first forbidden token
+    prompt_bytes: bytes | None = None  # under a constraint: the prompt's tail, for layout guesses
     inner: Any = None  # under a constraint: the Constrained strategy's state
