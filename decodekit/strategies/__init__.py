@@ -17,4 +17,5 @@ def by_name(name: str, **options) -> Strategy:
     return registry[name](**options)
 
 
-__all__ = ["Constrained", "ConstrainedSpeculative", "EntropySwitch", "Proposal", "Sample", "Speculative", "Strategy", "TreeStrategy", "by_name"]
+__all__ = ["Constrained", "ConstrainedSpeculative", "EntropySwitch", "Proposal", "Sample", "Speculative", "Strategy",
+           "TreeStrategy", "by_name"]
