@@ -206,7 +206,7 @@ def main() -> None:
     header = ["task", "contender", "runs", "tokens/s", "forwards/token", "forced share", "layout share",
               "valid rate", "returned outputs valid"]
     summary = {k: {n: summarise(rows) for n, rows in by.items()} for k, by in details.items()}
-    rows = [[k, n, s["runs"], round(s["tokens_per_s"], 2), s["forwards_per_token"] and round(s["forwards_per_token"], 3),
+    rows = [[k, n, s["runs"], round(s["tokens_per_s"], 2), round(s["forwards_per_token"] or 0.0, 3),
              round(s["forced_share"], 3), round(s["layout_share"], 3), round(s["valid_rate"], 3), s["returned_valid"]]
             for k, by in summary.items() for n, s in by.items()]
     for row in (r for by in details.values() for rs in by.values() for r in rs):
