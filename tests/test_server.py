@@ -186,6 +186,27 @@ def test_json_schema_response_format(client):
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
+@pytest.mark.skipif(not json_constraint_available(),
+                    reason="decodekit.constraints (JsonSchema + Constrained strategy) has not landed")
+def test_speculative_under_a_json_schema(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    messages = [{"role": "user", "content": "Name the capital of France as JSON."}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                           response_format=fmt)
+    fast = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                          response_format=fmt,
+                                          extra_body={"decodekit": {"strategy": "speculative", "draft": "ngram",
+                                                                    "sampler": "awrs"}})
+    assert fast.choices[0].message.content == plain.choices[0].message.content
+    jsonschema.validate(json.loads(fast.choices[0].message.content), schema)
+    assert "forced_tokens" in fast.model_extra["decodekit"]
+    with pytest.raises(openai.BadRequestError, match="composes with decodekit.strategy"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, response_format=fmt,
+                                       extra_body={"decodekit": {"strategy": "tree"}})
+
+
 # ---- concurrency ----------------------------------------------------------------------------------
 def test_32_concurrent_streams_batch_and_stay_independent(srv, client):
     prompts = ["Name a fruit.", "What is 2+2?", "Say hello in French.", "Name a color."]
