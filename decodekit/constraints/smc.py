@@ -69,6 +69,7 @@ class Particle:
     critic: float = 0.0  # last critic score (twist), removed at the next step
     logits: list = field(default_factory=list)  # per-token raw logits, kept only when logprobs are asked
     next_logits: torch.Tensor | None = None  # (V,) logits for the next token, once computed
+    block: tuple | None = None  # with drafts: (logits (k + 1, V), the k drafted tokens) of this step
 
     @property
     def alive(self) -> bool:

@@ -262,23 +262,21 @@ class ConstrainedSpeculative(Constrained):
         return tokens + self._forced(engine, seq, text, room - kept)[0]
 
     def _update_particles(self, engine, seqs, rows):
-        blocks = {id(row.key[0]): (row.logits, row.key[1]) for row in rows}
-        out = {}
-        for seq in seqs:
-            st = _own_state(seq)
-            run = st.smc
-            first, run.first_logits = run.first_logits, None
-            for p in run.particles:
-                if p.alive:
-                    logits, drafts = (first[None], []) if first is not None else blocks[id(p)]
-                    self._advance_particle(engine, seq, st, p, logits, drafts)
-                self._apply_critic(p)
-            self._maybe_resample(engine, seq, run)
-            if all(not p.alive for p in run.particles):
-                proposals = self._smc_finish(engine, seq, run)
-                if proposals:
-                    out[seq.seq_id] = proposals
-        return out
+        for row in rows:
+            particle, drafts = row.key
+            particle.block = (row.logits, drafts)
+        return self._update_smc(engine, seqs)
+
+    def _smc_advance(self, engine, seq, run) -> None:
+        st = _own_state(seq)
+        first, run.first_logits = run.first_logits, None
+        for p in run.particles:
+            if p.alive:
+                logits, drafts = (first[None], []) if first is not None else p.block
+                p.block = None
+                self._advance_particle(engine, seq, st, p, logits, drafts)
+            self._apply_critic(p)
+        self._maybe_resample(engine, seq, run)
 
     def _advance_particle(self, engine, seq, st, p, logits, drafts: list[int]) -> None:
         """Emit the sampler's draws along the block while they equal the drafts; each draw's weight
