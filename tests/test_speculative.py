@@ -405,3 +405,34 @@ def test_common_draft_length_prices_the_step_width():
     # no request waiting: only the rows with the most tokens left count, and together
     assert common_draft_length([[0.7], [0.7], [0.7], [0.7]], 4, cost, critical=[True] * 4) == 0  # 0.7^4 = 0.24
     assert common_draft_length([[0.9], [0.2], [0.2], [0.2]], 4, cost, critical=[True, False, False, False]) == 1
+
+
+def test_draft_length_by_value_keeps_sampled_drafts_exact(one_thread):
+    """A draft model whose confidence after its first draft depends on which token it drew: a length
+    rule that keeps d_0 because of the confidence after it (argmax over lengths) verifies d_0 = A
+    only, and the first token's law is off (p ~ 1e-37 before the fix); the sequential rule is exact."""
+    def target_fn(ctx):
+        return torch.tensor([-9.0, 0.0, 0.3, 0.1, -0.2, 0.4, 0.0, -0.1])
+
+    def draft_fn(ctx):
+        out = torch.full((V,), -20.0)
+        if len(ctx) == 3:  # first draft after the 3-token prompt: A (1) or B (2), half and half
+            out[1] = out[2] = 0.0
+        elif ctx[-1] == 1:
+            out[3] = 10.0  # sure after A ...
+        else:
+            out[:] = 0.0  # ... unsure after B
+        return out
+
+    n = 2000
+    target = MockBackend(vocab_size=V, logits_fn=target_fn, cache_tokens=n * 12 + 64)
+    draft = MockBackend(vocab_size=V, logits_fn=draft_fn, name="d", cache_tokens=n * 12 + 64)
+    llm = LLM(backend=target, max_batch_size=1)
+    # one draft costs more than it returns at confidence 0.5; two pay off only when the second is sure
+    spec = Speculative(draft=draft, verify_cost=(1.0, 1.6, 1.7) + (1.8,) * 14)
+    counts = torch.zeros(V)
+    for i in range(n):
+        counts[llm.generate("abc", strategy=spec, max_new_tokens=4, seed=i, ignore_eos=True).token_ids[0]] += 1
+    p = probs_from_logits(target_fn([]), SamplingParams(temperature=1.0))
+    assert chi2_pvalue(counts, p) > 1e-3
+    assert target.cache.num_open_handles == 0

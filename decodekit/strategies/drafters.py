@@ -69,11 +69,15 @@ def verify_cost_of(table, m: int) -> float:
     return table[-1] + step * (m - len(table))
 
 
-def best_length(confidence: list[float], verify_cost) -> tuple[int, float]:
+def best_length(confidence: list[float], verify_cost, sequential: bool = False) -> tuple[int, float]:
     """The draft length k (0..len) with the most expected tokens per unit of verify cost, and that rate.
 
     Verifying k drafts yields 1 + sum_i prod_{j<=i} confidence[j] tokens on average (each draft
     counts only if all before it were accepted) for the cost of a (k + 1)-token forward.
+
+    ``sequential``: stop at the first length that does not raise the rate, so keeping draft i depends
+    on confidences up to i only. Drafts sampled from q need this: a later confidence depends on the
+    earlier drafted tokens, and keeping d_i because of what followed it would bias the verified law.
     """
     best_k, best = 0, 1.0 / verify_cost_of(verify_cost, 1)
     path, expected = 1.0, 0.0
@@ -83,11 +87,13 @@ def best_length(confidence: list[float], verify_cost) -> tuple[int, float]:
         rate = (1.0 + expected) / verify_cost_of(verify_cost, k + 1)
         if rate > best:
             best_k, best = k, rate
+        elif sequential:
+            break
     return best_k, best
 
 
 def common_draft_length(confidences: list[list[float]], batch: int, width_cost,
-                        critical: list[bool] | None = None) -> int:
+                        critical: list[bool] | None = None, sequential: bool = False) -> int:
     """The draft length k every row of a batched step may use: it maximises the step's expected gain
     per unit of its cost, 1 + k x ``width_cost[batch - 1]`` (a step costs by its width, so once drafts
     pay for a wider step, every row's drafts up to that width ride along).
@@ -95,7 +101,8 @@ def common_draft_length(confidences: list[list[float]], batch: int, width_cost,
     The gain is ``batch`` plus, by default, every row's expected accepted drafts within k (rows that
     finish sooner make room for waiting requests). With ``critical`` (no request waiting: the batch
     lasts as long as its longest rows), only the rows marked critical count, and together: a step is
-    saved only when all of them accept, so the gain at depth i is the product of their chances."""
+    saved only when all of them accept, so the gain at depth i is the product of their chances.
+    ``sequential``: as in ``best_length`` (sampled drafts)."""
     per_token = width_cost[min(batch, len(width_cost)) - 1]
     longest = max((len(c) for c in confidences), default=0)
     if per_token <= 0:
@@ -111,6 +118,8 @@ def common_draft_length(confidences: list[list[float]], batch: int, width_cost,
         rate = (batch + gain) / (1.0 + k * per_token)
         if rate > best:
             best_k, best = k, rate
+        elif sequential:
+            break
     return best_k
 
 

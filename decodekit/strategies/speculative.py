@@ -127,11 +127,12 @@ class Speculative(Strategy):
         if cut is not None:
             drafts = [cut(d, s) for d, s in zip(drafts, seqs)]
         if by_value and batch == 1:
-            drafts = [d.prefix(best_length(calibrated(d.confidence, s), drafter.verify_cost)[0])
-                      for d, s in zip(drafts, seqs)]
+            drafts = [d.prefix(best_length(calibrated(d.confidence, s), drafter.verify_cost,
+                                           sequential=d.q is not None)[0]) for d, s in zip(drafts, seqs)]
         elif batched:
             confidences = [calibrated(d.confidence, s) for d, s in zip(drafts, seqs)]
-            k = common_draft_length(confidences, batch, drafter.width_cost, _critical_rows(engine, seqs))
+            k = common_draft_length(confidences, batch, drafter.width_cost, _critical_rows(engine, seqs),
+                                    sequential=any(d.q is not None for d in drafts))
             self._pause_model_drafts(engine, skip, k, any(d.tokens for d in drafts))
             drafts = [d.prefix(min(k, len(d.tokens))) for d in drafts]
         for state in states:
