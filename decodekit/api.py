@@ -147,6 +147,8 @@ def resolve_strategy(strategy: Strategy | str | None, sampling: dict | None = No
     ``Speculative`` strategy, ``ConstrainedSpeculative(...)`` (drafting under the constraint)."""
     constraint = sampling.pop("constraint", None) if sampling is not None else None
     options = {k: sampling.pop(k) for k in ("sampler", "particles") if sampling and k in sampling}
+    if isinstance(strategy, str) and constraint is not None and strategy in NO_CONSTRAINT_COMPOSITION:
+        raise ValueError(NO_CONSTRAINT_COMPOSITION[strategy])
     if isinstance(strategy, str):
         from decodekit.strategies import by_name
 

@@ -208,8 +208,11 @@ def test_constraint_keyword_maps_to_the_constrained_strategy():
     llm = make_llm()
     c = llm.generate("abc", constraint=Regex("[a-e]{3}"), max_new_tokens=6, temperature=1.0, seed=0)
     assert c.finish_reason in ("stop", "length") and len(c.text) == 3 and set(c.text) <= set("abcde")
+    same = llm.generate("abc", constraint=Regex("[a-e]{3}"), strategy="sample", max_new_tokens=6, temperature=1.0,
+                        seed=0)  # plain sampling under a constraint is constrained decoding
+    assert same.token_ids == c.token_ids
     with pytest.raises(ValueError, match="not both"):
-        llm.generate("abc", constraint=Regex("a"), strategy="sample")
+        llm.generate("abc", constraint=Regex("a"), strategy="constrained")
     with pytest.raises(ValueError, match="constraint="):
         llm.generate("abc", particles=3)
 
