@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class Tokenizer:
     """Wraps a Hugging Face tokenizer.
@@ -32,14 +34,33 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """Token ids of ``messages`` with the generation prompt; a plain fallback without a template."""
-        if self.has_chat_template:
-            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        ids = self.hf(text, add_special_tokens=False).input_ids
+    def apply_chat_template(self, messages: list[dict], special_in_content: bool = False) -> list[int]:
+        """Token ids of ``messages`` with the generation prompt; a plain fallback without a template.
+
+        A special token's text typed in a message (``<|im_end|>``) stays text, as in the OpenAI API,
+        so a message cannot close its own turn; ``special_in_content=True`` lets it be the token."""
+        text = self._render(messages)
+        if special_in_content or not any(self._has_special(m["content"]) for m in messages):
+            return self._with_bos(self.hf(text, add_special_tokens=False).input_ids)
+        # render with a marker per message, then encode the contents with special-token text split
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        pieces = re.split("(\ue000\\d+\ue001)", self._render([{**m, "content": k} for m, k in zip(messages, marks)]))
+        ids = []
+        for piece in pieces:
+            if piece in marks:
+                content = messages[marks.index(piece)]["content"]
+                ids += self.hf(content, add_special_tokens=False, split_special_tokens=True).input_ids
+            elif piece:
+                ids += self.hf(piece, add_special_tokens=False).input_ids
         return self._with_bos(ids)
+
+    def _render(self, messages: list[dict]) -> str:
+        if self.has_chat_template:
+            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def _has_special(self, text: str) -> bool:
+        return any(t in text for t in self.hf.all_special_tokens if t)
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         if self.prepend_bos and (not ids or ids[0] != self.bos_token_id):

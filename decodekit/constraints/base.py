@@ -59,6 +59,11 @@ def decode_complete(text: bytes) -> str | None:
         return None
 
 
+class ConstraintTimeout(ValueError):
+    """One constraint check ran past its time limit (a catastrophically backtracking pattern): the
+    request ends with ``constraint_failed`` instead of stalling every other request."""
+
+
 class Constraint(ABC):
     """Checks on output text. Subclasses implement ``prefix_ok_text`` / ``complete_ok_text`` on str.
 

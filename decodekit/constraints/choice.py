@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+
 from decodekit.constraints.base import Constraint
 from decodekit.constraints.regex import escape
 
@@ -16,12 +18,15 @@ class OneOf(Constraint):
         if isinstance(options, str) or not options or not all(isinstance(o, str) for o in options):
             raise ValueError(f"options must be a non-empty list of strings, got {options!r}")
         self.options = tuple(dict.fromkeys(options))
+        self._sorted = sorted(self.options)  # a prefix check is one binary search, however many options
+        self._set = frozenset(self.options)
 
     def prefix_ok_text(self, text: str) -> bool:
-        return any(o.startswith(text) for o in self.options)
+        i = bisect.bisect_left(self._sorted, text)
+        return i < len(self._sorted) and self._sorted[i].startswith(text)
 
     def complete_ok_text(self, text: str) -> bool:
-        return text in self.options
+        return text in self._set
 
     def automaton(self) -> str:
         return "|".join(escape(o) for o in self.options)

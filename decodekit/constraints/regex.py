@@ -11,10 +11,11 @@ from __future__ import annotations
 import regex as re
 import torch
 
-from decodekit.constraints.base import Constraint
+from decodekit.constraints.base import Constraint, ConstraintTimeout
 from decodekit.constraints.tokens import token_bytes
 
 _RUST_META = set("\\.+*?()|[]{}^$#&-~")
+CHECK_TIMEOUT = 1.0  # seconds per match: far above any sane pattern (microseconds), bounds the pathological
 
 
 def escape(text: str) -> str:
@@ -26,11 +27,14 @@ class Regex(Constraint):
     """``Regex(pattern)``: the whole output fully matches ``pattern`` (Python ``regex`` syntax).
 
     ``automaton=False`` disables the outlines-core mask path (every check goes through ``regex``).
+    ``timeout``: seconds one match may take (``regex``'s own timeout); past it the check raises
+    ``ConstraintTimeout`` and the request ends ``constraint_failed`` (nested quantifiers such as
+    ``(a|a)+b`` backtrack exponentially in the text length).
     """
 
     name = "regex"
 
-    def __init__(self, pattern: str, *, automaton: bool = True):
+    def __init__(self, pattern: str, *, automaton: bool = True, timeout: float | None = CHECK_TIMEOUT):
         super().__init__()
         if not isinstance(pattern, str):
             raise ValueError(f"pattern must be a string, got {pattern!r}")
@@ -38,14 +42,24 @@ class Regex(Constraint):
             self._re = re.compile(pattern)
         except re.error as e:
             raise ValueError(f"pattern {pattern!r} does not compile: {e}") from None
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
         self.pattern = pattern
+        self.timeout = timeout
         self._automaton = automaton
 
     def prefix_ok_text(self, text: str) -> bool:
-        return self._re.fullmatch(text, partial=True) is not None
+        return self._match(text, partial=True)
 
     def complete_ok_text(self, text: str) -> bool:
-        return self._re.fullmatch(text) is not None
+        return self._match(text, partial=False)
+
+    def _match(self, text: str, partial: bool) -> bool:
+        try:
+            return self._re.fullmatch(text, partial=partial, timeout=self.timeout) is not None
+        except TimeoutError:
+            raise ConstraintTimeout(f"a regex check took over {self.timeout} s on {len(text)} characters "
+                                    f"(the pattern backtracks catastrophically)") from None
 
     def automaton(self) -> str | None:
         return self.pattern if self._automaton else None

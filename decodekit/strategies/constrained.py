@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from decodekit.constraints.awrs import NEG_INF, TokenDraw, check_all, masked_sample, recursive_awrs
-from decodekit.constraints.base import Constraint, TokenChecker
+from decodekit.constraints.base import Constraint, ConstraintTimeout, TokenChecker
 from decodekit.constraints.smc import RESAMPLERS, Particle, ess, log_mean_weight, normalized_weights, resample
 from decodekit.sampling import process_logits
 from decodekit.strategies.base import Proposal, Row, Strategy, next_logits
@@ -158,29 +158,41 @@ class Constrained(Strategy):
         out = {}
         for seq in seqs:
             st = self._state(engine, seq)
-            logits = logits_of[seq.seq_id]
-            track = st.track
-            final = len(seq.output_ids) >= seq.params.max_new_tokens - 1
-            if final and self.constraint.complete_ok(track.text):
-                out[seq.seq_id] = [Proposal(st.checker.eos_token(), logits)]  # complete: end it while we may
+            try:
+                proposals = self._single_step(engine, seq, st, logits_of[seq.seq_id])
+            except ConstraintTimeout as e:
+                self._fail(engine, seq, st, str(e))
                 continue
-            # the last token must complete the text (the engine then ends it with "length")
-            draw = self._draw(engine, seq, st, track, logits, final=final)
-            if draw.logw == NEG_INF:
-                why = ("max_new_tokens reached before the text could be completed" if final
-                       else "no token can continue the text under the constraint (dead end)")
-                self._fail(engine, seq, st, why)
-                continue
-            self._advance(engine, st, track, draw.token)
-            out[seq.seq_id] = [Proposal(draw.token, logits)]
+            if proposals is not None:
+                out[seq.seq_id] = proposals
         return out
+
+    def _single_step(self, engine, seq, st, logits) -> list[Proposal] | None:
+        """One token for one sequence, or None when it ends ``constraint_failed``."""
+        track = st.track
+        final = len(seq.output_ids) >= seq.params.max_new_tokens - 1
+        if final and self.constraint.complete_ok(track.text):
+            return [Proposal(st.checker.eos_token(), logits)]  # complete: end it while we may
+        # the last token must complete the text (the engine then ends it with "length")
+        draw = self._draw(engine, seq, st, track, logits, final=final)
+        if draw.logw == NEG_INF:
+            why = ("max_new_tokens reached before the text could be completed" if final
+                   else "no token can continue the text under the constraint (dead end)")
+            self._fail(engine, seq, st, why)
+            return None
+        self._advance(engine, st, track, draw.token)
+        return [Proposal(draw.token, logits)]
 
     # ---- SMC: particles inside the request, one answer at the end ---------------------------
     def _update_smc(self, engine, seqs):
         out = {}
         for seq in seqs:
             run = _own_state(seq).smc
-            self._smc_advance(engine, seq, run)
+            try:
+                self._smc_advance(engine, seq, run)
+            except ConstraintTimeout as e:
+                self._fail(engine, seq, _own_state(seq), str(e))
+                continue
             if all(not p.alive for p in run.particles):
                 proposals = self._smc_finish(engine, seq, run)
                 if proposals:

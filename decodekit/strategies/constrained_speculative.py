@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from decodekit.constraints.awrs import NEG_INF, check_all
+from decodekit.constraints.base import ConstraintTimeout
 from decodekit.constraints.forced import forced_tokens
 from decodekit.sampling import draw
 from decodekit.strategies.base import Proposal, Row
@@ -109,7 +110,10 @@ class ConstrainedSpeculative(Constrained):
 
     def _cut_sampled(self, seq, draft: Draft) -> Draft:
         st = _own_state(seq)
-        kept = self._admissible(st, st.track.text, st.track.fsa_state, draft.tokens, seq)[0]
+        try:
+            kept = self._admissible(st, st.track.text, st.track.fsa_state, draft.tokens, seq)[0]
+        except ConstraintTimeout:
+            kept = 0
         seq.state.own = kept
         if kept < len(draft.tokens):
             seq.state.cut_q = draft.q[kept]
@@ -123,7 +127,10 @@ class ConstrainedSpeculative(Constrained):
             state = seq.state
             draft, state.draft = state.draft, None
             st = _own_state(seq)
-            proposals, accepted, error = self._verify(engine, seq, st, draft, logits)
+            try:
+                proposals, accepted, error = self._verify(engine, seq, st, draft, logits)
+            except ConstraintTimeout as e:
+                proposals, accepted, error = [], 0, str(e)
             self.spec.settle(engine, seq, draft, accepted, drafted=min(state.own, len(draft.tokens)))
             structural = max(0, min(accepted, len(draft.tokens)) - state.own)
             state.forced += min(structural, state.num_forced)
@@ -135,7 +142,15 @@ class ConstrainedSpeculative(Constrained):
         return out
 
     def _admissible_draft(self, engine, seq, draft: Draft) -> Draft:
-        """The draft cut at the first token the constraint rejects, then the forced text after it."""
+        """The draft cut at the first token the constraint rejects, then the forced text after it (no draft
+        where a check runs out of time: the step's own draw meets it and ends the request)."""
+        try:
+            return self._cut_and_force(engine, seq, draft)
+        except ConstraintTimeout:
+            seq.state.own = seq.state.num_forced = 0
+            return draft.prefix(0)
+
+    def _cut_and_force(self, engine, seq, draft: Draft) -> Draft:
         st = _own_state(seq)
         kept, text, fsa = self._admissible(st, st.track.text, st.track.fsa_state, draft.tokens, seq)
         draft = draft.prefix(kept)
@@ -248,6 +263,12 @@ class ConstrainedSpeculative(Constrained):
         return rows
 
     def _particle_draft(self, engine, seq, st, p, ids: list[int]) -> list[int]:
+        try:
+            return self._particle_tokens(engine, seq, st, p, ids)
+        except ConstraintTimeout:
+            return []
+
+    def _particle_tokens(self, engine, seq, st, p, ids: list[int]) -> list[int]:
         room = min(MAX_DRAFT_TOKENS, seq.params.max_new_tokens - len(p.out) - 1)
         if room <= 0:
             return []

@@ -22,9 +22,10 @@ from servers.openai import errors, protocol
 from servers.openai import responses as R
 from servers.openai.calls import Call, ClientDisconnected
 from servers.openai.errors import APIError, bad_value
+from servers.openai.limits import Limits
 from servers.openai.metrics import Metrics
 from servers.openai.protocol import ChatCompletionRequest, CompletionRequest
-from servers.openai.strategies import StrategyCache
+from servers.openai.strategies import Models, StrategyCache
 from servers.openai.streaming import SSE_HEADERS, chat_stream, text_stream
 from servers.openai.worker import EngineWorker
 
@@ -35,16 +36,20 @@ class Server:
     """What the routes share: the model, the engine thread, counters and the strategy cache."""
 
     def __init__(self, llm, *, model_name: str | None, api_key: str | None, max_queue: int,
-                 default_max_tokens: int):
+                 default_max_tokens: int, models: dict | None = None, small_model: str | None = None,
+                 limits: Limits | None = None, metrics_auth: bool = False):
         if default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {default_max_tokens}")
         self.llm = llm
         self.model_name = model_name or llm.model_name.split(":")[0]
         self.api_key = api_key
+        self.metrics_auth = metrics_auth
         self.default_max_tokens = default_max_tokens
+        self.limits = limits or Limits()
         self.metrics = Metrics()
         self.worker = EngineWorker(llm, max_queue=max_queue, on_done=self._on_done)
-        self.strategies = StrategyCache(on_evict=self._forget_strategy)
+        self.models = Models(llm, models, small_model)
+        self.strategies = StrategyCache(on_evict=self._forget_strategy, models=self.models, limits=self.limits)
         self.created = int(time.time())
 
     @property
@@ -83,7 +88,8 @@ class Server:
 
 
 class Gate:
-    """Pure ASGI middleware: API-key check on /v1 routes and request counts by status."""
+    """Pure ASGI middleware: a request id (``X-Request-Id``, echoed), the API-key check on /v1 routes
+    (and /metrics with ``metrics_auth``), the body size limit (413) and request counts by status."""
 
     def __init__(self, app, server: Server):
         self.app = app
@@ -93,33 +99,98 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = [500]
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
-            if self.server.api_key and scope["path"].startswith("/v1") and not self._authorized(scope):
+            if self._needs_key(scope["path"]) and not self._authorized(scope):
                 error = APIError(401, "incorrect API key provided", code="invalid_api_key")
                 await error.response()(scope, receive, send_status)
                 return
-            await self.app(scope, receive, send_status)
+            limit = self.server.limits.max_body_bytes
+            body = await _read_body(receive, limit) if _content_length(scope) <= limit else None
+            if body is None:
+                await _too_large(limit)(scope, receive, send_status)
+                return
+            await self.app(scope, _replay(body, receive), send_status)
         finally:
             self.server.metrics.count_request(scope["path"], status[0])
 
+    def _needs_key(self, path: str) -> bool:
+        guarded = path.startswith("/v1") or (path == "/metrics" and self.server.metrics_auth)
+        return bool(self.server.api_key) and guarded
+
     def _authorized(self, scope) -> bool:
         headers = dict(scope.get("headers", []))
-        given = headers.get(b"authorization", b"").decode("latin-1")
-        key = given[7:].strip() if given.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode()
-        return hmac.compare_digest(key.encode(), self.server.api_key.encode())
+        given = headers.get(b"authorization", b"")
+        key = given[7:].strip() if given[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+        return hmac.compare_digest(key, self.server.api_key.encode())  # bytes: any header byte is just wrong
+
+
+def _request_id(scope) -> str:
+    """The client's ``X-Request-Id`` when it is short and printable, else a fresh one."""
+    given = dict(scope.get("headers", [])).get(b"x-request-id", b"")
+    if 0 < len(given) <= 64 and all(0x21 <= b < 0x7F for b in given):
+        return given.decode()
+    return uuid.uuid4().hex
+
+
+def _content_length(scope) -> int:
+    value = dict(scope.get("headers", [])).get(b"content-length", b"0")
+    return int(value) if value.isdigit() else 0
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole body, or None once it passes ``limit`` bytes (chunked, or lying about its length)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """``receive`` that hands the app the body read already, then the connection's own messages."""
+    sent = [False]
+
+    async def replay():
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _too_large(limit: int):
+    return APIError(413, f"request body is larger than {limit} bytes", code="body_too_large").response()
 
 
 def create_app(llm, *, model_name: str | None = None, api_key: str | None = None, max_queue: int = 256,
-               default_max_tokens: int = 256) -> FastAPI:
-    """The app around a loaded ``decodekit.LLM``; the engine thread runs while the app is up."""
+               default_max_tokens: int = 256, models: dict | None = None, small_model: str | None = None,
+               limits: Limits | None = None, metrics_auth: bool = False) -> FastAPI:
+    """The app around a loaded ``decodekit.LLM``; the engine thread runs while the app is up.
+
+    ``models``: {name: Backend} the operator allows requests to use as a draft or second model
+    (nothing else is ever loaded for a request); ``small_model``: the default small model of
+    entropy switching (one of ``models``); ``limits``: per-request bounds; ``metrics_auth``: /metrics
+    needs the API key too."""
     server = Server(llm, model_name=model_name, api_key=api_key, max_queue=max_queue,
-                    default_max_tokens=default_max_tokens)
+                    default_max_tokens=default_max_tokens, models=models, small_model=small_model, limits=limits,
+                    metrics_auth=metrics_auth)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -140,9 +211,13 @@ def create_app(llm, *, model_name: str | None = None, api_key: str | None = None
 def _routes(app: FastAPI, server: Server) -> None:
     @app.get("/health")
     async def health():
-        body = {"status": "ok" if server.worker.alive else "down", "model": server.model_name,
-                "queue_length": server.worker.queue_length, "running": server.worker.num_running}
-        return JSONResponse(body, status_code=200 if server.worker.alive else 503)
+        worker = server.worker
+        stuck = worker.step_running_for()
+        status = "down" if not worker.alive else "stalled" if stuck > server.limits.step_limit_s else "ok"
+        body = {"status": status, "model": server.model_name, "queue_length": worker.queue_length,
+                "running": worker.num_running, "last_step_s": round(worker.last_step_s, 4),
+                "step_running_s": round(stuck, 3)}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics():

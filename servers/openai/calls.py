@@ -11,8 +11,34 @@ import asyncio
 import time
 import uuid
 
-from servers.openai.errors import APIError
+from servers.openai.errors import APIError, bad_value
 from servers.openai.worker import QueueFull, Submission
+
+
+def encode(server, prompt) -> tuple[str, list[int]]:
+    """(text, token ids) of one prompt: text, chat messages or token ids; 400 / 413 for bad input."""
+    llm = server.llm
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        vocab = llm.engine.backend.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise bad_value(f"prompt token ids must be in [0, {vocab})", "prompt")
+        return llm.engine.tokenizer.decode(prompt), list(prompt)
+    texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+    param = "prompt" if isinstance(prompt, str) else "messages"
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise bad_value(f"{param} is not valid Unicode text: {e.reason} at character {e.start}", param) from None
+    chars = sum(len(t) for t in texts)
+    limit = llm.engine.backend.max_context * 32  # no tokenizer packs 32 characters per token: over the context
+    if chars > limit:
+        raise APIError(413, f"prompt has {chars} characters, far over the model's context of "
+                            f"{llm.engine.backend.max_context} tokens", param=param, code="context_length_exceeded")
+    try:
+        return llm.encode_prompt(prompt)
+    except ValueError as e:
+        raise bad_value(str(e), param) from None
 
 
 class ClientDisconnected(Exception):
@@ -39,10 +65,14 @@ class Call:
         self.cancelled = False
 
     async def start(self) -> None:
-        """Submit every prompt and wait until each is tokenized and queued; raises ``APIError``."""
+        """Tokenize every prompt (here, off the engine thread), submit them and wait until each is
+        queued; raises ``APIError``."""
         worker = self.server.worker
         if not worker.alive:
             raise APIError(503, "the engine is not running", code="engine_unavailable")
+        encoded = await asyncio.to_thread(lambda: [encode(self.server, sub.prompt) for sub in self.subs])
+        for sub, prompt in zip(self.subs, encoded):
+            sub.prompt = prompt
         try:
             for sub in self.subs:
                 worker.submit(sub)

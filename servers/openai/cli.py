@@ -6,6 +6,8 @@ import os
 
 
 def add_serve(sub) -> None:
+    from servers.openai.limits import Limits
+
     p = sub.add_parser("serve", help="OpenAI-compatible local server with continuous batching")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
@@ -24,6 +26,14 @@ def add_serve(sub) -> None:
                    '\'{"tensor_parallel_size": 2, "max_model_len": 4096}\'')
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--draft-model", action="append", default=[], metavar="NAME",
+                   help="a draft model requests may name (decodekit.draft); loaded at start, repeatable")
+    p.add_argument("--small-model", default=None, metavar="NAME",
+                   help="the small model of entropy switching (decodekit.strategy 'entropy'); loaded at start")
+    p.add_argument("--allow-models", default="", metavar="A,B",
+                   help="more models requests may name as a draft or second model; loaded at start")
+    p.add_argument("--metrics-auth", action="store_true", help="/metrics needs the API key too")
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes, help="request body limit (413)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
 
@@ -32,7 +42,9 @@ def _serve(args) -> int:
     import uvicorn
 
     from decodekit.api import LLM
+    from decodekit.models import load_backend
     from servers.openai.app import create_app
+    from servers.openai.limits import Limits
 
     if args.threads:
         import torch
@@ -45,8 +57,15 @@ def _serve(args) -> int:
         raise ValueError("--engine-args must be a JSON object and needs --backend vllm")
     llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, cache_tokens=args.cache_tokens,
               max_batch_size=args.max_batch_size, **engine_args)
+    names = [*args.draft_model, *([args.small_model] if args.small_model else []),
+             *(n for n in args.allow_models.split(",") if n)]
+    models = {name: load_backend(name, dtype=args.dtype or "float32", device=args.device,
+                                 cache_tokens=args.cache_tokens) for name in dict.fromkeys(names)}
     app = create_app(llm, model_name=args.served_model_name or args.model, api_key=args.api_key,
-                     max_queue=args.max_queue, default_max_tokens=args.default_max_tokens)
-    print(f"decodekit: serving {args.served_model_name or args.model} at http://{args.host}:{args.port}/v1", flush=True)
+                     max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, models=models,
+                     small_model=args.small_model, metrics_auth=args.metrics_auth,
+                     limits=Limits(max_body_bytes=args.max_body_bytes))
+    print(f"decodekit: serving {args.served_model_name or args.model} at http://{args.host}:{args.port}/v1"
+          + (f" (requests may also name: {', '.join(models)})" if models else ""), flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -75,8 +75,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+        request_id = getattr(request.state, "request_id", "-")
+        log.exception("unhandled error on %s (request id %s)", request.url.path, request_id)
+        return APIError(500, f"internal server error (request id {request_id}; see the server log)").response()
 
 
 def validation_error(errors) -> APIError:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from decodekit.types import SamplingParams
 from servers.openai.errors import APIError, bad_value, param_of
+from servers.openai.limits import Limits
 
 MAX_N = 64
 MAX_LOGPROBS = 20
@@ -94,6 +95,9 @@ class ChatCompletionRequest(_Sampling):
 
 
 # ---- checks -------------------------------------------------------------------------------------
+MAX_PROMPTS = Limits.max_prompts
+
+
 def check_common(body: _Sampling) -> None:
     """Value checks shared by both endpoints (400 naming the OpenAI parameter)."""
     if not 1 <= body.n <= MAX_N:
@@ -164,6 +168,8 @@ def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
         prompts = list(p)
     if not prompts or any(len(x) == 0 for x in prompts):
         raise bad_value("prompt must not be empty", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_value(f"prompt holds {len(prompts)} prompts; the limit is {MAX_PROMPTS} per call", "prompt")
     return prompts
 
 

@@ -1,7 +1,9 @@
 """Per-request strategy choice: the ``decodekit`` body field and ``response_format``.
 
-Strategy instances are cached per option set, so a draft model loads once and every request with
-the same options shares one instance (the engine batches sequences per strategy instance).
+Strategy instances are cached per option set (the engine batches sequences per instance). Models
+are the operator's choice: request options name a draft source or a second model only among those
+the server was started with (``Models``), never a path or a hub id, and each model or draft copy is
+built once and shared by every strategy instance, so distinct option sets cost no model memory.
 """
 
 from __future__ import annotations
@@ -14,8 +16,76 @@ from typing import Any
 from decodekit.api import NO_CONSTRAINT_COMPOSITION
 from decodekit.strategies import by_name
 from servers.openai.errors import APIError, bad_value
+from servers.openai.limits import Limits, check_nesting
 
 MAX_CACHED = 64
+BUILTIN_DRAFTS = ("ngram", "forced", "int8", "head")
+
+
+class Models:
+    """The models a server may use beyond its own: named at start (``--draft-model``, ``--small-model``,
+    ``--allow-models``), loaded there; plus shared draft sources built once on first use."""
+
+    def __init__(self, llm, extra: dict | None = None, small: str | None = None):
+        self.llm = llm
+        self.extra = dict(extra or {})  # name -> Backend
+        self.small = small
+        self._drafters: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.extra)
+
+    def backend(self, name, param: str):
+        """The served model (its name stays a name) or an operator's model; 400 for anything else."""
+        main = self.llm.backend
+        if not isinstance(name, str):
+            raise bad_value(f"{param} must be a model name", param)
+        if name in (main.name, main.name.rsplit(":", 1)[0], self.llm.model_name):
+            return name
+        if name in self.extra:
+            return self.extra[name]
+        raise bad_value(f"model {name!r} is not served here; {param} may name {self._allowed()} "
+                        "(the operator adds models with --draft-model / --small-model / --allow-models)", param)
+
+    def drafter(self, spec, options: dict):
+        """A shared ``Drafter`` for a request's ``draft`` option; 400 for an unknown source."""
+        from decodekit.strategies.drafters import Drafter, LookupThenModel, NgramDrafter
+
+        if not isinstance(spec, str):
+            raise bad_value("decodekit.draft must be a string", "decodekit.draft")
+        if spec in ("ngram", "forced"):
+            return spec  # stateless: the strategy builds it with the request's n-gram options
+        if spec.startswith("ngram+"):
+            model = self._shared(spec.removeprefix("ngram+"))
+            ngram = {k: options[k] for k in ("max_ngram", "min_ngram") if k in options}
+            lookup = NgramDrafter(ngram.get("max_ngram", 3), ngram.get("min_ngram", 1),
+                                  tuple(options.get("match_caps", (1, 3))))
+            return LookupThenModel(lookup, model)
+        drafter = self._shared(spec)
+        assert isinstance(drafter, Drafter)
+        return drafter
+
+    def _shared(self, spec: str):
+        from decodekit.strategies.speculative import make_drafter
+
+        if spec not in ("int8", "head") and spec not in self.extra:
+            raise bad_value(f"draft {spec!r} is not available; choose one of {self._drafts()}", "decodekit.draft")
+        with self._lock:
+            if spec not in self._drafters:
+                source = self.extra.get(spec, spec)
+                try:
+                    self._drafters[spec] = make_drafter(source, self.llm.backend)
+                except ValueError as e:
+                    raise bad_value(f"draft {spec!r}: {e}", "decodekit.draft") from None
+            return self._drafters[spec]
+
+    def _allowed(self) -> list[str]:
+        return [self.llm.model_name, *self.names]
+
+    def _drafts(self) -> list[str]:
+        return [*BUILTIN_DRAFTS, *self.names, *(f"ngram+{n}" for n in ("int8", "head", *self.names))]
 
 
 def json_constraint_available() -> bool:
@@ -31,11 +101,14 @@ def json_constraint_available() -> bool:
 class StrategyCache:
     """Builds and caches strategies; thread-safe (built off the event loop: loading can be slow)."""
 
-    def __init__(self, on_evict=None, max_cached: int = MAX_CACHED):
+    def __init__(self, on_evict=None, max_cached: int = MAX_CACHED, models: Models | None = None,
+                 limits: Limits | None = None):
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._on_evict = on_evict
         self.max_cached = max_cached
+        self.models = models
+        self.limits = limits or Limits()
 
     def resolve(self, options: dict | None, response_format=None, guided: dict | None = None):
         """The strategy for a request (None: the engine default). Raises ``APIError`` 400.
@@ -46,19 +119,45 @@ class StrategyCache:
         if not isinstance(options.get("strategy", ""), str):
             raise bad_value("decodekit.strategy must be a string", "decodekit.strategy")
         name = options.pop("strategy", None)
-        spec = constraint_spec(response_format, guided)
+        self._check_options(options)
+        spec = constraint_spec(response_format, guided, self.limits)
         if spec is not None:
             if name not in (None, "constrained", "speculative"):
                 why = NO_CONSTRAINT_COMPOSITION.get(name, "")
                 raise bad_value(f"constrained output composes with decodekit.strategy 'constrained' or 'speculative', "
                                 f"got {name!r}" + (f" ({why})" if why else ""), "decodekit.strategy")
             speculative = name == "speculative"
-            return self._get((name or "constrained", spec, options), lambda: _constrained(spec, options, speculative))
+            return self._get((name or "constrained", spec, options),
+                             lambda: _constrained(spec, self._with_models("speculative", options) if speculative
+                                                  else options, speculative, self.limits))
         if name is None:
             if options:
                 raise bad_value(f"decodekit options {sorted(options)} need a decodekit.strategy", "decodekit")
             return None
-        return self._get((name, options), lambda: _named(name, options))
+        return self._get((name, options), lambda: _named(name, self._with_models(name, options)))
+
+    def _check_options(self, options: dict) -> None:
+        particles = options.get("num_particles", 1)
+        if isinstance(particles, int) and not isinstance(particles, bool) and particles > self.limits.max_particles:
+            raise bad_value(f"num_particles is at most {self.limits.max_particles} on this server", "decodekit")
+
+    def _with_models(self, name: str, options: dict) -> dict:
+        """Options with model names replaced by the server's own (shared) backends and drafters."""
+        if self.models is None:
+            return options
+        options = dict(options)
+        if name == "speculative":
+            options["draft"] = self.models.drafter(options.get("draft", "ngram"), options)
+        elif name == "entropy":
+            for role in ("small", "large"):
+                if options.get(role) is not None:
+                    options[role] = self.models.backend(options[role], f"decodekit.{role}")
+            if options.get("small") is None and options.get("large") is None:
+                if self.models.small is None:
+                    raise bad_value("entropy switching needs a second model: start the server with --small-model "
+                                    "NAME, or name one with decodekit.small / decodekit.large", "decodekit.strategy")
+                options["small"] = self.models.backend(self.models.small, "decodekit.small")
+        return options
 
     def _get(self, key, build):
         text = json.dumps(key, sort_keys=True, default=str)
@@ -84,8 +183,10 @@ def _named(name: str, options: dict):
         raise bad_value(f"strategy {name!r}: {e}", "decodekit") from None
 
 
-def constraint_spec(response_format, guided: dict | None) -> tuple[str, object] | None:
-    """(kind, value) of the one constraint a request asks for, or None; 400 for two or an invalid schema."""
+def constraint_spec(response_format, guided: dict | None, limits: Limits | None = None) -> tuple[str, object] | None:
+    """(kind, value) of the one constraint a request asks for, or None; 400 for two, an invalid schema
+    or one past the server's limits."""
+    limits = limits or Limits()
     specs = [(k, v) for k, v in (guided or {}).items() if v is not None]
     schema = json_schema_of(response_format)
     if schema is not None:
@@ -95,9 +196,29 @@ def constraint_spec(response_format, guided: dict | None) -> tuple[str, object] 
     if not specs:
         return None
     kind, value = specs[0]
+    _check_size(kind, value, limits)
     if kind == "json":
         value = _parse_schema(value)
     return kind, value
+
+
+def _check_size(kind: str, value, limits: Limits) -> None:
+    if kind == "json":
+        text = value if isinstance(value, str) else json.dumps(value)
+        if len(text) > limits.max_schema_bytes:
+            raise bad_value(f"JSON schema has {len(text)} characters; the limit is {limits.max_schema_bytes}",
+                            "response_format")
+        check_nesting(value, limits.max_schema_depth, "response_format")
+    elif kind == "choice":
+        if isinstance(value, list) and len(value) > limits.max_choices:
+            raise bad_value(f"guided_choice has {len(value)} options; the limit is {limits.max_choices}",
+                            "guided_choice")
+        if isinstance(value, list) and any(isinstance(o, str) and len(o) > limits.max_choice_chars for o in value):
+            raise bad_value(f"guided_choice options are at most {limits.max_choice_chars} characters", "guided_choice")
+    elif kind in ("regex", "grammar") and isinstance(value, str):
+        limit = limits.max_pattern_chars if kind == "regex" else limits.max_grammar_chars
+        if len(value) > limit:
+            raise bad_value(f"guided_{kind} has {len(value)} characters; the limit is {limit}", f"guided_{kind}")
 
 
 def json_schema_of(response_format) -> dict | None:
@@ -130,7 +251,7 @@ def _parse_schema(schema) -> dict:
 CONSTRAINED_OPTIONS = ("sampler", "num_particles", "ess_threshold", "resampling", "exact_weights")
 
 
-def _constrained(spec: tuple[str, object], options: dict, speculative: bool = False):
+def _constrained(spec: tuple[str, object], options: dict, speculative: bool = False, limits: Limits | None = None):
     if not json_constraint_available():
         raise APIError(400, "constrained output (response_format json, guided_*) needs decodekit.constraints, "
                             "which this build lacks", param="response_format", code="unsupported")
@@ -138,10 +259,15 @@ def _constrained(spec: tuple[str, object], options: dict, speculative: bool = Fa
     from decodekit.strategies.constrained import Constrained
 
     kind, value = spec
-    builders = {"json": C.JsonSchema, "regex": C.Regex, "choice": C.OneOf, "grammar": C.Grammar}
+    limits = limits or Limits()
+    builders = {"json": C.JsonSchema, "regex": lambda v: C.Regex(v, timeout=limits.check_timeout_s),
+                "choice": C.OneOf, "grammar": C.Grammar}
     options = {"sampler": "awrs", **options}
     try:
         constraint = builders[kind](value)
+        if options["sampler"] == "masked" and constraint.automaton() is None:
+            raise bad_value(f"sampler 'masked' checks every token of the vocabulary per step; a {kind} constraint "
+                            "without an automaton would stall the server: use sampler 'awrs'", "decodekit.sampler")
         if speculative:  # the constraint's options to it, the rest to the draft source
             from decodekit.strategies.constrained_speculative import ConstrainedSpeculative
             from decodekit.strategies.speculative import Speculative

@@ -47,6 +47,7 @@ class Submission:
     prompt_text: str = ""
     request: Any = None
     waiting: bool = True
+    running: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
 
     def send(self, kind: str, payload=None) -> None:
@@ -78,6 +79,9 @@ class EngineWorker:
         self._active: dict[str, Submission] = {}
         self._lock = threading.Lock()
         self._num_waiting = 0
+        self._num_running = 0  # written by the engine thread only: never negative
+        self.step_started: float | None = None  # perf_counter at the start of the step in flight
+        self.last_step_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="decodekit-engine", daemon=True)
 
@@ -101,7 +105,12 @@ class EngineWorker:
 
     @property
     def num_running(self) -> int:
-        return len(self._active) - self._num_waiting
+        return self._num_running
+
+    def step_running_for(self) -> float:
+        """Seconds the step in flight has run (0 between steps)."""
+        started = self.step_started
+        return 0.0 if started is None else time.perf_counter() - started
 
     def submit(self, sub: Submission) -> None:
         """Queue a submission; raises ``QueueFull`` when ``max_queue`` requests already wait."""
@@ -165,15 +174,17 @@ class EngineWorker:
         except ValueError as e:
             self._reject(sub, bad_value(str(e)))
             return
-        except Exception as e:
+        except Exception:
             log.exception("could not add request %s", sub.request_id)
-            self._reject(sub, APIError(500, f"could not start the request: {type(e).__name__}: {e}"))
+            self._reject(sub, APIError(500, f"could not start the request (request id {sub.request_id})"))
             return
         sub.prompt_text = text
         self._active[sub.request_id] = sub
         sub.send("accepted", list(ids))
 
     def _encode(self, prompt) -> tuple[str, list[int]]:
+        if isinstance(prompt, tuple):  # tokenized on the request side (calls.Call.start)
+            return prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             vocab = self.engine.backend.vocab_size
             if any(not 0 <= t < vocab for t in prompt):
@@ -189,7 +200,7 @@ class EngineWorker:
         sub = self._active.pop(request_id, None)
         if sub is None:
             return
-        self._leave_waiting(sub)
+        self._left(sub)
         self._engine_abort(request_id)
         self.stats.num_aborted += 1
 
@@ -201,20 +212,34 @@ class EngineWorker:
             sub.waiting = False
             with self._lock:
                 self._num_waiting -= 1
+            if sub.request_id in self._active:  # admitted into the batch
+                self._num_running += 1
+                sub.running = True
+
+    def _left(self, sub: Submission) -> None:
+        """``sub`` leaves the batch (done, aborted or failed)."""
+        self._leave_waiting(sub)
+        if sub.running:
+            sub.running = False
+            self._num_running -= 1
 
     def _step(self) -> None:
+        self.step_started = time.perf_counter()
         try:
             events = self.engine.step()
         except StepError as e:  # one strategy failed: its requests end with a 500, the others go on
-            log.error("%s", e, exc_info=e.__cause__)
+            log.error("%s (requests %s)", e, e.request_ids, exc_info=e.__cause__)
             self.stats.num_failed_steps += 1
-            self._fail(e.request_ids, APIError(500, f"request failed: {e.__cause__!r}"))
+            self._fail(e.request_ids, APIError(500, "the request failed inside the engine (see the server log)"))
             events = e.events
-        except Exception as e:
+        except Exception:
             log.exception("engine step failed; failing the running requests")
             self.stats.num_failed_steps += 1
-            self._fail_all(APIError(500, f"engine step failed: {type(e).__name__}: {e}"))
+            self._fail_all(APIError(500, "an engine step failed (see the server log)"))
             return
+        finally:
+            self.last_step_s = time.perf_counter() - self.step_started
+            self.step_started = None
         running = len(self.engine.running)
         self.stats.num_steps += 1
         self.stats.num_step_seqs += running
@@ -230,6 +255,7 @@ class EngineWorker:
             if sub.waiting and sub.request.seqs:
                 self._leave_waiting(sub)
             if sub.request.finished:
+                self._left(sub)
                 del self._active[request_id]
                 completion = self.engine.pop_completion(request_id)
                 if self._on_done is not None:
@@ -245,7 +271,7 @@ class EngineWorker:
             sub = self._active.pop(request_id, None)
             if sub is None:
                 continue
-            self._leave_waiting(sub)
+            self._left(sub)
             try:
                 self._engine_abort(request_id)
             except Exception:
