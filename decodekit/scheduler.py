@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 WATERMARK_FRACTION = 0.01  # of the pool, kept free at admission (vLLM keeps 1%)
 MIN_WATERMARK = 8
-IDLE_PREFILL_TOKENS = 4096  # prefill budget of a step in which no sequence is decoding
+IDLE_PREFILL_TOKENS = 4096  # prefill budget of a step in which no sequence is decoding (``idle_prefill_tokens``)
 MIN_CHUNK = 16  # a prefilling sequence advances at least this much per step
 
 
@@ -34,6 +34,8 @@ class Scheduler:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        # a server lowers this: a request arriving during an idle prefill step waits for that whole step
+        self.idle_prefill_tokens = IDLE_PREFILL_TOKENS
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # admitted and not finished, in admission order
         self.num_preemptions = 0
@@ -59,24 +61,27 @@ class Scheduler:
         return [s for r in self.active for s in r.live_seqs]
 
     def prefill_chunks(self) -> list[tuple[Sequence, list[int]]]:
-        """(sequence, token ids) to prefill this step, oldest admission first, within the budget.
+        """(sequence, token ids) to prefill this step within the budget, the fewest remaining tokens first.
 
         The budget protects sequences that are decoding; when none is, prefill runs in big chunks. A
         chunk deep in a long prompt also attends to every earlier token, so the budget counts each
-        token at 1 + ``key_cost`` x its context (the backend's attention cost per key)."""
+        token at 1 + ``key_cost`` x its context (the backend's attention cost per key). Short prompts
+        go first, so a long prompt being prefilled never holds a short request's first token back;
+        every prefilling sequence still advances at least ``MIN_CHUNK`` tokens per step."""
         seqs = self.live_seqs()
         decoding = any(s.status is SeqStatus.RUNNING for s in seqs)
-        budget = float(self.max_prefill_tokens if decoding else max(self.max_prefill_tokens, IDLE_PREFILL_TOKENS))
-        key_cost = float(getattr(self.engine.backend, "key_cost", 0.0)) if decoding else 0.0
+        budget = float(self.max_prefill_tokens if decoding else max(self.max_prefill_tokens, self.idle_prefill_tokens))
+        key_cost = float(getattr(self.engine.backend, "key_cost", 0.0))
+        prefilling = sorted((s for s in seqs if s.status is SeqStatus.PREFILLING),
+                            key=lambda s: len(s.ids) - len(s.handle))
         out = []
-        for seq in seqs:
-            if seq.status is SeqStatus.PREFILLING and budget >= 1:
-                start = len(seq.handle)
-                per_token = 1.0 + key_cost * start
-                n = max(min(MIN_CHUNK, self.max_prefill_tokens), int(budget / per_token))
-                ids = seq.ids[start : start + n]
-                budget -= len(ids) * per_token
-                out.append((seq, ids))
+        for seq in prefilling:
+            start = len(seq.handle)
+            per_token = 1.0 + key_cost * start
+            n = max(min(MIN_CHUNK, self.max_prefill_tokens), int(max(budget, 0.0) / per_token))
+            ids = seq.ids[start : start + n]
+            budget -= len(ids) * per_token
+            out.append((seq, ids))
         return out
 
     # ---- preemption -------------------------------------------------------------------------

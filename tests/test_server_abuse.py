@@ -61,9 +61,11 @@ def expect(response: httpx.Response, status: int, *, words: str = "") -> dict:
     return body
 
 
-def test_catastrophic_regex_ends_the_request_not_the_engine(srv):
+@pytest.mark.parametrize("constraint", [{"guided_regex": "(?=a{12})(a|a|a|a)+b"},
+                                        {"guided_grammar": "start: WORD\nWORD: /(?=a{12})(a|a|a|a)+b/"}])
+def test_catastrophic_regex_ends_the_request_not_the_engine(srv, constraint):
     t0 = time.monotonic()
-    r = post(srv, {"guided_regex": "(?=a{12})(a|a|a|a)+b", "max_tokens": 16, "temperature": 0})
+    r = post(srv, {**constraint, "max_tokens": 24, "temperature": 0})
     body = expect(r, 200)
     assert time.monotonic() - t0 < 20
     assert body["choices"][0]["finish_reason"] == "constraint_failed"

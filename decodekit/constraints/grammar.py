@@ -12,7 +12,8 @@ from collections import OrderedDict
 
 import regex as re
 
-from decodekit.constraints.base import Constraint
+from decodekit.constraints.base import Constraint, ConstraintTimeout
+from decodekit.constraints.regex import CHECK_TIMEOUT
 
 _MEMO = 50_000
 
@@ -20,12 +21,14 @@ _MEMO = 50_000
 class Grammar(Constraint):
     """``Grammar(lark_text, start="start")``: the output parses under the grammar.
 
-    The grammar must be LALR(1) with Lark's basic lexer; ``ValueError`` otherwise.
+    The grammar must be LALR(1) with Lark's basic lexer; ``ValueError`` otherwise. Terminals are
+    matched with the ``regex`` module under ``timeout`` seconds per match (a terminal such as
+    ``/(a|a)+b/`` backtracks exponentially): past it a check raises ``ConstraintTimeout``.
     """
 
     name = "grammar"
 
-    def __init__(self, lark_text: str, *, start: str = "start"):
+    def __init__(self, lark_text: str, *, start: str = "start", timeout: float | None = CHECK_TIMEOUT):
         super().__init__()
         import lark
 
@@ -33,12 +36,15 @@ class Grammar(Constraint):
             raise ValueError("lark_text must be a non-empty Lark grammar string")
         self.lark_text = lark_text
         try:
-            self._lark = lark.Lark(lark_text, parser="lalr", lexer="basic", start=start)
+            self._lark = lark.Lark(lark_text, parser="lalr", lexer="basic", start=start, regex=True)
         except Exception as e:  # lark's GrammarError, ConfigurationError, ...
             raise ValueError(f"grammar does not compile (LALR, basic lexer): {e}") from None
+        self.timeout = timeout
         self._lexer = self._lark._build_lexer()  # Lark.lex would rebuild it on every call
+        scanner = self._lexer.scanner
+        scanner._mres = [_Timed(m, timeout) for m in scanner._mres]
         self._errors = (lark.exceptions.UnexpectedInput, lark.exceptions.LarkError)
-        self._terminals = {t.name: re.compile(t.pattern.to_regexp()) for t in self._lark.terminals}
+        self._terminals = {t.name: _Timed(re.compile(t.pattern.to_regexp()), timeout) for t in self._lark.terminals}
         self._parsers: OrderedDict[tuple, object] = OrderedDict()
         self._complete: OrderedDict[str, bool] = OrderedDict()
         self._accepts: OrderedDict[tuple, frozenset] = OrderedDict()
@@ -52,13 +58,22 @@ class Grammar(Constraint):
 
     def complete_ok_text(self, text: str) -> bool:
         if text not in self._complete:
-            try:
-                self._lark.parse(text)
-                ok = True
-            except self._errors:
-                ok = False
-            _remember(self._complete, text, ok)
+            _remember(self._complete, text, self._parses(text))
         return self._complete[text]
+
+    def _parses(self, text: str) -> bool:
+        """The whole text lexes (with the timed lexer) and the tokens parse to the end."""
+        tokens, stop = self._lex(text)
+        if stop != len(text):
+            return False
+        parser = self._parser(tuple((t.type, str(t)) for t in tokens), tokens)
+        if parser is None:
+            return False
+        try:
+            parser.copy().feed_eof()
+        except self._errors:
+            return False
+        return True
 
     def _lex(self, text: str) -> tuple[list, int]:
         """Tokens lexed before the first lexing error, and where lexing stopped."""
@@ -100,6 +115,29 @@ class Grammar(Constraint):
                 parser = None
             _remember(self._parsers, key[: i + 1], parser)
         return parser
+
+
+class _Timed:
+    """A compiled ``regex`` pattern whose matches stop after ``timeout`` seconds (``ConstraintTimeout``)."""
+
+    def __init__(self, pattern, timeout: float | None):
+        self._pattern, self._timeout = pattern, timeout
+
+    def match(self, text, pos=0, endpos=None):
+        return self._call("match", text, pos, len(text) if endpos is None else endpos)
+
+    def fullmatch(self, text, pos=0, endpos=None, partial=False):
+        return self._call("fullmatch", text, pos, len(text) if endpos is None else endpos, partial=partial)
+
+    def _call(self, name, text, pos, endpos, **kw):
+        try:
+            return getattr(self._pattern, name)(text, pos, endpos, timeout=self._timeout, **kw)
+        except TimeoutError:
+            raise ConstraintTimeout(f"a grammar terminal took over {self._timeout} s to match {endpos - pos} "
+                                    "characters (the terminal's pattern backtracks catastrophically)") from None
+
+    def __getattr__(self, name):
+        return getattr(self._pattern, name)
 
 
 def _remember(memo: OrderedDict, key, value) -> None:

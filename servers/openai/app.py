@@ -47,6 +47,9 @@ class Server:
         self.default_max_tokens = default_max_tokens
         self.limits = limits or Limits()
         self.metrics = Metrics()
+        scheduler = getattr(llm.engine, "scheduler", None)
+        if scheduler is not None:  # requests arrive at any time: no idle step may prefill a whole long prompt
+            scheduler.idle_prefill_tokens = scheduler.max_prefill_tokens
         self.worker = EngineWorker(llm, max_queue=max_queue, on_done=self._on_done)
         self.models = Models(llm, models, small_model)
         self.strategies = StrategyCache(on_evict=self._forget_strategy, models=self.models, limits=self.limits)

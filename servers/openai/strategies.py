@@ -127,14 +127,27 @@ class StrategyCache:
                 raise bad_value(f"constrained output composes with decodekit.strategy 'constrained' or 'speculative', "
                                 f"got {name!r}" + (f" ({why})" if why else ""), "decodekit.strategy")
             speculative = name == "speculative"
+            own = self._with_models("speculative", options) if speculative else options
             return self._get((name or "constrained", spec, options),
-                             lambda: _constrained(spec, self._with_models("speculative", options) if speculative
-                                                  else options, speculative, self.limits))
+                             lambda: self._prepared(_constrained(spec, own, speculative, self.limits)))
         if name is None:
             if options:
                 raise bad_value(f"decodekit options {sorted(options)} need a decodekit.strategy", "decodekit")
             return None
         return self._get((name, options), lambda: _named(name, self._with_models(name, options)))
+
+    def _prepared(self, strategy):
+        """Build the constraint's automata here, off the engine thread (a JSON schema's byte automaton
+        and token index take seconds), instead of at the request's first step."""
+        constraint = strategy.constraint
+        tokenizer = self.models.llm.tokenizer if self.models is not None else None
+        try:
+            constraint.byte_dfa()
+            if tokenizer is not None and strategy._uses_index():
+                constraint.index(tokenizer)
+        except ValueError as e:
+            raise bad_value(f"constraint does not compile: {e}", "response_format") from None
+        return strategy
 
     def _check_options(self, options: dict) -> None:
         particles = options.get("num_particles", 1)
@@ -261,7 +274,7 @@ def _constrained(spec: tuple[str, object], options: dict, speculative: bool = Fa
     kind, value = spec
     limits = limits or Limits()
     builders = {"json": C.JsonSchema, "regex": lambda v: C.Regex(v, timeout=limits.check_timeout_s),
-                "choice": C.OneOf, "grammar": C.Grammar}
+                "choice": C.OneOf, "grammar": lambda v: C.Grammar(v, timeout=limits.check_timeout_s)}
     options = {"sampler": "awrs", **options}
     try:
         constraint = builders[kind](value)
