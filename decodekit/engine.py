@@ -163,7 +163,7 @@ class Engine:
                    for key, (strategy, seqs) in groups.items() if strategy.shares_forward}
         self.run_rows(prefills + [r for rows in planned.values() if rows for r in rows])
         self._finish_prefills(prefills)
-        events: list[TokenEvent] = []
+        events: list[TokenEvent] = self._first_tokens(prefills, failed)
         for key, (strategy, seqs) in groups.items():
             seqs = [s for s in seqs if not s.finished]
             if not seqs or (strategy.shares_forward and planned[key] is None):
@@ -179,6 +179,26 @@ class Engine:
             ids = sorted(failed)
             raise StepError(f"strategy step failed ({type(error).__name__}: {error}); aborted requests {ids}",
                             ids, events) from error
+        return events
+
+    def _first_tokens(self, prefills: list[Row], failed: dict) -> list[TokenEvent]:
+        """Sequences whose prefill completed in this step take their first token now, from the prefill's
+        logits, where their strategy needs no forward for it (``Strategy.first_token_from_prefill``):
+        a short request arriving beside a long prompt is done a step sooner."""
+        groups: dict[int, tuple[Strategy, list[Sequence]]] = {}
+        for row in prefills:
+            for seq in row.seq.request.seqs:
+                strategy = seq.request.strategy
+                ready = seq.status is SeqStatus.RUNNING and seq.next_logits is not None
+                if ready and strategy.first_token_from_prefill:
+                    group = groups.setdefault(id(strategy), (strategy, []))[1]
+                    if seq not in group:
+                        group.append(seq)
+        events = []
+        for strategy, seqs in groups.values():
+            proposals = self._guard(failed, seqs, strategy.update, self, seqs, [])
+            for seq in seqs if proposals is not None else ():
+                events.extend(self._append(seq, proposals.get(seq.seq_id, [])))
         return events
 
     def _groups(self) -> dict[int, tuple[Strategy, list[Sequence]]]:

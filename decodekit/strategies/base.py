@@ -51,6 +51,9 @@ class Row:
 class Strategy:
     name = "strategy"
     preemptible = True  # False: admission reserves the worst case and the scheduler never preempts it
+    # True: ``update(engine, seqs, [])`` turns ready next-token logits into the first token, so the engine
+    # calls it in the step a prefill completes (plain sampling, one-particle constrained decoding)
+    first_token_from_prefill = False
 
     def attach(self, engine: Engine) -> None:
         """Called once per engine before the first request: load extra models, check tokenizers."""

@@ -86,6 +86,10 @@ class Constrained(Strategy):
         self._invalid: dict[tuple, torch.Tensor] = {}
 
     # ---- engine hooks ---------------------------------------------------------------------
+    @property
+    def first_token_from_prefill(self) -> bool:
+        return self.num_particles == 1 and type(self) is Constrained  # drafting variants plan a verify row
+
     def validate(self, request) -> None:
         if not request.tokenizer.eos_token_ids:
             raise ValueError("constrained decoding needs a tokenizer with an EOS token")

@@ -12,6 +12,7 @@ class Sample(Strategy):
     """One token per sequence per step, all rows drawn by one batched sampler call on the model's device."""
 
     name = "sample"
+    first_token_from_prefill = True
 
     def update(self, engine, seqs, rows):
         logits = next_logits(seqs, rows)
