@@ -140,7 +140,10 @@ class StrategyCache:
         """Build the constraint's automata here, off the engine thread (a JSON schema's byte automaton
         and token index take seconds), instead of at the request's first step."""
         constraint = strategy.constraint
-        tokenizer = self.models.llm.tokenizer if self.models is not None else None
+        llm = self.models.llm if self.models is not None else None
+        if llm is not None and not hasattr(llm.engine, "scheduler"):
+            return strategy  # a request-level engine (vLLM) compiles its own structured outputs
+        tokenizer = llm.tokenizer if llm is not None else None
         try:
             constraint.byte_dfa()
             if tokenizer is not None and strategy._uses_index():
