@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from test_server import assert_cache_clean
 
 from decodekit.api import LLM
 from servers.openai.app import ServerThread, create_app
@@ -202,15 +203,6 @@ def test_health_metrics_and_half_disconnecting_streams(srv):
 
 def test_after_everything_the_server_answers_the_same(srv):
     assert _greedy(srv.url) == srv.baseline
-    deadline = time.monotonic() + 60
-    while srv.worker._active and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-    def check(engine):
-        cache = engine.backend.cache
-        cache.check_integrity()
-        return cache.num_open_handles, len(engine.running), len(engine.waiting)
-
-    assert srv.worker.call(check).result(timeout=60) == (0, 0, 0)
+    assert_cache_clean(srv)
     assert srv.worker.num_running == 0 and srv.worker.queue_length == 0
     assert json.loads(httpx.get(f"{srv.url}/health").text)["status"] == "ok"
