@@ -55,7 +55,7 @@ MIN_MATCH_BYTES = 8
 
 def shortest_match(dfa, limit: int = MIN_MATCH_BYTES) -> int:
     """Bytes of the shortest full match (breadth-first over the byte automaton), capped at ``limit``."""
-    index = dfa._index
+    index = dfa.index
     frontier = {index.get_initial_state()}
     for depth in range(limit):
         if any(index.is_final_state(s) for s in frontier):

@@ -162,8 +162,7 @@ class Engine:
         planned = {key: self._guard(failed, seqs, strategy.plan, self, seqs)
                    for key, (strategy, seqs) in groups.items() if strategy.shares_forward}
         self.run_rows(prefills + [r for rows in planned.values() if rows for r in rows])
-        self._finish_prefills(prefills)
-        events: list[TokenEvent] = self._first_tokens(prefills, failed)
+        events: list[TokenEvent] = self._first_tokens(self._finish_prefills(prefills), failed)
         for key, (strategy, seqs) in groups.items():
             seqs = [s for s in seqs if not s.finished]
             if not seqs or (strategy.shares_forward and planned[key] is None):
@@ -181,19 +180,15 @@ class Engine:
                             ids, events) from error
         return events
 
-    def _first_tokens(self, prefills: list[Row], failed: dict) -> list[TokenEvent]:
+    def _first_tokens(self, started: list[Sequence], failed: dict) -> list[TokenEvent]:
         """Sequences whose prefill completed in this step take their first token now, from the prefill's
         logits, where their strategy needs no forward for it (``Strategy.first_token_from_prefill``):
         a short request arriving beside a long prompt is done a step sooner."""
         groups: dict[int, tuple[Strategy, list[Sequence]]] = {}
-        for row in prefills:
-            for seq in row.seq.request.seqs:
-                strategy = seq.request.strategy
-                ready = seq.status is SeqStatus.RUNNING and seq.next_logits is not None
-                if ready and strategy.first_token_from_prefill:
-                    group = groups.setdefault(id(strategy), (strategy, []))[1]
-                    if seq not in group:
-                        group.append(seq)
+        for seq in started:
+            strategy = seq.request.strategy
+            if strategy.first_token_from_prefill:
+                groups.setdefault(id(strategy), (strategy, []))[1].append(seq)
         events = []
         for strategy, seqs in groups.values():
             proposals = self._guard(failed, seqs, strategy.update, self, seqs, [])
@@ -237,14 +232,18 @@ class Engine:
             else:
                 self.counters.side_forwards += 1
 
-    def _finish_prefills(self, rows: list[Row]) -> None:
+    def _finish_prefills(self, rows: list[Row]) -> list[Sequence]:
+        """Sequences whose prefill completed in this step start running (with their fresh-request
+        siblings, which fork the prompt); returns them all."""
         cache = self.backend.cache
+        started = []
         for row in rows:
             seq = row.seq
             if seq.finished or len(seq.handle) < len(seq.ids):
                 continue
             seq.next_logits = row.logits[-1]
             seq.status = SeqStatus.RUNNING
+            started.append(seq)
             cache.commit(seq.handle, seq.ids)  # verified: the prompt (and output) enters the prefix cache
             if seq.num_preemptions == 0:  # the other samples of a fresh request fork its prompt
                 for sibling in [s for s in seq.request.seqs if s.status is SeqStatus.WAITING and not s.finished]:
@@ -252,6 +251,8 @@ class Engine:
                     sibling.next_logits = seq.next_logits
                     sibling.num_forwards = seq.num_forwards
                     sibling.status = SeqStatus.RUNNING
+                    started.append(sibling)
+        return started
 
     # ---- helpers for strategies -------------------------------------------------------------
     def uncomputed(self, seq: Sequence) -> list[int]:

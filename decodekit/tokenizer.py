@@ -39,9 +39,8 @@ class Tokenizer:
 
         A special token's text typed in a message (``<|im_end|>``) stays text, as in the OpenAI API,
         so a message cannot close its own turn; ``special_in_content=True`` lets it be the token."""
-        text = self._render(messages)
         if special_in_content or not any(self._has_special(m["content"]) for m in messages):
-            return self._with_bos(self.hf(text, add_special_tokens=False).input_ids)
+            return self._with_bos(self.hf(self._render(messages), add_special_tokens=False).input_ids)
         # render with a marker per message, then encode the contents with special-token text split
         marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
         pieces = re.split("(\ue000\\d+\ue001)", self._render([{**m, "content": k} for m, k in zip(messages, marks)]))

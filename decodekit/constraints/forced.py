@@ -10,6 +10,7 @@ exact, and the one the tokenizer itself would choose is the one the model most l
 from __future__ import annotations
 
 import itertools
+import weakref
 
 from decodekit.constraints.tokens import token_bytes
 
@@ -21,13 +22,14 @@ class ForcedText:
     """Forced bytes after a text, from a ``ByteDFA``; memoised per automaton state."""
 
     def __init__(self, dfa):
-        self._dfa = dfa
+        self.dfa = dfa
         self._by_state: dict[int, bytes] = {}
 
     def after(self, text: bytes) -> bytes:
-        state = self._dfa.state(text)
-        if state is None:
-            return b""
+        state = self.dfa.state(text)
+        return b"" if state is None else self._from(state)
+
+    def _from(self, state: int) -> bytes:
         if state not in self._by_state:
             self._by_state[state] = self._walk(state)
         return self._by_state[state]
@@ -37,10 +39,10 @@ class ForcedText:
         followed the same byte in ``history + text`` (the prompt shows a layout too), then the forced
         bytes after it; b"" if none applies. A guess, not forced: verification keeps it only where the
         model agrees."""
-        state = self._dfa.state(text)
+        state = self.dfa.state(text)
         if state is None or not text:
             return b""
-        index = self._dfa._index
+        index = self.dfa.index
         allowed = index.get_allowed_tokens(state)
         if not 1 < len(allowed) <= MAX_LAYOUT_CHOICES or index.is_final_state(state):
             return b""
@@ -48,14 +50,10 @@ class ForcedText:
         if chosen is None:
             return b""
         nxt = index.get_next_state(state, chosen)
-        if nxt is None:
-            return b""
-        if nxt not in self._by_state:
-            self._by_state[nxt] = self._walk(nxt)
-        return bytes([chosen]) + self._by_state[nxt]
+        return b"" if nxt is None else bytes([chosen]) + self._from(nxt)
 
     def _walk(self, state: int) -> bytes:
-        index = self._dfa._index
+        index = self.dfa.index
         out = bytearray()
         while len(out) < MAX_FORCED_BYTES and not index.is_final_state(state):
             allowed = index.get_allowed_tokens(state)
@@ -112,16 +110,15 @@ class ForcedTokens:
         """Whether a longer token starting with ``piece`` (which ends ``text``) is allowed there too and
         the text after it is structure (a small branch), so the model likely writes the longer token.
         Before free text (a string's content) the piece stays: models end a token there."""
-        state = self.forced._dfa.state(text)
+        dfa = self.forced.dfa
+        state = dfa.state(text)
         if state is None:
             return False
         key = (state, piece)
         if key not in self._merge_memo:
-            index = self.forced._dfa._index
-            if len(index.get_allowed_tokens(state)) > MAX_LAYOUT_CHOICES:
-                self._merge_memo[key] = False
-                return False
-            self._merge_memo[key] = any(_walks(index, state, longer[len(piece):]) for longer in self._longer(piece))
+            small = len(dfa.index.get_allowed_tokens(state)) <= MAX_LAYOUT_CHOICES
+            self._merge_memo[key] = small and any(dfa.advance(state, longer[len(piece):]) is not None
+                                                  for longer in self._longer(piece))
         return self._merge_memo[key]
 
     def _longer(self, piece: bytes) -> list[bytes]:
@@ -171,14 +168,6 @@ class ForcedTokens:
             return None
 
 
-def _walks(index, state: int, data: bytes) -> bool:
-    for b in data:
-        state = index.get_next_state(state, b)
-        if state is None:
-            return False
-    return True
-
-
 def _last_follower(text: bytes, byte: int, allowed: set[int], tries: int = 16) -> int | None:
     """The allowed byte that followed the latest earlier occurrence of ``byte`` in ``text`` (the last
     ``tries`` occurrences looked at)."""
@@ -193,13 +182,16 @@ def _last_follower(text: bytes, byte: int, allowed: set[int], tries: int = 16) -
     return None
 
 
+_BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # constraint -> {tokenizer: ForcedTokens}
+
+
 def forced_tokens(constraint, tokenizer) -> ForcedTokens | None:
-    """The forced-token drafter of ``constraint`` for ``tokenizer``, or None without a byte automaton."""
+    """The forced-token drafter of ``constraint`` for ``tokenizer``, or None without a byte automaton;
+    built once per pair (like ``Constraint.index``)."""
     dfa = constraint.byte_dfa()
     if dfa is None:
         return None
-    cache = constraint.__dict__.setdefault("_forced", {})
-    key = id(tokenizer)
-    if key not in cache:
-        cache[key] = ForcedTokens(ForcedText(dfa), tokenizer)
-    return cache[key]
+    per_tokenizer = _BUILT.setdefault(constraint, weakref.WeakKeyDictionary())
+    if tokenizer not in per_tokenizer:
+        per_tokenizer[tokenizer] = ForcedTokens(ForcedText(dfa), tokenizer)
+    return per_tokenizer[tokenizer]

@@ -12,10 +12,11 @@ from collections import OrderedDict
 
 import regex as re
 
-from decodekit.constraints.base import Constraint, ConstraintTimeout
-from decodekit.constraints.regex import CHECK_TIMEOUT
+from decodekit.constraints.base import Constraint
+from decodekit.constraints.regex import CHECK_TIMEOUT, TimedPattern
 
 _MEMO = 50_000
+TERMINAL = "a grammar terminal"
 
 
 class Grammar(Constraint):
@@ -42,9 +43,10 @@ class Grammar(Constraint):
         self.timeout = timeout
         self._lexer = self._lark._build_lexer()  # Lark.lex would rebuild it on every call
         scanner = self._lexer.scanner
-        scanner._mres = [_Timed(m, timeout) for m in scanner._mres]
+        scanner._mres = [TimedPattern(m, timeout, TERMINAL) for m in scanner._mres]
         self._errors = (lark.exceptions.UnexpectedInput, lark.exceptions.LarkError)
-        self._terminals = {t.name: _Timed(re.compile(t.pattern.to_regexp()), timeout) for t in self._lark.terminals}
+        self._terminals = {t.name: TimedPattern(re.compile(t.pattern.to_regexp()), timeout, TERMINAL)
+                           for t in self._lark.terminals}
         self._parsers: OrderedDict[tuple, object] = OrderedDict()
         self._complete: OrderedDict[str, bool] = OrderedDict()
         self._accepts: OrderedDict[tuple, frozenset] = OrderedDict()
@@ -115,29 +117,6 @@ class Grammar(Constraint):
                 parser = None
             _remember(self._parsers, key[: i + 1], parser)
         return parser
-
-
-class _Timed:
-    """A compiled ``regex`` pattern whose matches stop after ``timeout`` seconds (``ConstraintTimeout``)."""
-
-    def __init__(self, pattern, timeout: float | None):
-        self._pattern, self._timeout = pattern, timeout
-
-    def match(self, text, pos=0, endpos=None):
-        return self._call("match", text, pos, len(text) if endpos is None else endpos)
-
-    def fullmatch(self, text, pos=0, endpos=None, partial=False):
-        return self._call("fullmatch", text, pos, len(text) if endpos is None else endpos, partial=partial)
-
-    def _call(self, name, text, pos, endpos, **kw):
-        try:
-            return getattr(self._pattern, name)(text, pos, endpos, timeout=self._timeout, **kw)
-        except TimeoutError:
-            raise ConstraintTimeout(f"a grammar terminal took over {self._timeout} s to match {endpos - pos} "
-                                    "characters (the terminal's pattern backtracks catastrophically)") from None
-
-    def __getattr__(self, name):
-        return getattr(self._pattern, name)
 
 
 def _remember(memo: OrderedDict, key, value) -> None:

@@ -23,6 +23,30 @@ def escape(text: str) -> str:
     return "".join("\\" + c if c in _RUST_META else c for c in text)
 
 
+class TimedPattern:
+    """A compiled ``regex`` pattern whose matches stop after ``timeout`` seconds with
+    ``ConstraintTimeout`` (``what`` names the check in its message); other attributes pass through."""
+
+    def __init__(self, pattern, timeout: float | None, what: str):
+        self._pattern, self._timeout, self._what = pattern, timeout, what
+
+    def match(self, text, pos=0, endpos=None):
+        return self._call("match", text, pos, len(text) if endpos is None else endpos)
+
+    def fullmatch(self, text, pos=0, endpos=None, partial=False):
+        return self._call("fullmatch", text, pos, len(text) if endpos is None else endpos, partial=partial)
+
+    def _call(self, name, text, pos, endpos, **kw):
+        try:
+            return getattr(self._pattern, name)(text, pos, endpos, timeout=self._timeout, **kw)
+        except TimeoutError:
+            raise ConstraintTimeout(f"{self._what} took over {self._timeout} s on {endpos - pos} characters "
+                                    "(the pattern backtracks catastrophically)") from None
+
+    def __getattr__(self, name):
+        return getattr(self._pattern, name)
+
+
 class Regex(Constraint):
     """``Regex(pattern)``: the whole output fully matches ``pattern`` (Python ``regex`` syntax).
 
@@ -38,28 +62,21 @@ class Regex(Constraint):
         super().__init__()
         if not isinstance(pattern, str):
             raise ValueError(f"pattern must be a string, got {pattern!r}")
-        try:
-            self._re = re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"pattern {pattern!r} does not compile: {e}") from None
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+        try:
+            self._re = TimedPattern(re.compile(pattern), timeout, "a regex check")
+        except re.error as e:
+            raise ValueError(f"pattern {pattern!r} does not compile: {e}") from None
         self.pattern = pattern
         self.timeout = timeout
         self._automaton = automaton
 
     def prefix_ok_text(self, text: str) -> bool:
-        return self._match(text, partial=True)
+        return self._re.fullmatch(text, partial=True) is not None
 
     def complete_ok_text(self, text: str) -> bool:
-        return self._match(text, partial=False)
-
-    def _match(self, text: str, partial: bool) -> bool:
-        try:
-            return self._re.fullmatch(text, partial=partial, timeout=self.timeout) is not None
-        except TimeoutError:
-            raise ConstraintTimeout(f"a regex check took over {self.timeout} s on {len(text)} characters "
-                                    f"(the pattern backtracks catastrophically)") from None
+        return self._re.fullmatch(text) is not None
 
     def automaton(self) -> str | None:
         return self.pattern if self._automaton else None
@@ -89,13 +106,24 @@ class ByteDFA:
         cut = len(text)
         while text[:cut] not in self._states:
             cut -= 1
-        state = self._states[text[:cut]]
-        for b in text[cut:]:
-            state = None if state is None else self._index.get_next_state(state, b)
+        state = self.advance(self._states[text[:cut]], text[cut:])
         if len(self._states) > 200_000:  # bound the memo: keep the start state only
             self._states = {b"": self._index.get_initial_state()}
         self._states[text] = state
         return state
+
+    def advance(self, state: int | None, data: bytes) -> int | None:
+        """The state after ``data`` from ``state``; None once a byte has no transition."""
+        for b in data:
+            if state is None:
+                return None
+            state = self._index.get_next_state(state, b)
+        return state
+
+    @property
+    def index(self):
+        """outlines-core's ``Index`` over bytes (allowed bytes, transitions, final states)."""
+        return self._index
 
     def prefix_ok(self, text: bytes) -> bool:
         return self.state(text) is not None

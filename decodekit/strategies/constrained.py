@@ -88,7 +88,7 @@ class Constrained(Strategy):
     # ---- engine hooks ---------------------------------------------------------------------
     @property
     def first_token_from_prefill(self) -> bool:
-        return self.num_particles == 1 and type(self) is Constrained  # drafting variants plan a verify row
+        return self.num_particles == 1
 
     def validate(self, request) -> None:
         if not request.tokenizer.eos_token_ids:

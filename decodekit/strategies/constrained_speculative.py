@@ -39,7 +39,7 @@ from decodekit.strategies.base import Proposal, Row
 from decodekit.strategies.constrained import Constrained, ConstrainedState, _own_state
 from decodekit.strategies.drafters import MAX_CONFIDENCE, Draft, ngram_lookup
 from decodekit.strategies.spec_state import SpecState
-from decodekit.strategies.speculative import MAX_DRAFT_TOKENS, Speculative, block_logits, verify_row
+from decodekit.strategies.speculative import MAX_DRAFT_TOKENS, Speculative, block_logits, stop_ids, verify_row
 
 SMC_DRAFTS = ("forced", "ngram")
 LAYOUT_HISTORY = 512  # prompt tokens whose text layout guesses learn from
@@ -50,6 +50,7 @@ class ConstrainedSpeculative(Constrained):
     ``generate(..., strategy=Speculative(...), constraint=...)``."""
 
     name = "constrained_speculative"
+    first_token_from_prefill = False  # its steps plan a verify row (drafts, forced text) even with logits ready
 
     def __init__(self, constraint, speculative: Speculative, sampler: str = "awrs", num_particles: int = 1,
                  ess_threshold: float = 0.5, **options):
@@ -100,13 +101,14 @@ class ConstrainedSpeculative(Constrained):
         # A sampled draft verified by the q rule must not be cut before its length is chosen (the cut
         # depends on the drafted token itself): it is cut after, and its first forbidden token counts
         # as rejected, the residual drawn against its q.
-        drafts = self.spec.choose_drafts(engine, seqs, cut=lambda d, s: d if self._q_rule(s, d)
+        drafts = self.spec.choose_drafts(engine, seqs, cut=lambda d, s: d if self._q_rule(s, d.q)
                                          else self._admissible_draft(engine, s, d))
-        drafts = [self._cut_sampled(s, d) if self._q_rule(s, d) else d for s, d in zip(seqs, drafts)]
+        drafts = [self._cut_sampled(s, d) if self._q_rule(s, d.q) else d for s, d in zip(seqs, drafts)]
         return [row for seq, draft in zip(seqs, drafts) if (row := verify_row(engine, seq, draft)) is not None]
 
-    def _q_rule(self, seq, draft: Draft) -> bool:
-        return self.sampler == "masked" and draft.q is not None and not seq.params.greedy
+    def _q_rule(self, seq, q) -> bool:
+        """Drafts sampled from ``q`` are verified by the full rule (masked sampler, sampling)."""
+        return self.sampler == "masked" and q is not None and not seq.params.greedy
 
     def _cut_sampled(self, seq, draft: Draft) -> Draft:
         st = _own_state(seq)
@@ -157,9 +159,9 @@ class ConstrainedSpeculative(Constrained):
         seq.state.own = kept
         room = min(MAX_DRAFT_TOKENS - kept, seq.params.max_new_tokens - len(seq.output_ids) - 1 - kept,
                    engine.backend.max_context - len(seq.ids) - 1 - kept)
-        ended = any(t in _stops(engine, seq) for t in draft.tokens)
+        ended = any(t in stop_ids(engine, seq) for t in draft.tokens)
         extra, seq.state.num_forced = ([], 0) if ended else self._forced(engine, seq, text, room)
-        return _extend(draft, extra, engine.backend.vocab_size)
+        return _extend(draft, extra)
 
     def _admissible(self, st, text: bytes, fsa, tokens: list[int], seq) -> tuple[int, bytes, object]:
         """How many of ``tokens`` the constraint allows in a row after ``text`` (and the text and
@@ -188,7 +190,7 @@ class ConstrainedSpeculative(Constrained):
             return [], 0
         state = seq.state
         if state.prompt_bytes is None:
-            pieces = forced._pieces
+            pieces = _own_state(seq).checker.token_bytes
             state.prompt_bytes = b"".join(pieces[t] or b"" for t in seq.request.prompt_ids[-LAYOUT_HISTORY:])
         return forced.draft(text, limit, state.prompt_bytes)
 
@@ -196,7 +198,7 @@ class ConstrainedSpeculative(Constrained):
         """(proposals, drafts kept, dead-end message) for one verify block: each position emits what
         the constrained sampler draws there; the block goes on while that equals the draft."""
         track, tokens, out = st.track, draft.tokens, []
-        stops = _stops(engine, seq)
+        stops = stop_ids(engine, seq)
         for i in range(len(tokens) + 1):
             row = logits[i]
             final = len(seq.output_ids) + i >= seq.params.max_new_tokens - 1
@@ -204,7 +206,7 @@ class ConstrainedSpeculative(Constrained):
                 return [*out, Proposal(st.checker.eos_token(), row)], i, None
             d = tokens[i] if i < len(tokens) else None
             q = draft.q[i] if d is not None and draft.q is not None else None
-            cut_q = getattr(seq.state, "cut_q", None) if d is None and not final else None
+            cut_q = seq.state.cut_q if d is None and not final else None
             token = (self._masked_rule(engine, seq, st, row, None, cut_q) if cut_q is not None
                      else self._position(engine, seq, st, row, d, q, final))
             if token is None:
@@ -218,7 +220,7 @@ class ConstrainedSpeculative(Constrained):
 
     def _position(self, engine, seq, st, row, d: int | None, q, final: bool) -> int | None:
         """The token emitted at one position (None: dead end)."""
-        if d is not None and q is not None and self.sampler == "masked" and not seq.params.greedy:
+        if d is not None and self._q_rule(seq, q):
             return self._masked_rule(engine, seq, st, row, d, q)
         token_draw = self._draw(engine, seq, st, st.track, row, final=final)
         return None if token_draw.logw == NEG_INF else token_draw.token
@@ -329,7 +331,7 @@ class ConstrainedSpeculative(Constrained):
             engine.backend.cache.truncate(p.handle, min(len(p.handle), len(seq.request.prompt_ids) + len(p.out) - 1))
 
 
-def _extend(draft: Draft, extra: list[int], vocab: int) -> Draft:
+def _extend(draft: Draft, extra: list[int]) -> Draft:
     if not extra:
         return draft
     confidence = None if draft.confidence is None else [*draft.confidence, *[MAX_CONFIDENCE] * len(extra)]
@@ -341,9 +343,4 @@ def _extend(draft: Draft, extra: list[int], vocab: int) -> Draft:
     return Draft([*draft.tokens, *extra], q, confidence)
 
 
-def _stops(engine, seq) -> set[int]:
-    stops = set(seq.params.stop_token_ids)
-    if not seq.params.ignore_eos:
-        stops |= set(engine.tokenizer.eos_token_ids)
-    return stops
 

@@ -352,12 +352,18 @@ def _check_verify_cost(table) -> tuple[float, ...]:
     return values
 
 
-def _clip(draft: Draft, seq, engine) -> Draft:
-    """Cut drafts after a stop token (nothing past EOS is worth scoring) and ids the target lacks."""
-    vocab = engine.backend.vocab_size
+def stop_ids(engine, seq) -> set[int]:
+    """Token ids that end ``seq``: its stop tokens, and EOS unless it ignores EOS."""
     stops = set(seq.params.stop_token_ids)
     if not seq.params.ignore_eos:
         stops |= set(engine.tokenizer.eos_token_ids)
+    return stops
+
+
+def _clip(draft: Draft, seq, engine) -> Draft:
+    """Cut drafts after a stop token (nothing past EOS is worth scoring) and ids the target lacks."""
+    vocab = engine.backend.vocab_size
+    stops = stop_ids(engine, seq)
     n = len(draft.tokens)
     for i, t in enumerate(draft.tokens):
         if t >= vocab:

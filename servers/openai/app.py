@@ -102,7 +102,8 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = [500]
-        request_id = _request_id(scope)
+        headers = dict(scope.get("headers", []))
+        request_id = _request_id(headers)
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_status(message):
@@ -113,12 +114,12 @@ class Gate:
             await send(message)
 
         try:
-            if self._needs_key(scope["path"]) and not self._authorized(scope):
+            if self._needs_key(scope["path"]) and not self._authorized(headers):
                 error = APIError(401, "incorrect API key provided", code="invalid_api_key")
                 await error.response()(scope, receive, send_status)
                 return
             limit = self.server.limits.max_body_bytes
-            body = await _read_body(receive, limit) if _content_length(scope) <= limit else None
+            body = await _read_body(receive, limit) if _content_length(headers) <= limit else None
             if body is None:
                 await _too_large(limit)(scope, receive, send_status)
                 return
@@ -130,23 +131,22 @@ class Gate:
         guarded = path.startswith("/v1") or (path == "/metrics" and self.server.metrics_auth)
         return bool(self.server.api_key) and guarded
 
-    def _authorized(self, scope) -> bool:
-        headers = dict(scope.get("headers", []))
+    def _authorized(self, headers: dict) -> bool:
         given = headers.get(b"authorization", b"")
         key = given[7:].strip() if given[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
         return hmac.compare_digest(key, self.server.api_key.encode())  # bytes: any header byte is just wrong
 
 
-def _request_id(scope) -> str:
+def _request_id(headers: dict) -> str:
     """The client's ``X-Request-Id`` when it is short and printable, else a fresh one."""
-    given = dict(scope.get("headers", [])).get(b"x-request-id", b"")
+    given = headers.get(b"x-request-id", b"")
     if 0 < len(given) <= 64 and all(0x21 <= b < 0x7F for b in given):
         return given.decode()
     return uuid.uuid4().hex
 
 
-def _content_length(scope) -> int:
-    value = dict(scope.get("headers", [])).get(b"content-length", b"0")
+def _content_length(headers: dict) -> int:
+    value = headers.get(b"content-length", b"0")
     return int(value) if value.isdigit() else 0
 
 

@@ -71,8 +71,8 @@ class Call:
         if not worker.alive:
             raise APIError(503, "the engine is not running", code="engine_unavailable")
         encoded = await asyncio.to_thread(lambda: [encode(self.server, sub.prompt) for sub in self.subs])
-        for sub, prompt in zip(self.subs, encoded):
-            sub.prompt = prompt
+        for sub, (text, ids) in zip(self.subs, encoded):
+            sub.prompt_text, sub.prompt_ids = text, ids
         try:
             for sub in self.subs:
                 worker.submit(sub)

@@ -50,22 +50,22 @@ class Models:
                         "(the operator adds models with --draft-model / --small-model / --allow-models)", param)
 
     def drafter(self, spec, options: dict):
-        """A shared ``Drafter`` for a request's ``draft`` option; 400 for an unknown source."""
-        from decodekit.strategies.drafters import Drafter, LookupThenModel, NgramDrafter
+        """A draft source for a request's ``draft`` option: ``ngram`` / ``forced`` as they are
+        (stateless), model sources as shared ``Drafter``s; 400 for an unknown source."""
+        from decodekit.strategies.drafters import LookupThenModel, NgramDrafter
 
         if not isinstance(spec, str):
             raise bad_value("decodekit.draft must be a string", "decodekit.draft")
         if spec in ("ngram", "forced"):
-            return spec  # stateless: the strategy builds it with the request's n-gram options
-        if spec.startswith("ngram+"):
-            model = self._shared(spec.removeprefix("ngram+"))
-            ngram = {k: options[k] for k in ("max_ngram", "min_ngram") if k in options}
-            lookup = NgramDrafter(ngram.get("max_ngram", 3), ngram.get("min_ngram", 1),
-                                  tuple(options.get("match_caps", (1, 3))))
-            return LookupThenModel(lookup, model)
-        drafter = self._shared(spec)
-        assert isinstance(drafter, Drafter)
-        return drafter
+            return spec  # the strategy builds it with the request's n-gram options
+        if spec.startswith("ngram+"):  # the lookup with the request's options, beside the shared model
+            lookup = {k: options[k] for k in ("max_ngram", "min_ngram") if k in options}
+            if "match_caps" in options:
+                if not isinstance(options["match_caps"], list):
+                    raise bad_value("decodekit.match_caps must be a list of integers", "decodekit.match_caps")
+                lookup["match_caps"] = tuple(options["match_caps"])
+            return LookupThenModel(NgramDrafter(**lookup), self._shared(spec.removeprefix("ngram+")))
+        return self._shared(spec)
 
     def _shared(self, spec: str):
         from decodekit.strategies.speculative import make_drafter

@@ -44,7 +44,8 @@ class Submission:
     queue: asyncio.Queue
     offset: int = 0  # choice index offset of this prompt in a batched completions call
     stream: bool = True
-    prompt_text: str = ""
+    prompt_text: str = ""  # the prompt as text and token ids, filled on the request side (``calls.encode``)
+    prompt_ids: list[int] = field(default_factory=list)
     request: Any = None
     waiting: bool = True
     running: bool = False
@@ -164,10 +165,10 @@ class EngineWorker:
 
     def _add(self, sub: Submission) -> None:
         try:
-            text, ids = self._encode(sub.prompt)
+            ids = sub.prompt_ids
             params = sub.make_params(len(ids))
-            sub.request = self.engine.add_request(ids, params, sub.strategy, prompt=text, request_id=sub.request_id,
-                                                  stream=sub.stream)
+            sub.request = self.engine.add_request(ids, params, sub.strategy, prompt=sub.prompt_text,
+                                                  request_id=sub.request_id, stream=sub.stream)
         except APIError as e:
             self._reject(sub, e)
             return
@@ -178,19 +179,8 @@ class EngineWorker:
             log.exception("could not add request %s", sub.request_id)
             self._reject(sub, APIError(500, f"could not start the request (request id {sub.request_id})"))
             return
-        sub.prompt_text = text
         self._active[sub.request_id] = sub
         sub.send("accepted", list(ids))
-
-    def _encode(self, prompt) -> tuple[str, list[int]]:
-        if isinstance(prompt, tuple):  # tokenized on the request side (calls.Call.start)
-            return prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            vocab = self.engine.backend.vocab_size
-            if any(not 0 <= t < vocab for t in prompt):
-                raise bad_value(f"prompt token ids must be in [0, {vocab})", "prompt")
-            return self.engine.tokenizer.decode(prompt), list(prompt)
-        return self.llm.encode_prompt(prompt)
 
     def _reject(self, sub: Submission, error: APIError) -> None:
         self._leave_waiting(sub)
