@@ -304,15 +304,16 @@ class Engine:
     # ---- postprocess ----------------------------------------------------------------------
     def _append(self, seq: Sequence, proposals: list[Proposal]) -> list[TokenEvent]:
         new_ids, infos = [], []
-        for token, logits in proposals:
+        for token, logits, provenance in proposals:
             if seq.finished:
                 break
             reason = self._stop_reason_before(seq, token)
             if reason is None:
                 seq.ids.append(token)
+                seq.provenance.append(provenance)
                 new_ids.append(token)
                 if seq.params.logprobs is not None and logits is not None:
-                    infos.append(token_info(self.tokenizer, token, logits, seq.params.logprobs))
+                    infos.append(token_info(self.tokenizer, token, logits, seq.params.logprobs, provenance))
                     seq.logprobs.append(infos[-1])
                 reason = self._stop_reason_after(seq)
             if reason is not None:
@@ -320,7 +321,9 @@ class Engine:
         text = seq.text.delta(final=seq.finished)
         if not new_ids and not text and not seq.finished:
             return []
-        return [TokenEvent(seq.request.request_id, seq.index, tuple(new_ids), text, seq.finish_reason, tuple(infos))]
+        added = tuple(seq.provenance[len(seq.provenance) - len(new_ids):])
+        return [TokenEvent(seq.request.request_id, seq.index, tuple(new_ids), text, seq.finish_reason, tuple(infos),
+                           added)]
 
     def _stop_reason_before(self, seq: Sequence, token: int) -> str | None:
         params = seq.params

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from decodekit.sampling import token_logprobs
-from decodekit.types import TokenInfo, TopLogprob
+from decodekit.types import SAMPLED, Provenance, TokenInfo, TopLogprob
 
 
 class TextState:
@@ -88,8 +88,9 @@ def stop_index(text: str, stop: tuple[str, ...], search_from: int = 0) -> int:
     return min(cuts) if cuts else -1
 
 
-def token_info(tokenizer, token: int, logits: torch.Tensor, top_n: int) -> TokenInfo:
+def token_info(tokenizer, token: int, logits: torch.Tensor, top_n: int,
+               provenance: Provenance = SAMPLED) -> TokenInfo:
     """The ``TokenInfo`` (log-probability under the raw model distribution, top alternatives) of ``token``."""
     logp, top = token_logprobs(logits, token, top_n)
     name = tokenizer.token_str
-    return TokenInfo(token, name(token), logp, tuple(TopLogprob(t, name(t), lp) for t, lp in top))
+    return TokenInfo(token, name(token), logp, tuple(TopLogprob(t, name(t), lp) for t, lp in top), provenance)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from decodekit.output import TextState
-from decodekit.types import Choice, Completion, RequestStats, TokenInfo, Usage
+from decodekit.types import Choice, Completion, Provenance, RequestStats, TokenInfo, Usage
 
 
 class SeqStatus(enum.Enum):
@@ -41,6 +41,7 @@ class Sequence:
         self.next_logits: torch.Tensor | None = None
         self.finish_reason: str | None = None
         self.logprobs: list[TokenInfo] = []
+        self.provenance: list[Provenance] = []  # one per output token
         self.text = TextState(request.tokenizer, request.params.stop)
         self.num_forwards = 0
         self.num_preemptions = 0
@@ -89,7 +90,7 @@ class Request:
     def completion(self) -> Completion:
         choices = self.strategy.choices(self) or tuple(
             Choice(s.index, s.text.text, tuple(s.output_ids), s.finish_reason,
-                   tuple(s.logprobs) if self.params.logprobs is not None else None)
+                   tuple(s.logprobs) if self.params.logprobs is not None else None, tuple(s.provenance))
             for s in self.seqs
         )
         usage = Usage(len(self.prompt_ids), sum(len(c.token_ids) for c in choices))

@@ -72,14 +72,43 @@ class TopLogprob:
     logprob: float
 
 
+SOURCES = ("sampled", "draft_accepted", "bonus", "forced", "small", "large")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who produced one output token.
+
+    ``source``: ``sampled`` (drawn from the model's distribution, constrained or not),
+    ``draft_accepted`` (a draft token the verifier kept; ``detail["draft"]`` names the draft source),
+    ``bonus`` (the verifier's own draw after the accepted drafts), ``forced`` (the constraint allowed
+    only this token), ``small`` / ``large`` (entropy switching: which model wrote it; ``detail["entropy"]``
+    is the window's mean entropy). ``detail["checks"]``: constraint checks spent on this token.
+    """
+
+    source: str = "sampled"
+    detail: dict = field(default_factory=dict, hash=False)
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, **self.detail}
+
+
+SAMPLED = Provenance()
+
+
 @dataclass(frozen=True)
 class TokenInfo:
-    """One generated token with its log-probability under the model (before temperature)."""
+    """One generated token with its log-probability under the model (before temperature) and its provenance."""
 
     token_id: int
     token: str
     logprob: float
     top: tuple[TopLogprob, ...] = ()
+    provenance: Provenance = SAMPLED
+
+    @property
+    def source(self) -> str:
+        return self.provenance.source
 
 
 @dataclass(frozen=True)
@@ -110,6 +139,7 @@ class Choice:
     token_ids: tuple[int, ...]
     finish_reason: str
     logprobs: tuple[TokenInfo, ...] | None = None
+    provenance: tuple[Provenance, ...] = ()  # one per token of ``token_ids``
 
 
 @dataclass(frozen=True)
@@ -146,3 +176,4 @@ class TokenEvent:
     text: str
     finish_reason: str | None = None
     logprobs: tuple[TokenInfo, ...] = ()
+    provenance: tuple[Provenance, ...] = ()  # one per token of ``token_ids``

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from decodekit.types import SAMPLED, Provenance
+
 if TYPE_CHECKING:
     from decodekit.cache import KVHandle
     from decodekit.engine import Engine
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 class Proposal(NamedTuple):
     token_id: int
     logits: torch.Tensor | None = None  # raw model logits (V,) the token was drawn under, for logprobs
+    provenance: Provenance = SAMPLED  # who produced it (``types.Provenance``)
 
 
 @dataclass(eq=False)

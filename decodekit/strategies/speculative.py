@@ -35,6 +35,7 @@ from decodekit.strategies.drafters import (
     int8_backend,
 )
 from decodekit.strategies.spec_state import SpecState
+from decodekit.types import SAMPLED, Provenance
 
 MAX_DRAFT_TOKENS = 16
 ADAPTIVE_START = 4
@@ -139,6 +140,10 @@ class Speculative(Strategy):
             state.by_value = by_value
         return drafts
 
+    @property
+    def draft_name(self) -> str:
+        return self.draft if isinstance(self.draft, str) else getattr(self.draft, "name", "backend")
+
     def update(self, engine, seqs, rows):
         out = {}
         for seq, logits in block_logits(seqs, rows):
@@ -146,8 +151,7 @@ class Speculative(Strategy):
             seq.state.draft = None
             accepted, token = _accept(seq, draft, logits)
             self.settle(engine, seq, draft, accepted)
-            kept = [Proposal(t, logits[i]) for i, t in enumerate(draft.tokens[:accepted])]
-            out[seq.seq_id] = [*kept, Proposal(token, logits[accepted])]
+            out[seq.seq_id] = verified_proposals(draft.tokens, accepted, token, logits, self.draft_name)
         return out
 
     def settle(self, engine, seq, draft: Draft, accepted: int, drafted: int | None = None) -> None:
@@ -168,7 +172,7 @@ class Speculative(Strategy):
         steps = sum(st.steps for st in states)
         hist = [sum(st.hist[i] if i < len(st.hist) else 0 for st in states) for i in range(self.max_k + 1)]
         return {
-            "draft": self.draft if isinstance(self.draft, str) else getattr(self.draft, "name", "backend"),
+            "draft": self.draft_name,
             "tokens_drafted": drafted,
             "tokens_accepted": accepted,
             "acceptance_rate": accepted / drafted if drafted else 0.0,
@@ -388,3 +392,12 @@ def _accept(seq, draft: Draft, logits) -> tuple[int, int]:
 
 def _pad(q, vocab: int):
     return torch.nn.functional.pad(q, (0, vocab - q.shape[1]))
+
+
+def verified_proposals(drafted: list[int], accepted: int, token: int, logits, draft_name: str) -> list[Proposal]:
+    """The ``accepted`` drafts, then the verifier's own token: a ``bonus`` after a draft (all of it
+    accepted or not), plainly ``sampled`` when there was no draft this step."""
+    kept = Provenance("draft_accepted", {"draft": draft_name})
+    last = Provenance("bonus", {"draft": draft_name}) if drafted else SAMPLED
+    return [*(Proposal(t, logits[i], kept) for i, t in enumerate(drafted[:accepted])),
+            Proposal(token, logits[accepted], last)]
