@@ -52,6 +52,11 @@ def multinomial_resample(*, logw: torch.Tensor, generator: torch.Generator) -> l
     return torch.multinomial(w, len(logw), replacement=True, generator=generator).tolist()
 
 
+def json_weight(logw: float) -> float | None:
+    """A log weight for JSON output: None for a dead particle's -inf."""
+    return round(logw, 4) if logw > NEG_INF else None
+
+
 RESAMPLERS = {"systematic": systematic_resample, "multinomial": multinomial_resample}
 
 
@@ -70,6 +75,7 @@ class Particle:
     logits: list = field(default_factory=list)  # per-token raw logits, kept only when logprobs are asked
     next_logits: torch.Tensor | None = None  # (V,) logits for the next token, once computed
     block: tuple | None = None  # with drafts: (logits (k + 1, V), the k drafted tokens) of this step
+    weight_trace: list = field(default_factory=list)  # log weight after each step (None once dead), by lineage
 
     @property
     def alive(self) -> bool:
@@ -90,7 +96,7 @@ def resample(particles: list[Particle], ancestors: list[int], cache) -> list[Par
             handle = cache.fork(handle)
         used.add(a)
         out.append(Particle(handle, list(src.out), src.text, mean, src.done, src.eos, src.fsa_state,
-                            src.critic, list(src.logits)))
+                            src.critic, list(src.logits), weight_trace=list(src.weight_trace)))
     for i, p in enumerate(particles):
         if i not in used and p.handle is not None:
             cache.release(p.handle)

@@ -23,9 +23,18 @@ import torch
 
 from decodekit.constraints.awrs import NEG_INF, TokenDraw, check_all, masked_sample, recursive_awrs
 from decodekit.constraints.base import Constraint, ConstraintTimeout, TokenChecker
-from decodekit.constraints.smc import RESAMPLERS, Particle, ess, log_mean_weight, normalized_weights, resample
+from decodekit.constraints.smc import (
+    RESAMPLERS,
+    Particle,
+    ess,
+    json_weight,
+    log_mean_weight,
+    normalized_weights,
+    resample,
+)
 from decodekit.sampling import process_logits
 from decodekit.strategies.base import Proposal, Row, Strategy, next_logits
+from decodekit.types import Provenance
 
 SAMPLERS = ("awrs", "masked")
 
@@ -41,6 +50,12 @@ class SmcRun:
     alive_trace: list[int] = field(default_factory=list)
     log_ml: float | None = None
     results: list[dict] = field(default_factory=list)
+    log_weights: list[list[float | None]] = field(default_factory=list)  # per step, per particle slot
+    resample_events: list[dict] = field(default_factory=list)  # {"step", "ancestors"} per resampling
+
+    def trace(self) -> dict:
+        """The population's history for display: weights per step and slot, and each resampling."""
+        return {"log_weights": self.log_weights, "resamples": self.resample_events}
 
 
 @dataclass
@@ -53,6 +68,18 @@ class ConstrainedState:
     draws: int = 0
     error: str | None = None
     smc: SmcRun | None = None
+    num_allowed: int | None = None  # tokens the exact mask allowed at the last draw (None: no exact mask)
+
+    def begin_draw(self) -> int:
+        """Start a token's provenance bookkeeping: returns the check count so far."""
+        self.num_allowed = None
+        return self.checker.num_checks
+
+    def provenance(self, checks_before: int, source: str = "sampled", **detail) -> Provenance:
+        """``forced`` where the exact mask allowed one token, else ``source``; with the checks spent."""
+        if self.num_allowed == 1:
+            source = "forced"
+        return Provenance(source, {**detail, "checks": self.checker.num_checks - checks_before})
 FINAL_CHECKS = 256  # one-particle last token: tokens tried before declaring the text incompletable
 
 
@@ -155,6 +182,7 @@ class Constrained(Strategy):
             out["log_ml"] = runs[0].log_ml
             out["log_ml_per_choice"] = [r.log_ml for r in runs]
             out["particles"] = runs[0].results
+            out["smc_trace"] = runs[0].trace()
         return out
 
     # ---- one particle: a token per step, streamed ------------------------------------------
@@ -175,8 +203,9 @@ class Constrained(Strategy):
         """One token for one sequence, or None when it ends ``constraint_failed``."""
         track = st.track
         final = len(seq.output_ids) >= seq.params.max_new_tokens - 1
-        if final and self.constraint.complete_ok(track.text):
-            return [Proposal(st.checker.eos_token(), logits)]  # complete: end it while we may
+        before = st.begin_draw()
+        if final and self.constraint.complete_ok(track.text):  # complete: end it while we may
+            return [Proposal(st.checker.eos_token(), logits, st.provenance(before, "forced"))]
         # the last token must complete the text (the engine then ends it with "length")
         draw = self._draw(engine, seq, st, track, logits, final=final)
         if draw.logw == NEG_INF:
@@ -185,7 +214,7 @@ class Constrained(Strategy):
             self._fail(engine, seq, st, why)
             return None
         self._advance(engine, st, track, draw.token)
-        return [Proposal(draw.token, logits)]
+        return [Proposal(draw.token, logits, st.provenance(before))]
 
     # ---- SMC: particles inside the request, one answer at the end ---------------------------
     def _update_smc(self, engine, seqs):
@@ -257,25 +286,31 @@ class Constrained(Strategy):
         value = ess(logw)
         run.ess_trace.append(round(value, 3))
         run.alive_trace.append(sum(p.alive for p in particles))
+        run.log_weights.append([json_weight(p.logw) for p in particles])
+        for p in particles:
+            p.weight_trace.append(json_weight(p.logw))
         if any(p.alive for p in particles) and value < self.ess_threshold * len(particles) and value > 0:
             ancestors = RESAMPLERS[self.resampling](logw=logw, generator=seq.generator)
             run.particles = resample(particles, ancestors, engine.backend.cache)
             run.resamples += 1
+            run.resample_events.append({"step": len(run.log_weights) - 1, "ancestors": ancestors})
 
     def _smc_finish(self, engine, seq, run):
         particles = run.particles
         logw = torch.tensor([p.logw for p in particles], dtype=torch.float64)
         w = normalized_weights(logw)
         run.log_ml = log_mean_weight(logw)
-        run.results = [{"text": p.text.decode("utf-8", "replace"), "weight": float(wi), "log_weight": p.logw}
-                          for p, wi in zip(particles, w)]
+        run.results = [{"text": p.text.decode("utf-8", "replace"), "weight": float(wi),
+                        "log_weight": json_weight(p.logw), "weight_trace": p.weight_trace}
+                       for p, wi in zip(particles, w)]
         if float(w.sum()) == 0.0:
             self._fail(engine, seq, _own_state(seq), "every particle reached a dead end or the length limit")
             return None
         pick = int(w.argmax()) if seq.params.greedy else int(torch.multinomial(w, 1, generator=seq.generator))
         chosen = particles[pick]
         logits = chosen.logits + [None] * (len(chosen.out) + 1 - len(chosen.logits))
-        return [Proposal(t, lg) for t, lg in zip(chosen.out + [chosen.eos], logits)]
+        chosen_from = Provenance("sampled", {"particle": pick})
+        return [Proposal(t, lg, chosen_from) for t, lg in zip(chosen.out + [chosen.eos], logits)]
 
     # ---- shared pieces -----------------------------------------------------------------------
     def _state(self, engine, seq) -> ConstrainedState:
@@ -338,6 +373,7 @@ class Constrained(Strategy):
         for eos in st.checker.eos_ids:
             if eos < len(allowed):
                 allowed[eos] = complete
+        st.num_allowed = int(allowed.sum())
         return allowed
 
     def _advance(self, engine, st, track: Particle, token: int) -> None:

@@ -202,8 +202,9 @@ class ConstrainedSpeculative(Constrained):
         for i in range(len(tokens) + 1):
             row = logits[i]
             final = len(seq.output_ids) + i >= seq.params.max_new_tokens - 1
+            before = st.begin_draw()
             if final and self.constraint.complete_ok(track.text):
-                return [*out, Proposal(st.checker.eos_token(), row)], i, None
+                return [*out, Proposal(st.checker.eos_token(), row, st.provenance(before, "forced"))], i, None
             d = tokens[i] if i < len(tokens) else None
             q = draft.q[i] if d is not None and draft.q is not None else None
             cut_q = seq.state.cut_q if d is None and not final else None
@@ -213,10 +214,19 @@ class ConstrainedSpeculative(Constrained):
                 return out, i, ("max_new_tokens reached before the text could be completed" if final
                                 else "no token can continue the text under the constraint (dead end)")
             self._advance(engine, st, track, token)
-            out.append(Proposal(token, row))
+            source = ("draft_accepted", {"draft": self._draft_kind(seq, i)}) if token == d else (
+                ("bonus", {"draft": self.spec.draft_name}) if tokens else ("sampled", {}))
+            out.append(Proposal(token, row, st.provenance(before, source[0], **source[1])))
             if token != d or token in stops:
                 return out, i + (token == d), None
         raise AssertionError("unreachable: the bonus position always returns")
+
+    def _draft_kind(self, seq, i: int) -> str:
+        """Where draft position ``i`` came from: the draft source's own tokens, forced text, a layout guess."""
+        state = seq.state
+        if i < state.own:
+            return self.spec.draft_name
+        return "forced_text" if i < state.own + state.num_forced else "layout"
 
     def _position(self, engine, seq, st, row, d: int | None, q, final: bool) -> int | None:
         """The token emitted at one position (None: dead end)."""

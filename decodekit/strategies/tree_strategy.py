@@ -18,7 +18,7 @@ from decodekit.strategies.base import Row, Strategy
 from decodekit.strategies.tree import TreeRollout
 from decodekit.strategies.tree_driver import _Driver, _seeded
 from decodekit.strategies.tree_types import RolloutResult, _Node, _Tree
-from decodekit.types import Choice
+from decodekit.types import Choice, Provenance
 
 
 @dataclass
@@ -86,7 +86,8 @@ class TreeStrategy(Strategy):
         run = request.seqs[0].state if request.seqs else None
         if not isinstance(run, TreeRun) or run.result is None:
             return None
-        return tuple(Choice(t.index, t.text, t.token_ids, _reason(t.finish_reason), None)
+        nodes = {n.node_id: n for n in run.result.nodes}
+        return tuple(Choice(t.index, t.text, t.token_ids, _reason(t.finish_reason), None, _node_provenance(t, nodes))
                      for t in run.result.trajectories)
 
     # ---- internals ------------------------------------------------------------------------------
@@ -139,3 +140,9 @@ def _all_at_boundary(tree: _Tree, segment_len: int) -> bool:
 def _reason(reason: str) -> str:
     """OpenAI finish reasons: early stops on an answer or a repetition are stops."""
     return reason if reason in ("stop", "length", "constraint_failed") else "stop"
+
+
+def _node_provenance(trajectory, nodes: dict) -> tuple[Provenance, ...]:
+    """Each token of a trajectory tagged with the tree node (segment) that sampled it."""
+    return tuple(Provenance("sampled", {"node": node_id}) for node_id in trajectory.path
+                 for _ in nodes[node_id].token_ids)
