@@ -1,9 +1,13 @@
-"""JSON-schema constraint: outlines-core compiles the schema to a regex; ``jsonschema`` validates outputs.
+"""JSON-schema constraint: an exact automaton where outlines-core compiles the schema, a prefix checker
+for every other schema ``jsonschema`` accepts; ``jsonschema`` validates every output.
 
-Generation follows the compiled regex (property order as in the schema, at most one space
-between tokens), so every generated document has the layout the regex describes; a complete
-output must also pass full ``jsonschema`` validation (keywords the regex cannot express, such as
-``uniqueItems``, are enforced there: EOS is refused until they hold).
+Fast path: outlines-core compiles the schema to a regex, so generation follows it (property order
+as in the schema, at most one space between tokens) and the ``masked`` sampler and vLLM get exact
+token masks; keywords the regex cannot express, such as ``uniqueItems``, are enforced by the final
+check (EOS is refused until they hold). Where outlines-core refuses the schema (no ``type``,
+``maxItems``, ``anyOf`` without types, ...) or ``automaton=False``, ``json_prefix.JsonPrefixChecker``
+checks prefixes of any layout against the whole schema; there is then no automaton (``automaton()``
+is None: the AWRS and SMC samplers work, ``masked`` does not).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import re
 import jsonschema
 
 from decodekit.constraints.base import Constraint, as_bytes, decode_complete
+from decodekit.constraints.json_prefix import JsonPrefixChecker, load_strict
 from decodekit.constraints.regex import ByteDFA
 
 MAX_REGEX = 1_000_000  # characters of compiled regex; larger automata take minutes to build
@@ -35,6 +40,9 @@ def _schema_dict(schema) -> dict:
 
 _DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 _TIME = re.compile(r"\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+# RFC 3986 absolute URI: a scheme, then only URI characters (jsonschema's own check needs rfc3987)
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")  # OpenAPI "byte"
 
 
 def _format_checker() -> jsonschema.FormatChecker:
@@ -57,6 +65,14 @@ def _format_checker() -> jsonschema.FormatChecker:
     @checker.checks("time", raises=ValueError)
     def time(value) -> bool:
         return not isinstance(value, str) or bool(_TIME.fullmatch(value))
+
+    @checker.checks("uri")
+    def uri(value) -> bool:
+        return not isinstance(value, str) or bool(_URI.fullmatch(value))
+
+    @checker.checks("byte")
+    def byte(value) -> bool:
+        return not isinstance(value, str) or bool(_BASE64.fullmatch(value))
 
     return checker
 
@@ -89,57 +105,98 @@ def _compile(schema, whitespace: str | None, max_depth: int) -> str:
     return regex
 
 
+def _validator_class(schema):
+    """``jsonschema``'s validator class for ``schema``; ``ValueError`` naming the keyword and its path
+    where the schema is not valid under its own draft's meta-schema."""
+    cls = jsonschema.validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        path = [str(p) for p in e.path]
+        keyword = next((p for p in reversed(path) if not p.isdigit()), e.validator)
+        where = "/" + "/".join(path)
+        raise ValueError(f"invalid JSON schema: keyword {keyword!r} at {where}: {e.message}") from None
+    return cls
+
+
 class JsonSchema(Constraint):
     """``JsonSchema(schema)``: the output is one JSON document valid under ``schema``.
 
-    Raises ``ValueError`` for an invalid schema or one outlines-core cannot compile.
-    ``whitespace`` is the regex for optional whitespace between JSON tokens.
+    Any schema ``jsonschema`` accepts works; ``ValueError`` names the keyword and path of one it
+    rejects. ``automaton=True`` (default) uses outlines-core's automaton where it compiles the schema
+    (``whitespace``: its regex for optional whitespace between tokens); otherwise, or with
+    ``automaton=False``, the JSON prefix checker serves (``automaton()`` None, why in ``automaton_error``).
     """
 
     name = "json_schema"
 
-    def __init__(self, schema, *, whitespace: str | None = r"[ ]?", max_recursion_depth: int = 3):
+    def __init__(self, schema, *, whitespace: str | None = r"[ ]?", max_recursion_depth: int = 3,
+                 automaton: bool = True):
         super().__init__()
         self.schema = _schema_dict(schema)
-        try:
-            jsonschema.validators.validator_for(self.schema).check_schema(self.schema)
-        except jsonschema.SchemaError as e:
-            raise ValueError(f"invalid JSON schema: {e.message}") from None
-        cls = jsonschema.validators.validator_for(self.schema)
-        self._validator = cls(self.schema, format_checker=_format_checker())  # "format" is asserted, not noted
-        self.regex = _compile(self.schema, whitespace, max_recursion_depth)
+        format_checker = _format_checker()  # "format" is asserted, not noted
+        self._validator = _validator_class(self.schema)(self.schema, format_checker=format_checker)
+        self.regex: str | None = None
+        self.automaton_error: str | None = "automaton=False" if not automaton else None
+        if automaton:
+            try:
+                self.regex = _compile(self.schema, whitespace, max_recursion_depth)
+            except ValueError as e:
+                self.automaton_error = str(e)
+        self._format_checker = format_checker
         self._dfa: ByteDFA | None = None  # built on first check: large schemas take seconds
+        self._checker: JsonPrefixChecker | None = None if self.regex is not None else self._new_checker()
+
+    def _new_checker(self) -> JsonPrefixChecker:
+        return JsonPrefixChecker(self.schema, self._format_checker)
 
     @property
-    def dfa(self) -> ByteDFA:
-        if self._dfa is None:
-            self._dfa = ByteDFA(self.regex)
+    def dfa(self) -> ByteDFA | None:
+        if self._dfa is None and self.regex is not None:
+            try:
+                self._dfa = ByteDFA(self.regex)
+            except ValueError as e:  # the regex compiled but its automaton does not: the checker serves
+                self.regex, self.automaton_error, self._checker = None, str(e), self._new_checker()
         return self._dfa
 
-    # the checks work on bytes directly: the automaton is over bytes
+    @property
+    def uses_automaton(self) -> bool:
+        return self.dfa is not None
+
+    # the automaton checks work on bytes directly: it is over bytes
     def prefix_ok(self, text) -> bool:
-        return self.dfa.prefix_ok(as_bytes(text))
+        if self.uses_automaton:
+            return self.dfa.prefix_ok(as_bytes(text))
+        return super().prefix_ok(text)
 
     def complete_ok(self, text) -> bool:
         text = as_bytes(text)
         s = decode_complete(text)
-        return s is not None and self.valid(s) and self.dfa.complete_ok(text)  # cheap check first
+        if s is None or not self.valid(s):  # cheap check first
+            return False
+        return not self.uses_automaton or self.dfa.complete_ok(text)
 
     def prefix_ok_text(self, text: str) -> bool:
-        return self.prefix_ok(text.encode())
+        if self.uses_automaton:
+            return self.dfa.prefix_ok(text.encode())
+        return self._checker.prefix_ok(text)
 
     def complete_ok_text(self, text: str) -> bool:
         return self.complete_ok(text.encode())
 
     def valid(self, text: str) -> bool:
-        """Full ``jsonschema`` validation of ``text`` (whatever its layout)."""
+        """Full ``jsonschema`` validation of ``text`` (whatever its layout; strict JSON, see ``load_strict``)."""
         try:
-            return self._validator.is_valid(json.loads(text))
-        except (json.JSONDecodeError, RecursionError):
+            value = load_strict(text)
+        except (ValueError, RecursionError):
+            return False
+        try:
+            return self._validator.is_valid(value)
+        except Exception:  # an unresolvable (remote) $ref, a pattern Python's re cannot compile
             return False
 
-    def automaton(self) -> str:
-        return self.regex
+    def automaton(self) -> str | None:
+        return self.regex if self.uses_automaton else None
 
-    def byte_dfa(self) -> ByteDFA:
+    def byte_dfa(self) -> ByteDFA | None:
         return self.dfa
