@@ -43,11 +43,13 @@ class Recording(EntropySwitch):
         super().__init__(*args, **kwargs)
         self.log = []
 
-    def step(self, engine, seqs):
+    def update(self, engine, seqs, rows):
         before = {s.seq_id: list(s.ids) for s in seqs}
-        out = super().step(engine, seqs)
+        out = super().update(engine, seqs, rows)
         for s in seqs:
-            self.log.append((before[s.seq_id], s.state.writers[-1], out[s.seq_id][0].logits))
+            for i, p in enumerate(out.get(s.seq_id, [])):
+                self.log.append((before[s.seq_id] + [q.token_id for q in out[s.seq_id][:i]], p.provenance.source,
+                                 p.logits))
         return out
 
 

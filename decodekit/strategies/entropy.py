@@ -13,6 +13,14 @@ same position, and its entropy replaces the outgoing one in the window. Hence ``
 exactly the large model's decoding and ``threshold=inf`` exactly the small model's. The first position
 uses the engine's model, whose logits admission computed for free.
 
+On the one-step engine each sequence plans one row per step on the model that computes its next
+position (``Row(..., backend=<the other model>, handle=<its handle>)`` for the model the engine did
+not load), so both models' rows of every running request share the step's one forward per model. A
+switch costs one step without a token: the step that saw the outgoing model's entropy proposes
+nothing, and the next one computes the position on the incoming model. Every token carries
+``Provenance("small" | "large", {"entropy": <the window mean that chose its writer>})``.
+``verify=`` (``entropy_verified``) has the large model check the small one's segments.
+
 One of ``small`` / ``large`` is the engine's own model (the one ``LLM(...)`` loaded; by default the
 large one); the strategy loads the other. The engine's model keeps ``seq.handle``; the other model's
 handle lives in ``seq.state``.
@@ -21,73 +29,62 @@ handle lives in ``seq.state``.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
+
+import torch
 
 from decodekit.sampling import entropy_bits, sample_token
-from decodekit.strategies.base import Proposal, Strategy
+from decodekit.strategies.base import Proposal, Row, Strategy
+from decodekit.strategies.cascade import check_tolerance
+from decodekit.strategies.entropy_rule import (
+    LARGE,
+    SMALL,
+    ModelSide,
+    SwitchState,
+    check_same_tokenizer,
+    choose_model,
+    default_small,
+    is_main_spec,
+    load_like,
+    param_weighted_cost,
+    rolling_mean,
+    segment_budget,
+)
+from decodekit.strategies.entropy_verified import VerifiedMode
+from decodekit.types import Provenance
 
-SMALL, LARGE = "small", "large"
+__all__ = ["LARGE", "SMALL", "EntropySwitch", "SwitchState", "check_same_tokenizer", "choose_model",
+           "param_weighted_cost", "rolling_mean"]
 
-
-# ---- the switching rule (pure) ---------------------------------------------------------------
-def rolling_mean(entropies: list[float], window: int) -> float:
-    """Mean of the last ``window`` entropies (of all of them while fewer)."""
-    tail = entropies[-window:]
-    return sum(tail) / len(tail) if tail else 0.0
-
-
-def choose_model(*, active: str, mean_entropy: float, threshold: float, since_switch: int, min_dwell: int) -> str:
-    """The model that writes the current position.
-
-    ``since_switch`` counts tokens the active model has written since it was switched in. The large
-    model writes when the rolling mean entropy is ``>= threshold`` (so threshold 0 always picks it,
-    threshold inf never does); no switch happens before ``min_dwell`` tokens.
-    """
-    if since_switch < min_dwell:
-        return active
-    return LARGE if mean_entropy >= threshold else SMALL
-
-
-def param_weighted_cost(num_small: int, num_large: int, params_small: int, params_large: int) -> float:
-    """The paper's cost: parameters spent per generated token, relative to the large model alone."""
-    total = num_small + num_large
-    return (num_small * params_small + num_large * params_large) / (total * params_large) if total else 0.0
-
-
-# ---- the strategy ----------------------------------------------------------------------------
-@dataclass
-class _Model:
-    """One side of the pair: its backend and whether it is the engine's model (owner of ``seq.handle``)."""
-
-    role: str
-    backend: object
-    is_main: bool
-    forward_tokens: int = 0
-    forward_time_s: float = 0.0
-
-
-class EntropySwitch(Strategy):
+class EntropySwitch(VerifiedMode, Strategy):
     """Entropy-adaptive switching between a ``small`` and a ``large`` model sharing a tokenizer.
 
     ``small`` / ``large``: a model name, a ``Backend``, or ``None`` for the engine's model. By default
     ``large`` is the engine's model and ``small`` its distilled student ``<alias>-distill-8l``
     (``decodekit distill``). ``threshold`` (bits, >= 0, ``math.inf`` allowed), ``window`` (tokens in the
     rolling mean) and ``min_dwell`` (tokens a model writes after a switch before the next) tune it.
-    ``constraint`` (a decodekit ``Constraint``) makes every token go through constrained decoding
+    ``constraint`` (a decodekit ``Constrained``) makes every token go through constrained decoding
     (``Constrained(constraint, sampler)``, one particle) on the writing model's logits.
+
+    ``verify`` (speculative cascades): ``None`` lets the small model's tokens stand; a tolerance in
+    [0, 1] has the large model score each segment the small one wrote (up to ``max_segment`` tokens,
+    while the entropy rule keeps it writing) in one forward and keep the longest prefix that passes
+    ``cascade.accept_block``: 0 is lossless (exactly the large model's output distribution; greedy:
+    its tokens), larger tolerances keep more of the small model's tokens.
     """
 
     name = "entropy"
 
     def __init__(self, small=None, large=None, *, threshold: float = 1.0, window: int = 5, min_dwell: int = 4,
-                 constraint=None, sampler: str = "awrs"):
+                 constraint=None, sampler: str = "awrs", verify: float | None = None, max_segment: int = 8):
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or math.isnan(threshold) \
                 or threshold < 0:
             raise ValueError(f"threshold must be a number >= 0 (bits; inf allowed), got {threshold!r}")
-        for name, value in (("window", window), ("min_dwell", min_dwell)):
+        for name, value in (("window", window), ("min_dwell", min_dwell), ("max_segment", max_segment)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.verify = check_tolerance(verify)
+        if self.verify is not None and constraint is not None:
+            raise ValueError("EntropySwitch: verify and constraint do not compose yet; give one of them")
         self.spec = {SMALL: small, LARGE: large}
         self.constrained = None
         if constraint is not None:  # the writer's logits go through constrained decoding (one particle)
@@ -95,7 +92,8 @@ class EntropySwitch(Strategy):
 
             self.constrained = Constrained(constraint, sampler=sampler)
         self.threshold, self.window, self.min_dwell = float(threshold), window, min_dwell
-        self.models: dict[str, _Model] = {}
+        self.max_segment = max_segment
+        self.models: dict[str, ModelSide] = {}
         self.main_role = LARGE
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -103,7 +101,7 @@ class EntropySwitch(Strategy):
         if self.models:
             raise ValueError("an EntropySwitch instance serves one engine; create one per LLM")
         main = engine.backend
-        roles = {role: _is_main(spec, main) for role, spec in self.spec.items()}
+        roles = {role: is_main_spec(spec, main) for role, spec in self.spec.items()}
         if roles[SMALL] and roles[LARGE]:
             raise ValueError("EntropySwitch: small and large are both the engine's model; give two models")
         if not roles[SMALL] and not roles[LARGE]:
@@ -116,10 +114,10 @@ class EntropySwitch(Strategy):
         other = self.spec[other_role]
         if other is None:
             other = default_small(main.name)
-        other_backend = _load_like(other, main)
+        other_backend = load_like(other, main)
         check_same_tokenizer(main, other_backend)
-        self.models = {self.main_role: _Model(self.main_role, main, True),
-                       other_role: _Model(other_role, other_backend, False)}
+        self.models = {self.main_role: ModelSide(self.main_role, main, True),
+                       other_role: ModelSide(other_role, other_backend, False)}
 
     def validate(self, request) -> None:
         if self.constrained is not None:
@@ -128,97 +126,157 @@ class EntropySwitch(Strategy):
         if len(request.prompt_ids) + request.params.max_new_tokens > limit:
             raise ValueError(f"prompt + max_new_tokens exceeds the smaller model's context ({limit})")
 
-    # ---- the step -----------------------------------------------------------------------------
-    def step(self, engine, seqs):
+    def extra_slots(self, request) -> int:
+        return 0 if self.verify is None else self.max_segment + 1  # a drafted segment in the main handle
+
+    def step_slots(self, seq) -> int:
+        return super().step_slots(seq) + self.extra_slots(None)
+
+    # ---- plan: one row per sequence, on the model that computes its next position(s) ----------
+    def plan(self, engine, seqs):
+        rows = []
         for seq in seqs:
-            if not isinstance(seq.state, SwitchState):
-                seq.state = SwitchState(self.main_role)
-        logits = self._compute(engine, seqs, {s.seq_id: s.state.active for s in seqs})
-        switch = {}
+            st = seq.state if isinstance(seq.state, SwitchState) else self._new_state(seq)
+            role, extra, num_logits = self._next_job(seq, st)
+            st.job = (role, len(extra), num_logits)
+            row = self._row(seq, st, role, seq.ids + extra, num_logits)
+            if row is not None:
+                rows.append(row)
+        return rows
+
+    def _new_state(self, seq) -> SwitchState:
+        seq.state = SwitchState(self.main_role)
+        return seq.state
+
+    def _next_job(self, seq, st) -> tuple[str, list[int], int]:
+        """(model, ids after ``seq.ids``, logits wanted) for this step: plain switching computes the
+        writer's next position; verified mode drafts with the small model, then has the large one
+        score the segment (k drafts: k + 1 logits) or write on its own."""
+        if self.verify is None or st.active == LARGE:
+            return st.active, [], 1
+        if not st.verify_now and not st.draft and segment_budget(seq, self.max_segment) == 0:
+            st.verify_now, st.end_mean = True, rolling_mean(st.entropies, self.window)
+        if st.verify_now:
+            return LARGE, st.draft, len(st.draft) + 1
+        return SMALL, st.draft, 1
+
+    def _row(self, seq, st, role, ids, num_logits):
+        """The row computing ``role``'s logits after each of the last ``num_logits`` tokens of ``ids``
+        (catching the model up on tokens it has not seen); None when ready logits cover it. The
+        engine's ready next-token logits are used when they fit, else dropped (never left for the
+        other model's position)."""
+        ready = seq.take_next_logits()
+        model = self.models[role]
+        cache, handle = self._kv(seq, st, role)
+        st.head = None
+        if model.is_main and ready is not None and num_logits == len(ids) - len(seq.ids) + 1 \
+                and len(handle) == len(seq.ids):
+            st.head, num_logits = ready, num_logits - 1
+            if num_logits == 0:
+                return None
+        keep = len(ids) - num_logits
+        if len(handle) > keep:
+            cache.truncate(handle, keep)  # recompute what a full prefix hit left without logits
+        new_ids = ids[len(handle):]
+        st.forward_tokens[role] += len(new_ids)
+        model.forward_tokens += len(new_ids)
+        if model.is_main:
+            return Row(seq, new_ids, num_logits)
+        return Row(seq, new_ids, num_logits, handle=handle, backend=model.backend)
+
+    def _kv(self, seq, st, role):
+        """(cache, handle) of ``role``'s model for ``seq``: the engine's, or the other one's (opened on first use)."""
+        model = self.models[role]
+        if model.is_main:
+            return model.backend.cache, seq.handle
+        if st.handle is None:
+            st.handle = model.backend.open(seq.ids)
+        return model.backend.cache, st.handle
+
+    # ---- update: entropy, the rule, tokens ------------------------------------------------------
+    def update(self, engine, seqs, rows):
+        by_seq = {r.seq.seq_id: r.logits for r in rows}
+        writing, out = [], {}
         for seq in seqs:
             st = seq.state
-            st.entropies.append(float(entropy_bits(logits[seq.seq_id])))
-            choice = choose_model(active=st.active, mean_entropy=rolling_mean(st.entropies, self.window),
-                                  threshold=self.threshold, since_switch=st.since_switch, min_dwell=self.min_dwell)
-            if choice != st.active:
-                switch[seq.seq_id] = choice
-        if switch:
-            switched = [s for s in seqs if s.seq_id in switch]
-            logits.update(self._compute(engine, switched, switch))
-            for seq in switched:
-                st = seq.state
-                st.active, st.since_switch, st.num_switches = switch[seq.seq_id], 0, st.num_switches + 1
-                st.entropies[-1] = float(entropy_bits(logits[seq.seq_id]))
-        out = self._choose_tokens(engine, seqs, logits)
-        for seq in seqs:
-            seq.state.writers.append(seq.state.active)
-            seq.state.since_switch += 1
+            parts = [x for x in (None if st.head is None else st.head[None], by_seq.get(seq.seq_id)) if x is not None]
+            block = parts[0] if len(parts) == 1 else torch.cat(parts)  # (num_logits, V)
+            st.head = None
+            self._commit_other(seq, st)
+            if self.verify is None:
+                if self._switch_rule(st, block[-1]):
+                    writing.append((seq, block[-1]))
+            else:
+                out[seq.seq_id] = self._verified_step(engine, seq, st, block)
+        out.update(self._write(engine, writing))
         return out
 
-    def _choose_tokens(self, engine, seqs, logits: dict) -> dict:
+    def _commit_other(self, seq, st) -> None:
+        """Once the other model has computed the prompt, it enters that model's prefix cache (siblings reuse it)."""
+        if st.handle is not None and not st.committed and len(st.handle) <= len(seq.ids):
+            next(m for m in self.models.values() if not m.is_main).backend.cache.commit(st.handle, seq.ids)
+            st.committed = True
+
+    def _switch_rule(self, st, logits) -> bool:
+        """Plain switching: fold this position's entropy into the window and decide its writer.
+        True: the active model writes it now; False: a switch, the incoming model computes it next step."""
+        h = float(entropy_bits(logits))
+        if st.switching:  # the switched-in model's entropy replaces the outgoing one's
+            st.entropies[-1], st.switching = h, False
+            return True
+        st.entropies.append(h)
+        st.decision_mean = rolling_mean(st.entropies, self.window)
+        choice = choose_model(active=st.active, mean_entropy=st.decision_mean, threshold=self.threshold,
+                              since_switch=st.since_switch, min_dwell=self.min_dwell)
+        if choice == st.active:
+            return True
+        st.active, st.since_switch, st.num_switches, st.switching = choice, 0, st.num_switches + 1, True
+        return False
+
+    def _write(self, engine, writing) -> dict:
+        """Each writer's token from its logits (through constrained decoding when a constraint is set)."""
+        if not writing:
+            return {}
+        seqs = [s for s, _ in writing]
         if self.constrained is None:
-            return {s.seq_id: [Proposal(sample_token(logits[s.seq_id], s.params, s.generator), logits[s.seq_id])]
-                    for s in seqs}
-        # Constrained takes ready ``seq.next_logits`` as they are (it computes only missing ones)
-        for seq in seqs:
-            seq.next_logits = logits[seq.seq_id]
-        out = self.constrained.update(engine, seqs, [])
-        for seq in seqs:
-            seq.next_logits = None  # never leave one model's logits where the main model's are expected
-        return out
-
-    def _compute(self, engine, seqs, role_of: dict) -> dict:
-        """Next-token logits (V,) of each sequence under the model ``role_of[seq_id]``, catching it up."""
+            drawn = {s.seq_id: [Proposal(sample_token(lg, s.params, s.generator), lg)] for s, lg in writing}
+        else:  # Constrained takes ready ``seq.next_logits`` as they are (it computes only missing ones)
+            for seq, logits in writing:
+                seq.next_logits = logits
+            drawn = self.constrained.update(engine, seqs, [])
+            for seq in seqs:
+                seq.next_logits = None  # never leave one model's logits where the main model's are expected
         out = {}
-        for role, model in self.models.items():
-            group = [s for s in seqs if role_of[s.seq_id] == role]
-            if not group:
-                continue
-            started = time.perf_counter()
-            rows = self._main_logits(engine, group, model) if model.is_main else self._other_logits(group, model)
-            took = time.perf_counter() - started
-            model.forward_time_s += took
-            for seq, row in zip(group, rows):
-                out[seq.seq_id] = row
-                seq.state.forward_time_s[role] += took / len(group)  # a batched call's time, split evenly
+        for seq in seqs:
+            st = seq.state
+            mark = self._mark(st.active, st.decision_mean)
+            out[seq.seq_id] = [Proposal(p.token_id, p.logits, Provenance(st.active, {**p.provenance.detail, **mark}))
+                               for p in drawn.get(seq.seq_id, [])]
+            st.writers.extend([st.active] * len(out[seq.seq_id]))
+            st.since_switch += 1
         return out
 
-    def _main_logits(self, engine, seqs, model: _Model) -> list:
-        need = [s for s in seqs if s.next_logits is None]
-        tails = [s.ids[len(s.handle):] for s in need]
-        for seq, tail in zip(need, tails):
-            _count(seq, model, len(tail))
-        if need:
-            for seq, row in zip(need, engine.forward(need, tails)):
-                seq.next_logits = row[-1]
-        return [s.take_next_logits() for s in seqs]
+    @staticmethod
+    def _mark(role: str, mean: float, verified: bool = False) -> dict:
+        detail = {"entropy": round(mean, 4)}
+        return {**detail, "verified": True} if verified else detail
 
-    def _other_logits(self, seqs, model: _Model) -> list:
-        cache = model.backend.cache
-        for seq in seqs:
-            if seq.state.handle is None:
-                seq.state.handle = model.backend.open(seq.ids)
-        handles = [s.state.handle for s in seqs]
-        tails = [s.ids[len(h):] for s, h in zip(seqs, handles)]
-        for seq, tail in zip(seqs, tails):
-            _count(seq, model, len(tail))
-        rows = model.backend.forward(handles, tails)
-        for seq, handle in zip(seqs, handles):
-            if seq.state.other_forwards == 0:
-                cache.commit(handle, seq.ids)  # verified tokens (the prompt) enter this namespace for siblings
-            seq.state.other_forwards += 1
-        return [r[-1] for r in rows]
+    # ---- life cycle and stats -------------------------------------------------------------------
+    def on_preempt(self, engine, seq) -> None:
+        if isinstance(seq.state, SwitchState):
+            seq.state.drop_segment()  # its K/V goes with the main handle; the segment is drafted again
+        self.on_finish(engine, seq)
 
     def on_finish(self, engine, seq) -> None:
         if not isinstance(seq.state, SwitchState) or seq.state.handle is None:
             return
         handle, seq.state.handle = seq.state.handle, None
+        seq.state.committed = False
         cache = next(m for m in self.models.values() if not m.is_main).backend.cache
         cache.truncate(handle, min(len(handle), len(seq.ids)))
         cache.commit(handle, seq.ids)
         cache.release(handle)
 
-    # ---- provenance and cost ------------------------------------------------------------------
     def stats(self, seqs) -> dict:
         states = [s.state for s in seqs if isinstance(s.state, SwitchState)]
         writers = ["".join("L" if w == LARGE else "S" for w in s.state.writers[: len(s.output_ids)])
@@ -232,89 +290,20 @@ class EntropySwitch(Strategy):
         extra = self.constrained.stats(seqs) if self.constrained is not None else {}
         return {
             **extra,
+            **(self._verify_stats(states) if self.verify is not None else {}),
             "provenance": writers,  # per choice, one letter per generated token: S small, L large
             "tokens_by_model": {SMALL: num_small, LARGE: num_large},
             "large_share": num_large / total if total else 0.0,
             "num_switches": sum(st.num_switches for st in states),
             "cost_param_weighted": param_weighted_cost(num_small, num_large, params[SMALL], params[LARGE]),
-            "forward_tokens": fwd,  # decode + catch-up prefill, the engine's prompt prefill excluded
+            "forward_tokens": fwd,  # decode, catch-up prefill and verify rows; the engine's prompt prefill excluded
             "cost_measured_param_weighted": measured,
-            "forward_time_s": {role: sum(st.forward_time_s[role] for st in states) for role in (SMALL, LARGE)},
             "mean_entropy_bits": sum(sum(st.entropies) for st in states)
             / max(1, sum(len(st.entropies) for st in states)),
         }
 
-    def model_times(self) -> dict:
-        """Seconds spent in each model's forwards since this strategy was attached (all requests)."""
-        return {role: m.forward_time_s for role, m in self.models.items()}
-
-
-@dataclass
-class SwitchState:
-    """Per-sequence state: the writing model, the entropy window, provenance, per-model cost, and
-    the other model's KV handle (the engine's model keeps ``seq.handle``)."""
-
-    active: str
-    since_switch: int = 1 << 30  # the first position may go to either model at once
-    entropies: list[float] = field(default_factory=list)
-    writers: list[str] = field(default_factory=list)
-    num_switches: int = 0
-    forward_tokens: dict[str, int] = field(default_factory=lambda: {SMALL: 0, LARGE: 0})
-    forward_time_s: dict[str, float] = field(default_factory=lambda: {SMALL: 0.0, LARGE: 0.0})
-    other_forwards: int = 0
-    handle: object = None
-    inner: object = None  # the composed Constrained strategy's state, when a constraint is given
-
-
-def _count(seq, model: _Model, n: int) -> None:
-    seq.state.forward_tokens[model.role] += n
-    model.forward_tokens += n
-
-
-def _is_main(spec, main) -> bool:
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return spec == main.name or spec == main.name.rsplit(":", 1)[0]
-    return spec is main
-
-
-def default_small(main_name: str) -> str:
-    """The distilled student of the engine's model alias (built by ``decodekit distill``)."""
-    from decodekit.distill import DistillConfig, student_name
-
-    return student_name(main_name.rsplit(":", 1)[0], DistillConfig.layers)
-
-
-def _load_like(spec, main):
-    """A backend for ``spec``: itself when it is one, else loaded with the engine model's dtype and device."""
-    if not isinstance(spec, str):
-        return spec
-    from decodekit.models import load_backend
-
-    dtype = main.name.rsplit(":", 1)[1] if ":" in main.name else "float32"
-    device = str(getattr(main, "device", "cpu"))
-    return load_backend(spec, dtype=dtype, device=device, cache_tokens=main.cache.capacity)
-
-
-def check_same_tokenizer(a, b) -> None:
-    """Raise ``ValueError`` unless backends ``a`` and ``b`` share vocabulary, special tokens and width."""
-    ta, tb = a.tokenizer, b.tokenizer
-    problems = []
-    if a.vocab_size != b.vocab_size:
-        problems.append(f"logit width {a.vocab_size} vs {b.vocab_size}")
-    if set(ta.eos_token_ids) != set(tb.eos_token_ids):
-        problems.append(f"EOS ids {sorted(ta.eos_token_ids)} vs {sorted(tb.eos_token_ids)}")
-    if getattr(ta, "prepend_bos", False) != getattr(tb, "prepend_bos", False):
-        problems.append("BOS handling differs")
-    if _vocab(ta) != _vocab(tb):
-        problems.append("token vocabularies differ")
-    if problems:
-        raise ValueError(f"EntropySwitch: {a.name!r} and {b.name!r} do not share a tokenizer: " + "; ".join(problems))
-
-
-def _vocab(tokenizer):
-    hf = getattr(tokenizer, "hf", None)
-    if hf is not None:
-        return hf.get_vocab()
-    return [tokenizer.token_str(i) for i in range(tokenizer.vocab_size)]
+    def _verify_stats(self, states) -> dict:
+        drafted, kept = sum(st.num_drafted for st in states), sum(st.num_kept for st in states)
+        return {"verify_tolerance": self.verify, "tokens_drafted": drafted, "tokens_kept": kept,
+                "acceptance_rate": kept / drafted if drafted else 0.0,
+                "segments": sum(st.num_segments for st in states)}
