@@ -99,12 +99,13 @@ def test_constrained_speculative_provenance(draft):
                                        constraint=Regex(PATTERN), temperature=0, max_new_tokens=40, logprobs=0)
     for c in out:
         _check_shape(c)
-        counts = _sources(c)
-        assert counts["draft_accepted"] == c.stats.extra["tokens_accepted"]
-        kinds = Counter(p.detail["draft"] for p in c.choices[0].provenance if p.source == "draft_accepted")
+        accepted = [p for p in c.choices[0].provenance if "draft_accepted" in (p.source, p.detail.get("as"))]
+        assert len(accepted) == c.stats.extra["tokens_accepted"]
+        kinds = Counter(p.detail["draft"] for p in accepted)
         assert kinds["forced_text"] + kinds["layout"] == c.stats.extra["forced_tokens"] + c.stats.extra[
             "layout_tokens"]
     assert sum(_sources(c)["draft_accepted"] for c in out) > 0
+    assert sum(_sources(c)["forced"] for c in out) > 0
 
 
 def test_smc_results_carry_weight_traces(mock):

@@ -29,6 +29,15 @@ class ForcedText:
         state = self.dfa.state(text)
         return b"" if state is None else self._from(state)
 
+    def forces(self, text: bytes, piece: bytes | None) -> bool:
+        """Whether the constraint left no choice of text for a token spelling ``piece`` after ``text``:
+        its bytes are all forced (``piece`` None, an end of text: the text is complete and cannot go on)."""
+        if piece is None:
+            state = self.dfa.state(text)
+            return state is not None and self.dfa.index.is_final_state(state) and \
+                all(b > 255 for b in self.dfa.index.get_allowed_tokens(state))  # 256: the automaton's EOS
+        return bool(piece) and self.after(text).startswith(piece)
+
     def _from(self, state: int) -> bytes:
         if state not in self._by_state:
             self._by_state[state] = self._walk(state)
@@ -183,6 +192,17 @@ def _last_follower(text: bytes, byte: int, allowed: set[int], tries: int = 16) -
 
 
 _BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # constraint -> {tokenizer: ForcedTokens}
+_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # constraint -> ForcedText
+
+
+def forced_text(constraint) -> ForcedText | None:
+    """The forced-text reader of ``constraint``'s byte automaton (None without one); built once."""
+    dfa = constraint.byte_dfa()
+    if dfa is None:
+        return None
+    if constraint not in _TEXTS:
+        _TEXTS[constraint] = ForcedText(dfa)
+    return _TEXTS[constraint]
 
 
 def forced_tokens(constraint, tokenizer) -> ForcedTokens | None:
@@ -193,5 +213,5 @@ def forced_tokens(constraint, tokenizer) -> ForcedTokens | None:
         return None
     per_tokenizer = _BUILT.setdefault(constraint, weakref.WeakKeyDictionary())
     if tokenizer not in per_tokenizer:
-        per_tokenizer[tokenizer] = ForcedTokens(ForcedText(dfa), tokenizer)
+        per_tokenizer[tokenizer] = ForcedTokens(forced_text(constraint), tokenizer)
     return per_tokenizer[tokenizer]

@@ -23,6 +23,7 @@ import torch
 
 from decodekit.constraints.awrs import NEG_INF, TokenDraw, check_all, masked_sample, recursive_awrs
 from decodekit.constraints.base import Constraint, ConstraintTimeout, TokenChecker
+from decodekit.constraints.forced import ForcedText, forced_text
 from decodekit.constraints.smc import (
     RESAMPLERS,
     Particle,
@@ -69,17 +70,30 @@ class ConstrainedState:
     error: str | None = None
     smc: SmcRun | None = None
     num_allowed: int | None = None  # tokens the exact mask allowed at the last draw (None: no exact mask)
+    forced_text: ForcedText | None = None  # the constraint's forced continuations (automaton constraints)
 
     def begin_draw(self) -> int:
         """Start a token's provenance bookkeeping: returns the check count so far."""
         self.num_allowed = None
         return self.checker.num_checks
 
-    def provenance(self, checks_before: int, source: str = "sampled", **detail) -> Provenance:
-        """``forced`` where the exact mask allowed one token, else ``source``; with the checks spent."""
-        if self.num_allowed == 1:
+    def provenance(self, checks_before: int, token: int, text: bytes, source: str = "sampled",
+                   **detail) -> Provenance:
+        """``source`` with the checks spent on ``token`` (drawn after ``text``), or ``forced`` where the
+        constraint left no choice: the exact mask allowed one token, or the token's bytes were all forced
+        text (real tokenizers spell forced text several ways, so one allowed token id is rare)."""
+        checks = self.checker.num_checks - checks_before
+        if self.num_allowed == 1 or self._forces(token, text):
+            if source != "sampled":
+                detail["as"] = source  # e.g. a forced token that was also an accepted draft
             source = "forced"
-        return Provenance(source, {**detail, "checks": self.checker.num_checks - checks_before})
+        return Provenance(source, {**detail, "checks": checks})
+
+    def _forces(self, token: int, text: bytes) -> bool:
+        if self.forced_text is None:
+            return False
+        piece = None if token in self.checker.eos_ids else self.checker.token_bytes[token]
+        return self.forced_text.forces(text, piece)
 FINAL_CHECKS = 256  # one-particle last token: tokens tried before declaring the text incompletable
 
 
@@ -205,7 +219,8 @@ class Constrained(Strategy):
         final = len(seq.output_ids) >= seq.params.max_new_tokens - 1
         before = st.begin_draw()
         if final and self.constraint.complete_ok(track.text):  # complete: end it while we may
-            return [Proposal(st.checker.eos_token(), logits, st.provenance(before, "forced"))]
+            eos = st.checker.eos_token()
+            return [Proposal(eos, logits, st.provenance(before, eos, track.text, "forced"))]
         # the last token must complete the text (the engine then ends it with "length")
         draw = self._draw(engine, seq, st, track, logits, final=final)
         if draw.logw == NEG_INF:
@@ -213,8 +228,9 @@ class Constrained(Strategy):
                    else "no token can continue the text under the constraint (dead end)")
             self._fail(engine, seq, st, why)
             return None
+        provenance = st.provenance(before, draw.token, track.text)
         self._advance(engine, st, track, draw.token)
-        return [Proposal(draw.token, logits, st.provenance(before))]
+        return [Proposal(draw.token, logits, provenance)]
 
     # ---- SMC: particles inside the request, one answer at the end ---------------------------
     def _update_smc(self, engine, seqs):
@@ -318,7 +334,8 @@ class Constrained(Strategy):
         if st is None:
             index = self.constraint.index(engine.tokenizer) if self._uses_index() else None
             track = Particle(None, [], b"", fsa_state=index.initial() if index else None)
-            st = ConstrainedState(TokenChecker(self.constraint, engine.tokenizer), index, track)
+            st = ConstrainedState(TokenChecker(self.constraint, engine.tokenizer), index, track,
+                                  forced_text=forced_text(self.constraint))
             if hasattr(seq.state, "inner"):  # composed inside another strategy (EntropySwitch)
                 seq.state.inner = st
             else:

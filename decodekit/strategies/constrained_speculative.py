@@ -204,7 +204,8 @@ class ConstrainedSpeculative(Constrained):
             final = len(seq.output_ids) + i >= seq.params.max_new_tokens - 1
             before = st.begin_draw()
             if final and self.constraint.complete_ok(track.text):
-                return [*out, Proposal(st.checker.eos_token(), row, st.provenance(before, "forced"))], i, None
+                eos = st.checker.eos_token()
+                return [*out, Proposal(eos, row, st.provenance(before, eos, track.text, "forced"))], i, None
             d = tokens[i] if i < len(tokens) else None
             q = draft.q[i] if d is not None and draft.q is not None else None
             cut_q = seq.state.cut_q if d is None and not final else None
@@ -213,10 +214,11 @@ class ConstrainedSpeculative(Constrained):
             if token is None:
                 return out, i, ("max_new_tokens reached before the text could be completed" if final
                                 else "no token can continue the text under the constraint (dead end)")
-            self._advance(engine, st, track, token)
-            source = ("draft_accepted", {"draft": self._draft_kind(seq, i)}) if token == d else (
+            source, detail = ("draft_accepted", {"draft": self._draft_kind(seq, i)}) if token == d else (
                 ("bonus", {"draft": self.spec.draft_name}) if tokens else ("sampled", {}))
-            out.append(Proposal(token, row, st.provenance(before, source[0], **source[1])))
+            provenance = st.provenance(before, token, track.text, source, **detail)
+            self._advance(engine, st, track, token)
+            out.append(Proposal(token, row, provenance))
             if token != d or token in stops:
                 return out, i + (token == d), None
         raise AssertionError("unreachable: the bonus position always returns")

@@ -160,7 +160,9 @@ class Speculative(Strategy):
         num_verified = len(seq.ids) + accepted
         engine.backend.cache.truncate(seq.handle, num_verified)  # drop rejected drafts' K/V
         self._drafters[id(engine)].rollback(seq, num_verified)
-        self._record(seq, len(draft.tokens), accepted, adapt_k=self.adaptive and not seq.state.by_value)
+        # an accepted stop token ends the text without being output: not counted as an accepted token
+        output = accepted - (accepted > 0 and draft.tokens[accepted - 1] in stop_ids(engine, seq))
+        self._record(seq, len(draft.tokens), accepted, output, adapt_k=self.adaptive and not seq.state.by_value)
         own = len(draft.tokens) if drafted is None else drafted
         if draft.confidence and own:
             _calibrate(seq, draft.confidence[:own], min(accepted, own))
@@ -210,12 +212,13 @@ class Speculative(Strategy):
         room = engine.backend.max_context - len(seq.ids) - 1
         return max(0, min(k, left, room))
 
-    def _record(self, seq, drafted: int, accepted: int, adapt_k: bool = True) -> None:
+    def _record(self, seq, drafted: int, accepted: int, output: int, adapt_k: bool = True) -> None:
+        """Count a verify step: ``accepted`` drafts kept, ``output`` of them output (not a stop token)."""
         state = seq.state_as(SpecState)
         state.drafted += drafted
         if drafted == 0:
             return  # a plain step (no proposal): not a verify step
-        state.accepted += accepted
+        state.accepted += output
         state.steps += 1
         if len(state.hist) <= accepted:
             state.hist += [0] * (accepted + 1 - len(state.hist))

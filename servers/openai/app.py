@@ -14,6 +14,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -66,15 +67,21 @@ class Server:
 
     async def strategy_for(self, body, response_format=None):
         guided = protocol.guided(body)
-        if not body.decodekit and response_format is None and not any(v is not None for v in guided.values()):
+        options = protocol.strategy_options(body)
+        if not options and response_format is None and not any(v is not None for v in guided.values()):
             return None
-        options = body.decodekit
         if isinstance(options, dict) and options.get("strategy") == "tree":
             if body.stream:
                 raise bad_value("tree rollouts are returned whole: set stream to false", "stream")
             if body.n > 1 and "max_width" not in options:  # n trajectories: the tree's width
                 options = {**options, "max_width": body.n}
         return await asyncio.to_thread(self.strategies.resolve, options, response_format, guided)
+
+    def token_lister(self, body):
+        """``R.token_list`` bound to this model's tokenizer when the request asks for provenance, else None."""
+        if not protocol.wants_provenance(body):
+            return None
+        return partial(R.token_list, self.llm.tokenizer.token_str)
 
     def params(self, body, max_tokens, default, logprobs, prompt_len):
         return protocol.sampling_params(body, max_tokens=max_tokens, default_max_tokens=default,
@@ -212,6 +219,8 @@ def create_app(llm, *, model_name: str | None = None, api_key: str | None = None
 
 
 def _routes(app: FastAPI, server: Server) -> None:
+    _page_routes(app)
+
     @app.get("/health")
     async def health():
         worker = server.worker
@@ -244,6 +253,29 @@ def _routes(app: FastAPI, server: Server) -> None:
         return await _text(server, body, request)
 
 
+PAGE_FILES = {"playground.js": "text/javascript", "playground.css": "text/css", "index.html": "text/html"}
+
+
+def _page_routes(app: FastAPI) -> None:
+    """The playground at ``/``: static files shipped in the package, read once (no path from the client
+    reaches the file system)."""
+    folder = Path(__file__).parent / "static"
+    pages = {name: (folder / name).read_bytes() for name in PAGE_FILES}
+
+    def page(name: str) -> Response:
+        return Response(pages[name], media_type=PAGE_FILES[name], headers={"Cache-Control": "no-cache"})
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return page("index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        if name not in pages or name == "index.html":
+            raise APIError(404, f"no file {name!r} here", code="not_found")
+        return page(name)
+
+
 def _model_card(server: Server) -> dict:
     return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "decodekit",
             "max_model_len": server.engine.backend.max_context}
@@ -255,6 +287,7 @@ async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     messages = protocol.chat_messages(body)
     strategy = await server.strategy_for(body, body.response_format)
     body = _one_request_per_tree(body, strategy)
+    tokens = server.token_lister(body)
     top = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     make = partial(server.params, body, max_tokens, server.default_max_tokens, top)
@@ -264,13 +297,14 @@ async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     if body.stream:
         base = R.header("chat.completion.chunk", response_id, server.model_name)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = chat_stream(call, base, n=body.n, want_logprobs=body.logprobs, include_usage=include_usage)
+        gen = chat_stream(call, base, n=body.n, want_logprobs=body.logprobs, include_usage=include_usage,
+                          tokens=tokens)
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         done = await call.collect(request)
     except ClientDisconnected:
         return Response(status_code=499)
-    return JSONResponse(R.chat_response(response_id, server.model_name, done[0][1], body.logprobs))
+    return JSONResponse(R.chat_response(response_id, server.model_name, done[0][1], body.logprobs, tokens))
 
 
 async def _text(server: Server, body: CompletionRequest, request: Request):
@@ -280,6 +314,7 @@ async def _text(server: Server, body: CompletionRequest, request: Request):
     strategy = await server.strategy_for(body)
     width = body.n
     body = _one_request_per_tree(body, strategy)
+    tokens = server.token_lister(body)
     make = partial(server.params, body, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs)
     call = Call(server, prompts, make, strategy, stream=bool(body.stream))
     await call.start()
@@ -289,14 +324,15 @@ async def _text(server: Server, body: CompletionRequest, request: Request):
         base = R.header("text_completion", response_id, server.model_name)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         gen = text_stream(call, base, n=body.n, echo=body.echo, want_logprobs=want_logprobs,
-                          include_usage=include_usage)
+                          include_usage=include_usage, tokens=tokens)
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         done = await call.collect(request)
     except ClientDisconnected:
         return Response(status_code=499)
     width = getattr(getattr(strategy, "config", None), "max_width", width)
-    return JSONResponse(R.text_response(response_id, server.model_name, done, width, body.echo, want_logprobs))
+    return JSONResponse(R.text_response(response_id, server.model_name, done, width, body.echo, want_logprobs,
+                                        tokens))
 
 
 def _one_request_per_tree(body, strategy):

@@ -67,5 +67,6 @@ def _serve(args) -> int:
                      limits=Limits(max_body_bytes=args.max_body_bytes))
     print(f"decodekit: serving {args.served_model_name or args.model} at http://{args.host}:{args.port}/v1"
           + (f" (requests may also name: {', '.join(models)})" if models else ""), flush=True)
+    print(f"decodekit: playground at http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

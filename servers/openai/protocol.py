@@ -137,6 +137,21 @@ def check_chat(body: ChatCompletionRequest) -> None:
         raise bad_value("messages must be a non-empty list", "messages")
 
 
+def wants_provenance(body: _Sampling) -> bool:
+    """``"decodekit": {"provenance": true}``: each choice lists its tokens with who produced them."""
+    value = (body.decodekit or {}).get("provenance", False)
+    if not isinstance(value, bool):
+        raise bad_value("decodekit.provenance must be true or false", "decodekit.provenance")
+    return value
+
+
+def strategy_options(body: _Sampling) -> dict | None:
+    """The ``decodekit`` field without the response options (``provenance``): what picks the strategy."""
+    if body.decodekit is None:
+        return None
+    return {k: v for k, v in body.decodekit.items() if k != "provenance"}
+
+
 def guided(body: _Sampling) -> dict:
     """vLLM-style constraint fields by kind (``json``, ``regex``, ``choice``, ``grammar``)."""
     return {"json": body.guided_json, "regex": body.guided_regex, "choice": body.guided_choice,

@@ -28,29 +28,36 @@ async def _framed(call, base: dict, chunks, include_usage: bool):
     yield DONE
 
 
-def chat_stream(call, base: dict, *, n: int, want_logprobs: bool, include_usage: bool):
-    return _framed(call, base, _chat_chunks(call, base, n, want_logprobs, include_usage), include_usage)
+def chat_stream(call, base: dict, *, n: int, want_logprobs: bool, include_usage: bool, tokens=None):
+    """``tokens``: a ``responses.token_list`` when the request asks for provenance (None: not)."""
+    return _framed(call, base, _chat_chunks(call, base, n, want_logprobs, include_usage, tokens), include_usage)
 
 
-def text_stream(call, base: dict, *, n: int, echo: bool, want_logprobs: bool, include_usage: bool):
-    return _framed(call, base, _text_chunks(call, base, n, echo, want_logprobs, include_usage), include_usage)
+def text_stream(call, base: dict, *, n: int, echo: bool, want_logprobs: bool, include_usage: bool, tokens=None):
+    return _framed(call, base, _text_chunks(call, base, n, echo, want_logprobs, include_usage, tokens),
+                   include_usage)
 
 
-async def _chat_chunks(call, base: dict, n: int, want_logprobs: bool, include_usage: bool):
+def _event_tokens(tokens, event):
+    return None if tokens is None else tokens(event.token_ids, event.provenance, event.logprobs)
+
+
+async def _chat_chunks(call, base: dict, n: int, want_logprobs: bool, include_usage: bool, tokens):
     for index in range(n):
         yield R.chat_chunk(base, index, {"role": "assistant", "content": ""}, include_usage=include_usage)
     async for kind, _sub, event in call.messages():
         if kind != "event":
             continue
         logprobs = event.logprobs if want_logprobs else None
-        if event.text or logprobs:
+        listed = _event_tokens(tokens, event)
+        if event.text or logprobs or listed:
             yield R.chat_chunk(base, event.index, {"content": event.text}, logprobs=logprobs,
-                               include_usage=include_usage)
+                               include_usage=include_usage, tokens=listed)
         if event.finish_reason is not None:
             yield R.chat_chunk(base, event.index, {}, finish=event.finish_reason, include_usage=include_usage)
 
 
-async def _text_chunks(call, base: dict, n: int, echo: bool, want_logprobs: bool, include_usage: bool):
+async def _text_chunks(call, base: dict, n: int, echo: bool, want_logprobs: bool, include_usage: bool, tokens):
     offsets: dict[int, int] = {}  # choice index -> characters sent (logprobs text_offset)
     if echo:
         for sub in call.subs:
@@ -63,7 +70,8 @@ async def _text_chunks(call, base: dict, n: int, echo: bool, want_logprobs: bool
             continue
         index = sub.offset * n + event.index
         logprobs = event.logprobs if want_logprobs else None
-        if event.text or logprobs or event.finish_reason is not None:
+        listed = _event_tokens(tokens, event)
+        if event.text or logprobs or listed or event.finish_reason is not None:
             yield R.text_chunk(base, index, event.text, logprobs=logprobs, text_offset=offsets.get(index, 0),
-                               finish=event.finish_reason, include_usage=include_usage)
+                               finish=event.finish_reason, include_usage=include_usage, tokens=listed)
             offsets[index] = offsets.get(index, 0) + len(event.text)
