@@ -48,14 +48,22 @@ def string_ok(conj, text: str) -> bool:
 
 
 def number_ok(conj, reach: numbers.Reach) -> bool:
+    """Bounds of all the conjunction's members together (``allOf`` of two ranges may not meet), and enums."""
+    low = high = None
+    integer = False
     for s in conj:
-        low, high = _bounds(s.kw)
-        if (low is not None or high is not None) and not numbers.within(reach, s.integer, low, high):
-            return False
+        lo, hi = _bounds(s.kw)
+        low = lo if low is None or (lo is not None and lo > low) else low
+        high = hi if high is None or (hi is not None and hi < high) else high
+        integer = integer or s.integer
         for values in s.enums:
             if not any(kind_of(e) == "number" and numbers.reaches(reach, e) for e in values):
                 return False
-    return True
+    if low is None and high is None:
+        return True
+    if low is not None and high is not None and low > high:
+        return False
+    return numbers.within(reach, integer, low, high)
 
 
 def _bounds(kw: dict):

@@ -229,6 +229,8 @@ class Num:
         text = self.text + ch
         if numbers.prefix_ok(text):
             reach = numbers.reach(text)
+            if reach.lo is None and not reach.zero:
+                return None  # every completion overflows a double
             kept = tuple(c for c in self.alts if checks.number_ok(c, reach))
             return Num(self.parent, kept, text) if kept else None
         after = self.close()

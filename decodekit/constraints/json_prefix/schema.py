@@ -43,7 +43,8 @@ class Context:
         self.root_validator = self.cls(schema, format_checker=format_checker)
         meta_id = self.cls.META_SCHEMA.get("$schema") or self.cls.META_SCHEMA.get("$id") or ""
         self.spec = referencing.jsonschema.specification_with(meta_id, default=referencing.Specification.OPAQUE)
-        self.known = frozenset(self.cls.VALIDATORS)
+        # "then" / "else" are read by the "if" validator, not validators of their own
+        self.known = frozenset(self.cls.VALIDATORS) | ({"then", "else"} if "if" in self.cls.VALIDATORS else set())
         self.subs: dict[tuple, Sub] = {}
         self.patterns: dict[str, TimedPattern | None] = {}
         self.alts: dict[tuple, tuple] = {}  # interned conjunctions (tuples of Subs) by member ids
