@@ -24,8 +24,8 @@ from bench.targets import check
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ["throughput", "speculative", "constraints", "constraint_peers", "constrained_speculative",
-              "entropy_switch", "tree_rollout", "server_load", "server_abuse", "mixed_traffic", "throughput_vllm",
-              "tree_rollout_vllm"]
+              "json_schema_coverage", "entropy_switch", "tree_rollout", "server_load", "server_abuse", "mixed_traffic",
+              "throughput_vllm", "tree_rollout_vllm"]
 # name -> (module, extra arguments, venv holding its optional stack, the command that sets it up)
 SPECS = {
     "constraint_peers": ("constraint_peers", [], ".venv-peers", "make setup-peers"),

@@ -354,3 +354,17 @@ def test_generation_with_a_schema_outlines_refuses():
             assert constraint.complete_ok(c.text) and _validator(schema).is_valid(json.loads(c.text)), c.text
             finished += 1
     assert finished >= 2
+
+
+def test_server_and_vllm_paths_refuse_what_needs_the_checker_clearly():
+    from decodekit.backends.vllm_strategies import structured_from_constraint
+    from servers.openai.errors import APIError
+    from servers.openai.strategies import _constrained
+
+    with pytest.raises(APIError, match="without an automaton") as e:
+        _constrained(("json", {"maxItems": 2}), {"sampler": "masked"})
+    assert e.value.status == 400
+    assert _constrained(("json", {"maxItems": 2}), {}).constraint.automaton() is None  # AWRS: served
+    with pytest.raises(ValueError, match="transformers backend"):
+        structured_from_constraint(JsonSchema({"maxItems": 2}))
+    assert structured_from_constraint(JsonSchema({"type": "integer"})).json_schema == {"type": "integer"}

@@ -4,7 +4,8 @@
 - ``Speculative``: native and engine-wide: vLLM's ``speculative_config`` (``ngram`` / ``draft_model``),
   given when the backend is built (``speculative_config(strategy)`` converts a ``Speculative``).
 - ``Structured``, or any strategy holding a ``Regex`` / ``JsonSchema`` / ``Grammar`` / ``OneOf``
-  constraint: native vLLM structured outputs (token masks from its grammar backend).
+  constraint: native vLLM structured outputs (token masks from its grammar backend); a ``JsonSchema``
+  outlines-core cannot compile is refused (decodekit's prefix checker needs the transformers backend).
 - tree rollouts, entropy switching: segment level, ``decodekit.backends.vllm_rollouts`` (one vLLM
   request per segment, prefixes shared through automatic prefix caching).
 
@@ -60,6 +61,10 @@ def structured_from_constraint(constraint) -> Structured:
     if kind == "Regex":
         return Structured(regex=constraint.pattern)
     if kind == "JsonSchema":
+        if constraint.automaton() is None:  # vLLM's own engines may ignore keywords this schema needs
+            raise ValueError("this JSON schema has no outlines-core automaton, so decodekit enforces it with its "
+                             "prefix checker, which needs token-level control (AWRS / SMC): use the transformers "
+                             f"backend (LLM(model)); outlines-core: {constraint.automaton_error}")
         return Structured(json_schema=constraint.schema)
     if kind == "OneOf":
         return Structured(choice=tuple(constraint.options))

@@ -1,0 +1,322 @@
+"""JSON Schema coverage: which schemas decodekit enforces, how exactly, and what generation costs.
+
+Sections:
+
+1. MaskBench (``../shared/data/jsonschemabench/maskbench``, 424 files ``{schema, tests}``): schemas
+   accepted as constraints; for every valid instance, every byte prefix accepted (``prefix_ok``)
+   and the whole accepted (``complete_ok``); every invalid instance refused by ``complete_ok``.
+   Rows: decodekit's prefix checker on every schema (``JsonSchema(s, automaton=False)``, three
+   layouts per instance: ``json.dumps`` default, indent 2, compact); decodekit's default
+   (outlines-core's automaton where it compiles: its regex fixes property order and whitespace,
+   so instances written in another order count as rejected prefixes there); outlines-core alone;
+   and the peers llguidance and XGrammar (``.venv-peers``, run by ``bench/json_schema_peers.py``:
+   compile time, per-token mask time with the SmolLM2 tokenizer).
+2. JSON-Schema-Test-Suite (shipped in the ``jsonschema`` sdist, downloaded once into
+   ``~/.cache/decodekit/jsonschema-suite``): draft2020-12 and draft7, optional folders aside;
+   groups whose schema needs the suite's remote server are counted apart. Each instance is judged
+   by ``complete_ok`` (and every prefix of a valid one by ``prefix_ok``); decodekit asserts
+   ``format``, which the suite treats as an annotation, so those disagreements are counted apart.
+3. Generation with SmolLM2 on 40 JSONSchemaBench schemas (half refused by outlines-core), AWRS,
+   at most 128 new tokens: validity of every returned output, completion rate, tokens/s; and on
+   schemas both paths support, the checker path (``automaton=False``) vs the automaton path,
+   interleaved per schema, the median of per-schema tokens/s ratios.
+
+    python -m bench.json_schema_coverage [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+import time
+import warnings
+from pathlib import Path
+
+from bench.common import DATA, ROOT, md_table, median, parser, write_results
+
+SUITE_VERSION = "4.26.0"
+SUITE_CACHE = Path.home() / ".cache" / "decodekit" / "jsonschema-suite"
+SUITE_DRAFTS = {"draft2020-12": "https://json-schema.org/draft/2020-12/schema",
+                "draft7": "http://json-schema.org/draft-07/schema#"}
+REMOTE = "localhost:1234"  # the suite's remote-reference server
+
+
+# ---- JSON-Schema-Test-Suite ----------------------------------------------------------------------
+def suite_archive() -> tuple[Path | None, str]:
+    """The jsonschema sdist (downloaded once with pip), or (None, why not)."""
+    archive = SUITE_CACHE / f"jsonschema-{SUITE_VERSION}.tar.gz"
+    if archive.exists():
+        return archive, ""
+    SUITE_CACHE.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", f"jsonschema=={SUITE_VERSION}", "--no-deps", "--no-binary",
+           ":all:", "-d", str(SUITE_CACHE), "-q"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"could not download the jsonschema sdist: {e}"
+    if proc.returncode != 0 or not archive.exists():
+        return None, f"could not download the jsonschema sdist: {proc.stderr.strip()[-300:]}"
+    return archive, ""
+
+
+def suite_groups() -> tuple[list[dict] | None, str]:
+    """Test groups ``{draft, file, description, schema, tests, remote}``, or (None, why not)."""
+    archive, why = suite_archive()
+    if archive is None:
+        return None, why
+    groups = []
+    with tarfile.open(archive) as tf:
+        for member in sorted(tf.getmembers(), key=lambda m: m.name):
+            for draft, dialect in SUITE_DRAFTS.items():
+                head = f"jsonschema-{SUITE_VERSION}/json/tests/{draft}/"
+                name = member.name[len(head):]
+                if not member.name.startswith(head) or "/" in name or not name.endswith(".json"):
+                    continue  # optional/ and other folders aside
+                for g in json.load(tf.extractfile(member)):
+                    schema = g["schema"]
+                    if isinstance(schema, dict) and "$schema" not in schema:
+                        schema = {"$schema": dialect, **schema}
+                    groups.append({"draft": draft, "file": name, "description": g["description"], "schema": schema,
+                                   "tests": g["tests"], "remote": REMOTE in json.dumps(g["schema"])})
+    return groups, ""
+
+
+def judge_suite_group(group: dict) -> dict:
+    """Construct the constraint (checker path) and judge each instance; format-only disagreements apart."""
+    import jsonschema
+
+    from decodekit.constraints import JsonSchema
+
+    try:
+        c = JsonSchema(group["schema"], automaton=False)
+    except Exception as e:  # a schema the constraint refuses
+        return {"accepted": False, "error": repr(e)[:200], "wrong": [], "prefix_rejected": [], "format_only": [],
+                "instances": 0}
+    plain = jsonschema.validators.validator_for(group["schema"])(group["schema"])  # format as annotation
+    wrong, rejected, format_only = [], [], []
+    for t in group["tests"]:
+        raw = json.dumps(t["data"], ensure_ascii=False).encode()
+        got = c.complete_ok(raw)
+        if got != t["valid"]:
+            (format_only if plain.is_valid(t["data"]) == t["valid"] and "format" in json.dumps(group["schema"])
+             else wrong).append(t["description"])
+            continue
+        if t["valid"] and not all(c.prefix_ok(raw[:i]) for i in range(len(raw) + 1)):
+            rejected.append(t["description"])
+    return {"accepted": True, "wrong": wrong, "prefix_rejected": rejected, "format_only": format_only,
+            "instances": len(group["tests"])}
+
+
+def test_suite_section() -> dict:
+    groups, why = suite_groups()
+    if groups is None:
+        return {"skipped": why}
+    local = [g for g in groups if not g["remote"]]
+    results = [judge_suite_group(g) for g in local]
+    instances = sum(r["instances"] for r in results)
+    judged = instances - sum(len(r["wrong"]) for r in results) - sum(len(r["format_only"]) for r in results)
+    return {"schemas": len(local), "schemas_accepted": sum(r["accepted"] for r in results),
+            "accepted_share": round(sum(r["accepted"] for r in results) / max(len(local), 1), 4),
+            "remote_ref_groups_skipped": len(groups) - len(local), "instances": instances,
+            "judged_as_suite": judged, "wrong": sum(len(r["wrong"]) for r in results),
+            "format_asserted_disagreements": sum(len(r["format_only"]) for r in results),
+            "valid_prefixes_rejected": sum(len(r["prefix_rejected"]) for r in results),
+            "all_judged_as_suite": all(not r["wrong"] and not r["prefix_rejected"] for r in results),
+            "examples_wrong": [(g["file"], g["description"], r["wrong"]) for g, r in zip(local, results)
+                               if r["wrong"]][:10]}
+
+
+# ---- MaskBench ------------------------------------------------------------------------------------
+LAYOUTS = {"default": {}, "indent2": {"indent": 2}, "compact": {"separators": (",", ":")}}
+
+
+def maskbench(quick: bool) -> list[tuple[str, dict]]:
+    files = sorted((DATA / "jsonschemabench" / "maskbench").glob("*.json"))
+    if not files:
+        sys.exit(f"MaskBench not found under {DATA / 'jsonschemabench' / 'maskbench'}")
+    return [(f.stem, json.loads(f.read_text())) for f in files[:: 16 if quick else 1]]  # --quick: every 16th
+
+
+def _first_rejected_prefix(check, raw: bytes) -> int | None:
+    return next((i for i in range(len(raw) + 1) if not check(raw[:i])), None)
+
+
+def judge_instances(prefix_ok, complete_ok, tests, layouts) -> dict:
+    """Counts for one schema: valid instances (per layout) with a rejected byte prefix or a rejected
+    whole, invalid instances (default layout) accepted."""
+    out = {"valid": 0, "valid_prefix_rejected": 0, "valid_rejected": 0, "invalid": 0, "invalid_accepted": 0}
+    for t in tests:
+        if not t["valid"]:
+            out["invalid"] += 1
+            out["invalid_accepted"] += bool(complete_ok(json.dumps(t["data"], ensure_ascii=False).encode()))
+            continue
+        for layout in layouts:
+            raw = json.dumps(t["data"], ensure_ascii=False, **LAYOUTS[layout]).encode()
+            out["valid"] += 1
+            out["valid_prefix_rejected"] += _first_rejected_prefix(prefix_ok, raw) is not None
+            out["valid_rejected"] += not complete_ok(raw)
+    return out
+
+
+def _add(total: dict, part: dict) -> None:
+    for k, v in part.items():
+        total[k] = total.get(k, 0) + v
+
+
+def maskbench_section(items) -> tuple[dict, list]:
+    """decodekit's checker on every schema, decodekit's default constraint, outlines-core's automaton alone."""
+    from decodekit.constraints import JsonSchema
+
+    rows = {name: {"schemas_accepted": 0, "of": len(items), "seconds": 0.0}
+            for name in ("decodekit_checker", "decodekit_default", "outlines_core")}
+    failures = []
+    for stem, d in items:
+        t0 = time.perf_counter()
+        checker = JsonSchema(d["schema"], automaton=False)
+        _add(rows["decodekit_checker"], {"schemas_accepted": 1, **judge_instances(
+            checker.prefix_ok, checker.complete_ok, d["tests"], list(LAYOUTS))})
+        rows["decodekit_checker"]["seconds"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        default = JsonSchema(d["schema"])  # the automaton's regex allows one space: the default layout only
+        counts = judge_instances(default.prefix_ok, default.complete_ok, d["tests"], ["default"])
+        _add(rows["decodekit_default"], {"schemas_accepted": 1, **counts})
+        rows["decodekit_default"]["seconds"] += time.perf_counter() - t0
+        dfa = default.byte_dfa()
+        if dfa is not None:  # outlines-core alone: its automaton, no jsonschema check at the end
+            _add(rows["outlines_core"], {"schemas_accepted": 1, **judge_instances(
+                dfa.prefix_ok, dfa.complete_ok, d["tests"], ["default"])})
+        failures += [stem] if counts["valid_prefix_rejected"] or counts["invalid_accepted"] else []
+    for r in rows.values():
+        r["seconds"] = round(r["seconds"], 1)
+    return rows, failures
+
+
+def peers_section(quick: bool) -> dict:
+    """llguidance and XGrammar on MaskBench, in .venv-peers (bench/json_schema_peers.py)."""
+    python = ROOT / ".venv-peers" / "bin" / "python"
+    if not python.exists():
+        return {"skipped": "no .venv-peers: make setup-peers, then .venv-peers/bin/pip install "
+                           "'llguidance==1.9.*' 'xgrammar==0.2.*'"}
+    cmd = [str(python), "-m", "bench.json_schema_peers"] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout).strip()[-1500:]}
+    return json.loads(lines[-1])
+
+
+# ---- generation -----------------------------------------------------------------------------------
+def generation_schemas(k: int, max_chars: int = 2500) -> tuple[list, list]:
+    """``k`` JSONSchemaBench schemas (sorted by name, small enough for a prompt): half that outlines-core
+    compiles, half that it refuses; both lists of (name, text, schema)."""
+    from decodekit.constraints import JsonSchema
+
+    compiled, refused = [], []
+    for path in sorted((DATA / "jsonschemabench" / "schemas").glob("*/*.json")):
+        text = path.read_text()
+        if len(text) > max_chars:
+            continue
+        schema = json.loads(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                c = JsonSchema(schema)
+            except ValueError:
+                continue
+        (compiled if c.byte_dfa() is not None else refused).append((f"{path.parent.name}/{path.name}", text, schema))
+    return compiled[: k // 2], refused[: k - min(k // 2, len(compiled))]
+
+
+def generate_one(llm, schema_text: str, constraint, max_new: int, seed: int) -> dict:
+    from decodekit.strategies.constrained import Constrained
+
+    prompt = [{"role": "user", "content": f"Write one JSON document valid under this JSON schema.\n{schema_text}"}]
+    t0 = time.perf_counter()
+    c = llm.generate(prompt, strategy=Constrained(constraint, sampler="awrs"), max_new_tokens=max_new, seed=seed)
+    wall = time.perf_counter() - t0
+    done = c.finish_reason == "stop"
+    ok = c.finish_reason == "constraint_failed" or constraint.complete_ok(c.text)  # what is returned is valid
+    return {"finish": c.finish_reason, "completed": done and constraint.complete_ok(c.text), "returned_valid": ok,
+            "tokens": len(c.token_ids), "wall_s": wall, "tokens_per_s": len(c.token_ids) / max(wall, 1e-9),
+            "text": c.text[:300]}
+
+
+def generation_section(llm, quick: bool) -> tuple[dict, list]:
+    from decodekit.constraints import JsonSchema
+
+    k, max_new = (4, 48) if quick else (40, 128)
+    compiled, refused = generation_schemas(k)
+    rows = []
+    for i, (name, text, schema) in enumerate(compiled + refused):
+        auto = JsonSchema(schema)
+        path = "automaton" if auto.byte_dfa() is not None else "checker"
+        runs = {path: auto}
+        if path == "automaton":  # the same schema through the checker, interleaved (ABBA over schemas)
+            runs["checker"] = JsonSchema(schema, automaton=False)
+        order = list(runs) if i % 2 == 0 else list(runs)[::-1]
+        for which in order:
+            row = generate_one(llm, text, runs[which], max_new, seed=i)
+            rows.append({"schema": name, "path": which, "outlines_compiles": path == "automaton", **row})
+            print(name[:50], which, row["finish"], f"{row['tokens_per_s']:.1f} tok/s", repr(row["text"][:70]),
+                  flush=True)
+    main_rows = [r for r in rows if r["path"] == "automaton" or not r["outlines_compiles"]]
+    pairs = {}
+    for r in rows:
+        if r["outlines_compiles"]:
+            pairs.setdefault(r["schema"], {})[r["path"]] = r["tokens_per_s"]
+    ratios = [p["checker"] / p["automaton"] for p in pairs.values() if p.get("automaton")]
+    summary = {"schemas": len(main_rows), "outlines_refused": len(refused), "max_new_tokens": max_new,
+               "valid_rate": round(sum(r["returned_valid"] for r in main_rows) / max(len(main_rows), 1), 4),
+               "completed": sum(r["completed"] for r in main_rows),
+               "completed_rate": round(sum(r["completed"] for r in main_rows) / max(len(main_rows), 1), 4),
+               "tokens_per_s": round(sum(r["tokens"] for r in main_rows) / max(sum(r["wall_s"] for r in main_rows),
+                                                                                 1e-9), 2),
+               "checker_tokens_per_s_median": round(median([p["checker"] for p in pairs.values()]), 2) if pairs
+               else None,
+               "automaton_tokens_per_s_median": round(median([p["automaton"] for p in pairs.values()]), 2) if pairs
+               else None,
+               "checker_vs_automaton": round(median(ratios), 3) if ratios else None,
+               "checker_path_valid_rate": round(sum(r["returned_valid"] for r in rows if r["path"] == "checker")
+                                                / max(sum(r["path"] == "checker" for r in rows), 1), 4)}
+    return summary, rows
+
+
+def main():
+    args = parser(__doc__).parse_args()
+    t0 = time.perf_counter()
+    items = maskbench(args.quick)
+    mb_rows, mb_failures = maskbench_section(items)
+    print("maskbench", json.dumps(mb_rows), flush=True)
+    suite = test_suite_section()
+    print("test_suite", json.dumps({k: v for k, v in suite.items() if k != "examples_wrong"}), flush=True)
+    peers = peers_section(args.quick)
+    print("peers", json.dumps(peers)[:2000], flush=True)
+    from decodekit.api import LLM
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    gen, gen_rows = generation_section(llm, args.quick)
+    checker = mb_rows["decodekit_checker"]
+    result = {"bench": "json_schema_coverage", "quick": args.quick,
+              "maskbench": {"schemas_accepted": checker["schemas_accepted"], "of": len(items),
+                            "valid_prefixes_rejected": checker["valid_prefix_rejected"],
+                            "invalid_accepted": checker["invalid_accepted"],
+                            "valid_instances_judged": checker["valid"], "invalid_instances": checker["invalid"],
+                            "rows": mb_rows, "default_constraint_failures": mb_failures[:20]},
+              "test_suite": {k: v for k, v in suite.items() if k != "examples_wrong"},
+              "generation": gen, "peers": peers, "seconds": round(time.perf_counter() - t0, 1)}
+    header = ["maskbench row", "schemas accepted", "valid instances", "valid with a rejected prefix",
+              "valid rejected", "invalid", "invalid accepted"]
+    table = [[name, r["schemas_accepted"], r.get("valid", 0), r.get("valid_prefix_rejected", 0),
+              r.get("valid_rejected", 0), r.get("invalid", 0), r.get("invalid_accepted", 0)]
+             for name, r in {**mb_rows, **peers.get("rows", {})}.items()]
+    md = md_table(header, table) + "\n\n" + md_table(["test suite", "value"], [[k, v] for k, v in suite.items()
+                                                                              if k != "examples_wrong"])
+    md += "\n\n" + md_table(["generation", "value"], [[k, v] for k, v in gen.items()])
+    write_results("json_schema_coverage", result, md, args.out,
+                  details={"generation": gen_rows, "test_suite_wrong": suite.get("examples_wrong")})
+
+
+if __name__ == "__main__":
+    main()
