@@ -212,13 +212,14 @@ class Speculative(Strategy):
         room = engine.backend.max_context - len(seq.ids) - 1
         return max(0, min(k, left, room))
 
-    def _record(self, seq, drafted: int, accepted: int, output: int, adapt_k: bool = True) -> None:
-        """Count a verify step: ``accepted`` drafts kept, ``output`` of them output (not a stop token)."""
+    def _record(self, seq, drafted: int, accepted: int, output: int | None = None, adapt_k: bool = True) -> None:
+        """Count a verify step: ``accepted`` drafts kept, ``output`` of them output (default all: none
+        was a stop token)."""
         state = seq.state_as(SpecState)
         state.drafted += drafted
         if drafted == 0:
             return  # a plain step (no proposal): not a verify step
-        state.accepted += output
+        state.accepted += accepted if output is None else output
         state.steps += 1
         if len(state.hist) <= accepted:
             state.hist += [0] * (accepted + 1 - len(state.hist))
