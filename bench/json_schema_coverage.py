@@ -208,25 +208,40 @@ def peers_section(quick: bool) -> dict:
 
 
 # ---- generation -----------------------------------------------------------------------------------
-def generation_schemas(k: int, max_chars: int = 2500) -> tuple[list, list]:
-    """``k`` JSONSchemaBench schemas (sorted by name, small enough for a prompt): half that outlines-core
-    compiles, half that it refuses; both lists of (name, text, schema)."""
-    from decodekit.constraints import JsonSchema
-
+def generation_schemas(k: int, max_chars: int = 5000) -> tuple[list, list]:
+    """``k`` JSONSchemaBench schemas small enough for a prompt, half that outlines-core compiles, half that
+    it refuses; both lists of (name, text, schema). The ``schemas`` folder first (sorted by name); its
+    few refused ones are topped up from MaskBench's schemas (same benchmark), smallest first."""
     compiled, refused = [], []
     for path in sorted((DATA / "jsonschemabench" / "schemas").glob("*/*.json")):
-        text = path.read_text()
-        if len(text) > max_chars:
-            continue
-        schema = json.loads(text)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                c = JsonSchema(schema)
-            except ValueError:
-                continue
-        (compiled if c.byte_dfa() is not None else refused).append((f"{path.parent.name}/{path.name}", text, schema))
-    return compiled[: k // 2], refused[: k - min(k // 2, len(compiled))]
+        _sort_schema(path.read_text(), f"{path.parent.name}/{path.name}", max_chars, compiled, refused, k)
+        if len(compiled) >= k // 2 and len(refused) >= k - k // 2:
+            break
+    masks = sorted((DATA / "jsonschemabench" / "maskbench").glob("*.json"), key=lambda p: (p.stat().st_size, p.name))
+    for path in masks:
+        if len(refused) >= k - k // 2:
+            break
+        text = json.dumps(json.loads(path.read_text())["schema"])
+        _sort_schema(text, f"maskbench/{path.stem}", max_chars, [], refused, k)
+    return compiled[: k // 2], refused[: k - k // 2]
+
+
+def _sort_schema(text: str, name: str, max_chars: int, compiled: list, refused: list, k: int) -> None:
+    from decodekit.constraints import JsonSchema
+
+    if len(text) > max_chars:
+        return
+    schema = json.loads(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            c = JsonSchema(schema)
+        except ValueError:
+            return
+    if c.byte_dfa() is not None and len(compiled) < k // 2:
+        compiled.append((name, text, schema))
+    elif c.byte_dfa() is None and len(refused) < k - k // 2:
+        refused.append((name, text, schema))
 
 
 def generate_one(llm, schema_text: str, constraint, max_new: int, seed: int) -> dict:

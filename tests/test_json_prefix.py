@@ -236,6 +236,7 @@ REJECTED = [
     ({"if": {"type": "string"}, "then": {"maxLength": 1}, "else": {"type": "integer"}}, '"ab'),
     ({"items": {"multipleOf": 2, "type": "integer"}}, "[3]"),
     ({"format": "date"}, '"2020-13-01"'),
+    ({"format": "date-time"}, '"2018-02-12T21:23:11.19B'),
     (TREE, '{"v": 1, "kids": [{"v": 12'),
     (TREE, '{"v": 1, "kids": [{"v": 1, "w'),
     (False, "1"),
@@ -254,6 +255,7 @@ def test_early_rejection(schema, text):
     c = JsonSchema(schema, automaton=False)
     assert c._checker.prefix_ok(text[:-1]), "the prefix before the last character should still be alive"
     assert not c._checker.prefix_ok(text)
+    assert not c._checker.prefix_ok(text + "1") and not c._checker.prefix_ok(text + " 1")  # dead stays dead
 
 
 KEPT = [  # prefixes that look wrong but have valid completions

@@ -48,8 +48,8 @@ class JsonPrefixChecker:
         if hit is not _MISSING:
             return hit
         base = self._cached_prefix(text)
-        state = self._states[base]
-        for ch in text[len(base):]:
+        state = self._states[base]  # None: a dead prefix, and so is every extension of it
+        for ch in text[len(base):] if state is not None else ():
             state = state.step(ch)
             if state is None:
                 break

@@ -42,6 +42,9 @@ def string_ok(conj, text: str) -> bool:
             return False
         if isinstance(kw.get("pattern"), str) and not partial_search(s.ctx.pattern(kw["pattern"]), text):
             return False
+        shape = s.ctx.formats.get(kw.get("format"))
+        if shape is not None and shape.fullmatch(text, partial=True) is None:
+            return False
         if any(not any(isinstance(e, str) and e.startswith(text) for e in values) for values in s.enums):
             return False
     return True

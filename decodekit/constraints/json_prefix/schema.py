@@ -29,10 +29,17 @@ PATTERN_TIMEOUT = 0.05  # seconds per partial match; past it the pattern counts 
 OLD_DRAFTS = (jsonschema.Draft3Validator, jsonschema.Draft4Validator, jsonschema.Draft6Validator,
               jsonschema.Draft7Validator)  # drafts where "$ref" hides its sibling keywords
 _VALID_MEMO = 4096
+# formats whose every valid string fully matches the pattern (the format check at completion stays exact),
+# so a string prefix must partially match it
+FORMAT_PREFIXES = {  # \d as in the checks (Unicode digits)
+    "date-time": r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})",
+    "time": r"\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})",
+    "ipv4": r"[0-9]{1,3}(\.[0-9]{1,3}){3}",
+}
 FLAT_KEYWORDS = frozenset({  # the keywords a prefix is checked against (the rest decide at completion)
     "type", "enum", "const", "properties", "patternProperties", "additionalProperties", "propertyNames",
     "maxProperties", "prefixItems", "items", "additionalItems", "maxItems", "uniqueItems", "maxLength",
-    "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+    "pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
 
 
 class Context:
@@ -45,6 +52,8 @@ class Context:
         self.spec = referencing.jsonschema.specification_with(meta_id, default=referencing.Specification.OPAQUE)
         # "then" / "else" are read by the "if" validator, not validators of their own
         self.known = frozenset(self.cls.VALIDATORS) | ({"then", "else"} if "if" in self.cls.VALIDATORS else set())
+        asserted = getattr(format_checker, "checkers", {})
+        self.formats = {name: re.compile(p) for name, p in FORMAT_PREFIXES.items() if name in asserted}
         self.subs: dict[tuple, Sub] = {}
         self.patterns: dict[str, TimedPattern | None] = {}
         self.alts: dict[tuple, tuple] = {}  # interned conjunctions (tuples of Subs) by member ids
