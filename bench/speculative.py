@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import interleaved, md_table, median, parser, spec_bench, write_results  # noqa: E402
-from decodekit.draft_head import load_head  # noqa: E402
+from decodekit.draft_head import ensure_head, load_head  # noqa: E402
 from decodekit.engine import Engine  # noqa: E402
 from decodekit.models import load_backend  # noqa: E402
 from decodekit.strategies.drafters import (  # noqa: E402
@@ -133,8 +133,10 @@ def main():
     args.strategies = {"ngram": Speculative(draft="ngram"), "int8": Speculative(draft=draft_backend),
                        "ngram+int8": Speculative(draft=lookup_then_int8)}
     args.sources = list(SOURCES)
-    try:
-        head = load_head(backend)
+    try:  # a fresh machine has no trained head: a labeled quick stand-in is built once (draft_head.ensure_head)
+        path, args.head_info = ensure_head(args.model, device=args.device or "cpu",
+                                           log=lambda m: print(m, file=sys.stderr))
+        head = load_head(backend, path)
         args.strategies["head"] = Speculative(draft=HeadDrafter(backend, head))
         args.strategies["ngram+head"] = Speculative(draft=LookupThenModel(NgramDrafter(), HeadDrafter(backend, head)))
         args.sources += ["head", "ngram+head"]
@@ -193,6 +195,7 @@ def summarize(records: list[dict], batch: dict, speed: dict, args):
                "best_source": best, "mean_speedup_t0.7": {s: sum(v.values()) / len(v) for s, v in warm_speedup.items()},
                "batch_speedup": {s: batch[s]["speedup"] for s in sources} if batch else None,
                "int8_decode_ms": speed["int8"], "float32_decode_ms": speed["float32"],
+               "draft_head": getattr(args, "head_info", None),
                "targets": {"mean_speedup>=1.5": mean_speedup[best] >= 1.5,
                            "vs_hf>=1.2": vs_hf[best] >= 1.2,
                            "greedy_identical": identical}}

@@ -22,7 +22,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -261,30 +261,72 @@ def student_name(teacher: str, layers: int) -> str:
     return f"{teacher}-distill-{layers}l"
 
 
-def run(args) -> int:
-    from decodekit.models import cache_root, hf_dir, load_backend
+# A stand-in student for smoke runs (``decodekit bench --quick`` on a fresh machine): the same cut,
+# fitted on 16 teacher answers of 24 tokens for one epoch, ~20-40 s on CPU. Results made with it say so.
+QUICK_CONFIG = DistillConfig(num_prompts=16, gen_tokens=24, epochs=1, warmup=2, val_fraction=0.0)
 
+
+def student_dir(name: str):
+    from decodekit.models import cache_root
+
+    return cache_root() / "distill" / name
+
+
+def build_student(teacher: str, cfg: DistillConfig, directory, show_progress: bool = True) -> dict:
+    """Distill ``cfg.layers`` layers of ``teacher`` into ``directory`` (written atomically); returns its report."""
+    from transformers import AutoTokenizer
+
+    from decodekit.models import hf_dir, load_backend
+
+    backend = load_backend(teacher)  # resolves the alias and builds the plain HF directory once
+    student, report = distill(backend.model, backend.tokenizer, cfg, show_progress=show_progress)
+    tmp = directory.with_name(directory.name + ".tmp")
+    student.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(hf_dir(teacher)).save_pretrained(tmp)
+    report["teacher"] = teacher
+    (tmp / "recipe.json").write_text(json.dumps(report, indent=2))
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return report
+
+
+def ensure_student(name: str, *, quick: bool = False, log=print) -> tuple[str, dict]:
+    """(a loadable model spec, what was done) for the distilled student ``name`` (``<alias>-distill-<K>l``).
+
+    Built already: ``name`` itself. Missing: the full mode builds it with the default recipe (minutes
+    on CPU), saying so and how long it took; ``quick`` builds (or reuses) a labeled stand-in
+    (``QUICK_CONFIG``) under ``<name>-quick`` and returns its directory. Other names pass through."""
+    import re
+
+    match = re.fullmatch(r"(.+)-distill-(\d+)l", name)
+    if match is None or (student_dir(name) / "config.json").exists():
+        return name, {"student": name, "built_now": False, "quick_stand_in": False}
+    teacher, layers = match.group(1), int(match.group(2))
+    directory = student_dir(name + "-quick") if quick else student_dir(name)
+    info = {"student": name + "-quick" if quick else name, "built_now": False, "quick_stand_in": quick}
+    if not (directory / "config.json").exists():
+        cfg = replace(QUICK_CONFIG if quick else DistillConfig(), layers=layers)
+        kind = "a quick stand-in student (16 prompts, 1 epoch)" if quick else "the distilled student (default recipe)"
+        log(f"{name} is not built: building {kind} from {teacher} ...")
+        started = time.perf_counter()
+        build_student(teacher, cfg, directory)
+        info.update(built_now=True, build_seconds=round(time.perf_counter() - started, 1))
+        log(f"built {directory} in {info['build_seconds']:.0f} s")
+    return str(directory), info
+
+
+def run(args) -> int:
     cfg = DistillConfig(layers=args.layers, num_prompts=args.prompts, gen_tokens=args.gen_tokens,
                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    target = cache_root() / "distill" / student_name(args.teacher, args.layers)
+    target = student_dir(student_name(args.teacher, args.layers))
     if (target / "config.json").exists() and not args.force:
         print(f"{target} already exists (use --force to rebuild)")
         return 0
     torch.set_num_threads(args.threads) if args.threads else None
-    backend = load_backend(args.teacher)  # resolves the alias and builds the plain HF directory once
-    student, report = distill(backend.model, backend.tokenizer, cfg)
-    from transformers import AutoTokenizer
-
-    tmp = target.with_name(target.name + ".tmp")
-    student.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(hf_dir(args.teacher)).save_pretrained(tmp)
-    report["teacher"] = args.teacher
-    (tmp / "recipe.json").write_text(json.dumps(report, indent=2))
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)
+    report = build_student(args.teacher, cfg, target)
     print(json.dumps({"student": str(target), **{k: report[k] for k in ("val_before", "val_after", "wall_time_s")}}))
     return 0
 

@@ -362,7 +362,10 @@ def fit_head(head: DraftHead, records: list[dict], recipe: HeadRecipe, log=print
     total = recipe.epochs * len(train)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / recipe.warmup) * max(0.05, 0.5 * (1 + math.cos(math.pi * s / total))))
+    from tqdm.auto import tqdm
+
     t0, step = time.perf_counter(), 0
+    bar = tqdm(total=total, desc="draft head", unit="step", disable=log is None)
     for epoch in range(recipe.epochs):
         rng.shuffle(train)
         for record in train:
@@ -373,6 +376,7 @@ def fit_head(head: DraftHead, records: list[dict], recipe: HeadRecipe, log=print
             opt.step()
             sched.step()
             step += 1
+            bar.update(1)
             if max_seconds and time.perf_counter() - t0 > max_seconds:
                 break
             if log and step % 200 == 0:
@@ -382,6 +386,7 @@ def fit_head(head: DraftHead, records: list[dict], recipe: HeadRecipe, log=print
         if max_seconds and time.perf_counter() - t0 > max_seconds:
             log and log(f"stopped at {max_seconds:.0f} s (step {step}/{total})")
             break
+    bar.close()
     return evaluate_head(head, val or train[:20], lookup)
 
 
@@ -475,7 +480,9 @@ def generate_sequences(model_name: str, prompts: list[str], max_new_tokens: int,
     return out
 
 
-def train(args) -> Path:
+def train(args, prompts: list[str] | None = None) -> Path:
+    """Generate answers, take the target's features and fit a head per ``args`` (the CLI's options);
+    ``prompts`` overrides the prompt source."""
     from decodekit.models import load_backend
 
     if args.threads:
@@ -486,8 +493,8 @@ def train(args) -> Path:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         sequences += [r["prompt_ids"] + r["output_ids"] for r in rows]
         prompt_lens += [len(r["prompt_ids"]) for r in rows]
-    if not args.data or args.prompts or args.generate:
-        prompts = read_prompts(args.prompts) if args.prompts else default_prompts(args.gsm8k)
+    if not args.data or args.prompts or args.generate or prompts:
+        prompts = prompts or (read_prompts(args.prompts) if args.prompts else default_prompts(args.gsm8k))
         temps = tuple(float(t) for t in args.temperatures.split(","))
         for ids, prompt_len in generate_sequences(args.model, prompts, args.gen_tokens, temperatures=temps,
                                                   device=args.device, batch=args.gen_batch):
@@ -506,6 +513,40 @@ def train(args) -> Path:
                    "seconds": round(time.perf_counter() - t0), "device": str(model.device), "validation": metrics,
                    "data": args.data or args.prompts or "default (Spec-Bench minus holdout, GSM8K)"}
     return save_head(head.cpu(), args.name or args.model, recipe_info, args.out)
+
+
+# A stand-in head for benchmark runs on a fresh machine: 16 training prompts, greedy 32-token answers,
+# 15 s of fitting (~1 minute on CPU). Results made with it say so; `decodekit draft-head` trains the real one.
+QUICK_HEAD = {"prompts": 16, "gen_tokens": 32, "max_seconds": 15.0}
+
+
+def ensure_head(model_name: str, *, device: str | None = None, log=print) -> tuple[Path, dict]:
+    """(path, what was done) of a draft head for ``model_name``: the trained one where it exists, else a
+    labeled quick stand-in (``QUICK_HEAD``), built here once and reused."""
+    path = head_path(model_name)
+    if (path / "head.safetensors").exists():
+        return path, {"head": "trained", "built_now": False, "quick_stand_in": False}
+    path = path.with_name(path.name + "-quick")
+    info = {"head": "quick stand-in", "built_now": False, "quick_stand_in": True}
+    if not (path / "head.safetensors").exists():
+        log(f"no draft head for {model_name!r}: building a quick stand-in ({QUICK_HEAD}); "
+            f"train the real one with `decodekit draft-head --model {model_name}`")
+        started = time.perf_counter()
+        args = quick_head_args(model_name, device, str(path))
+        train(args, prompts=default_prompts(num_gsm8k=QUICK_HEAD["prompts"])[-QUICK_HEAD["prompts"]:])
+        info.update(built_now=True, build_seconds=round(time.perf_counter() - started, 1))
+        log(f"built {path} in {info['build_seconds']:.0f} s")
+    return path, info
+
+
+def quick_head_args(model_name: str, device: str | None, out: str):
+    import argparse
+
+    return argparse.Namespace(
+        model=model_name, device=device, out=out, name=None, data=None, prompts=None, generate=False, gsm8k=0,
+        temperatures="0", gen_tokens=QUICK_HEAD["gen_tokens"], gen_batch=QUICK_HEAD["prompts"],
+        max_seconds=QUICK_HEAD["max_seconds"], vocab=HeadRecipe.vocab, epochs=3, lr=HeadRecipe.lr,
+        seed=HeadRecipe.seed, passes=HeadRecipe.passes, threads=0)
 
 
 def run(args) -> int:

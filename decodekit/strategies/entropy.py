@@ -204,7 +204,7 @@ class EntropySwitch(VerifiedMode, Strategy):
             st.head = None
             self._commit_other(seq, st)
             if self.verify is None:
-                if self._switch_rule(st, block[-1]):
+                if self._switch_rule(seq, st, block[-1]):
                     writing.append((seq, block[-1]))
             else:
                 out[seq.seq_id] = self._verified_step(engine, seq, st, block)
@@ -217,7 +217,13 @@ class EntropySwitch(VerifiedMode, Strategy):
             next(m for m in self.models.values() if not m.is_main).backend.cache.commit(st.handle, seq.ids)
             st.committed = True
 
-    def _switch_rule(self, st, logits) -> bool:
+    def choose(self, seq, st) -> str:
+        """The model that writes ``seq``'s current position (plain mode): the entropy rule. Benchmark
+        baselines override it (random or fixed schedules at the same large-model share)."""
+        return choose_model(active=st.active, mean_entropy=st.decision_mean, threshold=self.threshold,
+                            since_switch=st.since_switch, min_dwell=self.min_dwell)
+
+    def _switch_rule(self, seq, st, logits) -> bool:
         """Plain switching: fold this position's entropy into the window and decide its writer.
         True: the active model writes it now; False: a switch, the incoming model computes it next step."""
         h = float(entropy_bits(logits))
@@ -226,8 +232,7 @@ class EntropySwitch(VerifiedMode, Strategy):
             return True
         st.entropies.append(h)
         st.decision_mean = rolling_mean(st.entropies, self.window)
-        choice = choose_model(active=st.active, mean_entropy=st.decision_mean, threshold=self.threshold,
-                              since_switch=st.since_switch, min_dwell=self.min_dwell)
+        choice = self.choose(seq, st)
         if choice == st.active:
             return True
         st.active, st.since_switch, st.num_switches, st.switching = choice, 0, st.num_switches + 1, True
