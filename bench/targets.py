@@ -59,6 +59,45 @@ def _entropy_point(s):
             else "no such threshold"), best is not None
 
 
+def _ead_vs_random(s):
+    """Every threshold with large share in [0.3, 0.8]: EAD's quality loss <= 0.7x random switching's, CI above 0."""
+    random_at = {b["threshold"]: b for b in _get(s, "baselines", "random")}
+    gains = {g["threshold"]: g for g in _get(s, "ead_minus_random")}
+    checked = [p for p in _get(s, "points") if 0.3 <= p["large_share"] <= 0.8 and p["threshold"] in random_at]
+    parts, ok = [], bool(checked)
+    for p in checked:
+        loss, random_loss = 1 - p["quality_ratio"], 1 - random_at[p["threshold"]]["quality_ratio"]
+        lo = gains[p["threshold"]]["ci95"][0]
+        ok = ok and loss <= 0.7 * random_loss and lo > 0
+        parts.append(f"s={p['large_share']}: loss {loss:.3f} vs {random_loss:.3f}, CI low {lo:+.3f}")
+    return "; ".join(parts) or "no threshold in that share range", ok
+
+
+def _verified(pick):
+    def measure(s):
+        runs = _get(s, "verified")
+        run = pick(runs)
+        if run is None:
+            return "no such setting", False
+        fig = f"tolerance {run['tolerance']}: quality {run['quality_ratio']}, wall {run['wall_ratio_vs_large']}"
+        return fig, True
+    return measure
+
+
+def _verified_strict(s):
+    strict = [r for r in _get(s, "verified") if r["tolerance"] == 0]
+    if not strict:
+        return "not run", False
+    r = strict[0]
+    return (f"identical {r['identical_to_large']}, wall {r['wall_ratio_vs_large']}",
+            r["identical_to_large"] is True and r["wall_ratio_vs_large"] <= 1.0)
+
+
+def _wall_vs_cost(s):
+    worst = max(_get(s, "points"), key=lambda p: abs(p["overhead"]))
+    return f"worst {worst['overhead']:+.3f} (tau={worst['threshold']})", abs(worst["overhead"]) <= 0.1
+
+
 def _tree_diversity(s):
     tree, independent = _get(s, "distinct_answers", "tree"), _get(s, "distinct_answers", "independent")
     return f"{tree} vs {independent}", tree >= 0.9 * independent
@@ -94,6 +133,15 @@ TARGETS = [
            _extreme_at_least(1.0, min, "decodekit_smc5_vs_genlm_smc5")),
     Target("entropy_switch", "large share <= 45%, quality >= 95%, faster than large-only", "a threshold exists",
            _entropy_point),
+    Target("entropy_switch", "share 0.3-0.8: EAD quality loss <= 0.7x random switching's, 95% CI of the gain > 0",
+           "every such threshold", _ead_vs_random),
+    Target("entropy_switch", "verified, tolerance 0: greedy identical to large-only, wall <= 1.0x", "true",
+           _verified_strict),
+    Target("entropy_switch", "a verified setting with quality >= 0.95 at wall <= 0.85x large-only", "exists",
+           _verified(lambda runs: next((r for r in runs if r["quality_ratio"] >= 0.95
+                                        and r["wall_ratio_vs_large"] <= 0.85), None))),
+    Target("entropy_switch", "plain EAD: wall ratio within 0.1 of the parameter-weighted cost ratio", "every point",
+           _wall_vs_cost),
     Target("tree_rollout", "forward tokens, tree / independent", "<= 0.65", _at_most(0.65, "forward_tokens_ratio")),
     Target("tree_rollout", "wall-clock, tree / independent", "<= 0.75", _at_most(0.75, "wall_ratio")),
     Target("tree_rollout", "distinct answers vs independent", ">= 90%", _tree_diversity),
