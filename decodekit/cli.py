@@ -63,7 +63,40 @@ def _models(args) -> int:
     return 0
 
 
-COMMANDS = [_add_generate, _add_models]
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="measure speculation costs for a model on this device and save them "
+                                       "where Speculative finds them")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the model loader's choice)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--context", type=int, default=256, help="tokens of context each timed row extends")
+    p.add_argument("--reps", type=int, default=5, help="timed rounds (medians); a warm-up round comes first")
+    p.add_argument("--output", default=None, help="where to save (default: the path Speculative reads)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (as the server will run)")
+    p.set_defaults(func=_profile)
+
+
+def _profile(args) -> int:
+    from pathlib import Path
+
+    from decodekit.models import load_backend
+    from decodekit.profiles import device_of, measure_profile, profile_path
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    backend = load_backend(args.model, dtype=args.dtype, device=args.device, cache_tokens=4 * args.context + 64)
+    profile = measure_profile(backend, context=args.context, reps=args.reps,
+                              progress=lambda text: print(f"decodekit profile: {text}", file=sys.stderr))
+    path = Path(args.output) if args.output else profile_path(backend.name, device_of(backend))
+    profile.save(path)
+    print(json.dumps({"saved": str(path), "verify_cost": profile.verify_cost,
+                      "width_cost": profile.width_cost[:16], "source": profile.source}))
+    return 0
+
+
+COMMANDS = [_add_generate, _add_models, _add_profile]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -289,7 +289,7 @@ class ConstrainedSpeculative(Constrained):
         tokens = []
         if self.spec.draft == "ngram":
             tokens = ngram_lookup(ids, num_tokens=room, max_ngram=self.spec.max_ngram, min_ngram=self.spec.min_ngram,
-                                  match_caps=self.spec.match_caps)[1]
+                                  match_caps=self.spec.lookup_caps(engine))[1]
         kept, text, _ = self._admissible(st, p.text, p.fsa_state, tokens, seq)
         tokens = tokens[:kept]
         if any(t in st.checker.eos_ids for t in tokens):

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from decodekit.backends.cpu_linear import unpacked
+from decodekit.profiles import CPU_PROFILE, SpeculationProfile
 from decodekit.sampling import draw, probs_from_logits
 from decodekit.strategies.spec_state import SpecState
 
@@ -33,32 +34,6 @@ class Draft(NamedTuple):
 
 # ---- what a draft is worth ------------------------------------------------------------------------
 
-# Cost of one target forward over m new tokens (entry m - 1) against a 1-token decode step. CPU:
-# SmolLM2-135M float32 with packed linears, 1 thread, ~300-token context, medians of two interleaved
-# runs (m = 1..8, 10, 12, 16; the rest interpolated). GPU: a forward this small is launch-bound.
-CPU_VERIFY_COST = (1.0, 1.05, 1.12, 1.25, 1.32, 1.37, 1.41, 1.45, 1.55, 1.65, 1.7, 1.75, 1.8, 1.85, 1.9, 1.95, 2.0)
-GPU_VERIFY_COST = tuple(1.0 + 0.01 * m for m in range(17))
-# Cost of widening a batched step by one token position (every row may fill it: ragged rows are packed
-# or padded to the widest), against the plain step, by batch size B (entry B - 1, flat past the end).
-# CPU, SmolLM2-135M float32, 1 thread, ~300-token contexts: a batch of 4 one-token rows took 85 ms,
-# 100 ms with one row verifying 1 draft and 99 ms with all four doing so, 112 ms with 2 drafts; a
-# batch of 16 ~170 ms, +40-65% with 2 drafts. Drafts of other rows ride almost free once a step is wide.
-_CPU_WIDTH_POINTS = {1: 0.05, 2: 0.1, 4: 0.15, 8: 0.22, 16: 0.3, 32: 0.4}
-
-
-def _interpolate(points: dict[int, float], size: int) -> tuple[float, ...]:
-    keys = sorted(points)
-    out = []
-    for b in range(1, size + 1):
-        lo = max(k for k in keys if k <= b)
-        hi = min((k for k in keys if k >= b), default=lo)
-        t = 0.0 if hi == lo else (b - lo) / (hi - lo)
-        out.append(round(points[lo] + t * (points[hi] - points[lo]), 4))
-    return tuple(out)
-
-
-CPU_WIDTH_COST = _interpolate(_CPU_WIDTH_POINTS, 32)
-GPU_WIDTH_COST = (0.01,) * 32
 
 
 def verify_cost_of(table, m: int) -> float:
@@ -129,8 +104,25 @@ class Drafter(ABC):
     # once the chance that the next draft is still accepted falls below this plus a verify row.
     token_cost = 0.0
     estimates_confidence = False  # True: every Draft carries ``confidence``
-    verify_cost = CPU_VERIFY_COST  # the strategy sets its own tables at attach
-    width_cost = CPU_WIDTH_COST
+    profile: SpeculationProfile = CPU_PROFILE  # the strategy sets its model's and device's at attach
+    verify_cost = CPU_PROFILE.verify_cost  # the profile's, or the strategy's own overrides
+    width_cost = CPU_PROFILE.width_cost
+
+    def use_profile(self, profile: SpeculationProfile, verify_cost=None, width_cost=None) -> None:
+        """Decide with ``profile`` (cost tables overridden where given), here and in inner drafters."""
+        self.profile = profile
+        self.verify_cost = verify_cost or profile.verify_cost
+        self.width_cost = width_cost or profile.width_cost
+        for inner in self.inner_drafters():
+            inner.use_profile(profile, verify_cost, width_cost)
+
+    def inner_drafters(self) -> list[Drafter]:
+        return []
+
+    def worth_drafting(self, confidence: list[float], seq) -> bool:
+        """Draft one more token where the earlier drafts' joint (calibrated) confidence still pays for
+        it: beats its own cost plus about one more verify row's share."""
+        return math.prod(calibrated(confidence, seq)) > self.token_cost + self.profile.row_cost
 
     @abstractmethod
     def propose(self, seqs, ks: list[int]) -> list[Draft]:
@@ -191,16 +183,12 @@ def ngram_lookup(ids: list[int], *, num_tokens: int, max_ngram: int = 3, min_ngr
 # SmolLM2 outputs the first drafted token is right 20% / 47% / 66% of the time after a 1 / 2 / 3-token
 # match, and on CPU a verify of 1 + 4 tokens costs 1.56x a plain step (1 + 1: 1.06x), so long drafts
 # after short matches cost more than they return (simulated over the greedy outputs: +7% speed).
-MATCH_CAPS = (1, 3)
-
-# How often the i-th lookup draft (i = 0..3, then 4+) is accepted given the earlier ones were, after
-# a 1 / 2 / 3-or-longer-token match: SmolLM2-135M greedy answers to 39 held-out Spec-Bench prompts
-# (3 per category), 2,300 positions.
-NGRAM_ACCEPTANCE = {1: (0.2, 0.5, 0.6, 0.6, 0.8), 2: (0.45, 0.65, 0.6, 0.7, 0.8), 3: (0.7, 0.75, 0.8, 0.85, 0.9)}
+MATCH_CAPS = CPU_PROFILE.match_caps
 
 
-def ngram_confidence(match: int, num_tokens: int) -> list[float]:
-    rates = NGRAM_ACCEPTANCE[min(match, 3)]
+def ngram_confidence(match: int, num_tokens: int, acceptance: dict = CPU_PROFILE.ngram_acceptance) -> list[float]:
+    """Prior acceptance of each of ``num_tokens`` lookup drafts after a ``match``-token match."""
+    rates = acceptance[min(match, 3)]
     return [rates[min(i, len(rates) - 1)] for i in range(num_tokens)]
 
 
@@ -220,7 +208,8 @@ class NgramDrafter(Drafter):
     def _propose(self, ids: list[int], k: int) -> Draft:
         match, tokens = ngram_lookup(ids, num_tokens=k, max_ngram=self.max_ngram, min_ngram=self.min_ngram,
                                      match_caps=self.match_caps)
-        return Draft(tokens, None, ngram_confidence(match, len(tokens)) if tokens else [])
+        return Draft(tokens, None, ngram_confidence(match, len(tokens), self.profile.ngram_acceptance) if tokens
+                     else [])
 
 
 # ---- a draft model in its own cache namespace --------------------------------------------------
@@ -232,16 +221,6 @@ def draw_draft(logits: torch.Tensor, seq) -> tuple[int, torch.Tensor | None, flo
         return int(logits.argmax(-1)), None, float(torch.softmax(logits.float(), -1).max())
     q = probs_from_logits(logits, seq.params)
     return draw(q, seq.generator), q, float(q.max())
-
-
-# A drafted token pays when the chance it is accepted beats its own cost plus about one more verify
-# row (CPU_VERIFY_COST's mean step below 8 tokens).
-VERIFY_ROW_COST = 0.05
-
-
-def worth_drafting(confidence: list[float], seq, token_cost: float) -> bool:
-    """Draft one more token where the earlier drafts' joint (calibrated) confidence still pays for it."""
-    return math.prod(calibrated(confidence, seq)) > token_cost + VERIFY_ROW_COST
 
 
 # The drafter's confidences are scaled per sequence by (hits + PRIOR) / (claimed + PRIOR) over the
@@ -291,7 +270,7 @@ class ModelDrafter(Drafter):
                 if q is not None:
                     qs[i].append(q)
                 new_ids[i] = [token]
-            active = [i for i in active if ks[i] > step + 1 and worth_drafting(confs[i], seqs[i], self.token_cost)]
+            active = [i for i in active if ks[i] > step + 1 and self.worth_drafting(confs[i], seqs[i])]
         return [Draft(d, torch.stack(q) if q else None, c) for d, q, c in zip(drafts, qs, confs)]
 
     def _handle(self, seq):
@@ -387,7 +366,7 @@ class HeadDrafter(Drafter):
             confs.append(conf)
             if q is not None:
                 qs.append(q)
-            if step + 1 == k or not worth_drafting(confs, seq, self.token_cost):
+            if step + 1 == k or not self.worth_drafting(confs, seq):
                 break
             pos = torch.tensor([last + 1 + step], device=device)
             feature, past = self.head(torch.tensor([[token]], device=device), feature, pos, past)
@@ -414,8 +393,6 @@ class LookupThenModel(Drafter):
     (a short match), and the draft with the better expected tokens per verify cost wins.
     """
 
-    LOOKUP_SURE = 0.7  # a lookup draft this likely to be accepted (a 3-token match) is not second-guessed
-
     def __init__(self, lookup: NgramDrafter, model: Drafter):
         self.lookup, self.model = lookup, model
         self.name = f"ngram+{model.name}"
@@ -425,7 +402,7 @@ class LookupThenModel(Drafter):
         out = self.lookup.propose(seqs, ks)
         compare = self.model.estimates_confidence
         ask = [i for i, d in enumerate(out) if ks[i] > 0 and (
-            not d.tokens or (compare and d.confidence[0] < self.LOOKUP_SURE))]
+            not d.tokens or (compare and d.confidence[0] < self.profile.lookup_sure))]
         if ask:
             for i, d in zip(ask, self.model.propose([seqs[i] for i in ask], [ks[i] for i in ask])):
                 if not out[i].tokens or self._rate(d, seqs[i]) > self._rate(out[i], seqs[i]):
@@ -437,6 +414,9 @@ class LookupThenModel(Drafter):
 
     def rollback(self, seq, num_verified):
         self.model.rollback(seq, num_verified)
+
+    def inner_drafters(self):
+        return [self.lookup, self.model]
 
     def release(self, seq):
         self.model.release(seq)

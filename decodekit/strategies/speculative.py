@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from decodekit.profiles import SpeculationProfile, load_profile, profile_for
 from decodekit.sampling import probs_from_logits
 from decodekit.strategies.acceptance import verify_greedy, verify_sampled
 from decodekit.strategies.base import Proposal, Row, Strategy
 from decodekit.strategies.drafters import (
-    CPU_VERIFY_COST,
-    CPU_WIDTH_COST,
-    GPU_VERIFY_COST,
-    GPU_WIDTH_COST,
     MATCH_CAPS,
     Draft,
     Drafter,
@@ -51,20 +48,26 @@ class Speculative(Strategy):
     Adaptive, for a single sequence and a drafter that estimates how likely each draft is accepted (all
     built-in ones: the draft's own probability, or n-gram hit rates by match length): each step keeps the draft prefix
     with the most expected tokens per unit of verify cost, under ``verify_cost`` (the cost of an
-    m-token target forward against a 1-token one, entry m - 1; default: measured CPU costs, or a
-    near-flat table on CUDA). In a batch, or with a drafter that does not: start at 4, +2 after a fully accepted
-    block, -1 after a rejection, and a single draft token rejected outright pauses drafting for 1, 2,
-    4, ... up to 16 plain steps. ``max_ngram`` / ``min_ngram``: the suffix sizes n-gram lookup tries;
-    ``match_caps``: at most ``match_caps[n - 1]`` lookup drafts after an n-token match (default (1, 3):
-    short matches predict poorly; ``()`` drafts k after any match).
+    m-token target forward against a 1-token one, entry m - 1). In a batch, or with a drafter that
+    does not: start at 4, +2 after a fully accepted block, -1 after a rejection, and a single draft
+    token rejected outright pauses drafting for 1, 2, 4, ... up to 16 plain steps. ``max_ngram`` /
+    ``min_ngram``: the suffix sizes n-gram lookup tries; ``match_caps``: at most ``match_caps[n - 1]``
+    lookup drafts after an n-token match (default the profile's, (1, 3): short matches predict poorly;
+    ``()`` drafts k after any match).
+
+    ``profile``: the economics these decisions use (``decodekit.profiles.SpeculationProfile`` or the
+    path of a saved one); default: the profile ``decodekit profile`` saved for the target's model and
+    device, else the measured CPU table on CPU and a near-flat one on CUDA. ``verify_cost`` /
+    ``width_cost`` override its tables.
     """
 
     name = "speculative"
 
     def __init__(self, draft="ngram", num_draft_tokens: int | str = "adaptive", *, max_ngram: int = 3,
-                 min_ngram: int = 1, match_caps: tuple[int, ...] = MATCH_CAPS, verify_cost=None,
-                 width_cost=None):
+                 min_ngram: int = 1, match_caps: tuple[int, ...] | None = None, verify_cost=None,
+                 width_cost=None, profile: SpeculationProfile | str | None = None):
         _check_draft(draft)
+        self.profile = None if profile is None else load_profile(profile)
         self.verify_cost = None if verify_cost is None else _check_verify_cost(verify_cost)
         self.width_cost = None if width_cost is None else _check_width_cost(width_cost)
         adaptive = num_draft_tokens == "adaptive"
@@ -76,10 +79,10 @@ class Speculative(Strategy):
             raise ValueError(f"max_ngram must be an integer >= 1, got {max_ngram!r}")
         if not isinstance(min_ngram, int) or isinstance(min_ngram, bool) or not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"min_ngram must be an integer in 1..max_ngram ({max_ngram}), got {min_ngram!r}")
-        if not isinstance(match_caps, (tuple, list)) or not all(
-                isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in match_caps):
+        if match_caps is not None and (not isinstance(match_caps, (tuple, list)) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in match_caps)):
             raise ValueError(f"match_caps must be a tuple of integers >= 1, got {match_caps!r}")
-        self.match_caps = tuple(match_caps)
+        self.match_caps = None if match_caps is None else tuple(match_caps)
         self.draft = draft
         self.adaptive = adaptive
         self.max_k = MAX_DRAFT_TOKENS if adaptive else num_draft_tokens
@@ -90,11 +93,17 @@ class Speculative(Strategy):
 
     # ---- Strategy hooks ---------------------------------------------------------------------
     def attach(self, engine):
+        profile = self.profile_of(engine)
         drafter = make_drafter(self.draft, engine.backend, ngram=(self.min_ngram, self.max_ngram),
-                               match_caps=self.match_caps)
-        drafter.verify_cost = self.verify_cost or default_verify_cost(engine.backend)
-        drafter.width_cost = self.width_cost or default_width_cost(engine.backend)
+                               match_caps=self.lookup_caps(engine))
+        drafter.use_profile(profile, self.verify_cost, self.width_cost)
         self._drafters[id(engine)] = drafter
+
+    def profile_of(self, engine) -> SpeculationProfile:
+        return self.profile or profile_for(engine.backend)
+
+    def lookup_caps(self, engine) -> tuple[int, ...]:
+        return self.match_caps if self.match_caps is not None else self.profile_of(engine).match_caps
 
     def extra_slots(self, request):
         return self.max_k + 1
@@ -322,10 +331,6 @@ def _critical_rows(engine, seqs) -> list[bool] | None:
     return [n == most for n in left]
 
 
-def default_width_cost(backend) -> tuple[float, ...]:
-    return GPU_WIDTH_COST if _on_cuda(backend) else CPU_WIDTH_COST
-
-
 def _check_width_cost(table) -> tuple[float, ...]:
     """A width-cost table (entry B - 1: widening a step of B rows by one token, against the plain step);
     a single number applies to every batch size."""
@@ -337,15 +342,6 @@ def _check_width_cost(table) -> tuple[float, ...]:
     if not values or any(not c >= 0 for c in values):
         raise ValueError(f"width_cost must be a number >= 0 or a sequence of them by batch size, got {table!r}")
     return values
-
-
-def default_verify_cost(backend) -> tuple[float, ...]:
-    return GPU_VERIFY_COST if _on_cuda(backend) else CPU_VERIFY_COST
-
-
-def _on_cuda(backend) -> bool:
-    device = getattr(backend, "device", None)
-    return getattr(device, "type", device) == "cuda"
 
 
 def _check_verify_cost(table) -> tuple[float, ...]:
