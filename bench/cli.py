@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_bench(sub) -> None:
-    from bench.run_all import build_parser
+    from decodekit.bench.run_all import build_parser
 
     parent = build_parser()
     p = sub.add_parser("bench", help="run the benchmark suite and write bench/results/REPORT.md",
@@ -15,7 +15,7 @@ def add_bench(sub) -> None:
 def _bench(args) -> int:
     import sys
 
-    from bench.run_all import run
+    from decodekit.bench.run_all import run
 
     run(args, command="decodekit bench " + " ".join(sys.argv[2:]))
     return 0

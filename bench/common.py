@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from decodekit.paths import CHECKOUT, data_dir, results_dir
 
-
-def data_dir() -> Path:
-    """The shared data folder: ``$DECODEKIT_DATA`` when set, else ``../shared/data`` beside the project."""
-    override = os.environ.get("DECODEKIT_DATA")
-    return Path(override).expanduser().resolve() if override else ROOT.parent / "shared" / "data"
-
-
+ROOT = CHECKOUT if CHECKOUT is not None else Path.cwd()
 DATA = data_dir()
-RESULTS = ROOT / "bench" / "results"
+RESULTS = results_dir()
 
 
 def parser(description: str) -> argparse.ArgumentParser:

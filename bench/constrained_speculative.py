@@ -22,12 +22,10 @@ import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from bench.common import DATA, md_table, parser, write_results
-from bench.constraints import json_task
+from decodekit.bench.common import DATA, ROOT, md_table, parser, write_results
+from decodekit.bench.constraints import json_task
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["forced", "ngram", "head"]
 TEMPERATURES = {"greedy": 0.0, "t0.7": 0.7}
 
@@ -127,7 +125,7 @@ def outlines_peer(args, max_new: int) -> dict:
     python = ROOT / ".venv-peers" / "bin" / "python"
     if not python.exists():
         return {"not_run": "not installed: .venv-peers is missing; set it up with `make setup-peers`"}
-    cmd = [str(python), "-m", "bench.constrained_speculative", "--peer", "outlines", "--model", args.model,
+    cmd = [str(python), "-m", "decodekit.bench.constrained_speculative", "--peer", "outlines", "--model", args.model,
            "--max-new", str(max_new)] + (["--quick"] if args.quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3 * 3600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -139,8 +137,8 @@ def outlines_peer(args, max_new: int) -> dict:
 def run_outlines(args) -> None:
     """Peer mode (inside .venv-peers): outlines' tokens/s per task and temperature on the same items."""
     import torch
+    from decodekit.bench.constraint_peers import Outlines
 
-    from bench.constraint_peers import Outlines
     from decodekit import LLM
 
     llm = LLM(args.model, device="cpu")

@@ -18,7 +18,7 @@ A constraint a peer cannot express (a back-reference pattern for an automaton, a
 is recorded as unsupported with the error. Needs ``make setup-peers`` (``.venv-peers``); ``decodekit
 bench`` runs it with that venv's python.
 
-    .venv-peers/bin/python -m bench.constraint_peers [--quick]
+    .venv-peers/bin/python -m decodekit.bench.constraint_peers [--quick]
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bench.common import md_table, parser, write_results
-from bench.constraints import grammar_task, json_task, pattern_task, rates
+from decodekit.bench.common import md_table, parser, write_results
+from decodekit.bench.constraints import grammar_task, json_task, pattern_task, rates
 
 CONTENDERS = ["decodekit_awrs", "decodekit_awrs_smc5", "genlm_awrs_smc5", "outlines"]
 

@@ -17,7 +17,8 @@ import csv
 import random
 import time
 
-from bench.common import DATA, compiling_schemas, md_table, median, parser, write_results
+from decodekit.bench.common import DATA, compiling_schemas, md_table, median, parser, write_results
+
 from decodekit.api import LLM
 from decodekit.constraints import Grammar, JsonSchema, Regex
 from decodekit.strategies.constrained import Constrained

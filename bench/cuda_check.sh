@@ -5,11 +5,11 @@
 #   (b) a random-weight model with SmolLM2-135M's exact architecture (config + tokenizer from .devcarry/smollm2-135m,
 #       no weights), bfloat16, saved with save_pretrained to $MODEL_DIR;
 #   (c) the tiny-model tests on the GPU (DECODEKIT_TEST_DEVICE=cuda; real-model tests skip there);
-#   (d) bench.throughput --quick on the random model in bfloat16 (decodekit and transformers on one model object);
+#   (d) decodekit.bench.throughput --quick on the random model in bfloat16 (decodekit and transformers on one model object);
 #   (e) public-API checks, each reported on its own: greedy speculative (ngram) == plain greedy token for token
 #       (bf16 and float32); seeded sampling and seeded speculative sampling reproducible; a regex constraint
 #       honoured (sampled, and with SMC particles); a sampled tree rollout; a sampled entropy switch;
-#   (d') the full bench.throughput run (skipped with QUICK_ONLY=1).
+#   (d') the full decodekit.bench.throughput run (skipped with QUICK_ONLY=1).
 # Everything is logged to $OUT/cuda_check.log (pytest also to $OUT/tests.log); the throughput results land in
 # $OUT/quick and $OUT/full: 6 files, within what the device tool brings back.
 #
@@ -96,9 +96,9 @@ fi
 fi
 
 if want quick; then
-step "(d) bench.throughput --quick, $DTYPE, $DEVICE"
+step "(d) decodekit.bench.throughput --quick, $DTYPE, $DEVICE"
 mkdir -p "$OUT/quick"
-timeout "$(cap 90)" $PY -m bench.throughput --quick --model "$MODEL_DIR" --device "$DEVICE" --dtype "$DTYPE" \
+timeout "$(cap 90)" $PY -m decodekit.bench.throughput --quick --model "$MODEL_DIR" --device "$DEVICE" --dtype "$DTYPE" \
     --out "$OUT/quick" || status=1
 fi
 
@@ -213,9 +213,9 @@ if [ -n "${QUICK_ONLY:-}" ] || ! want full; then
 elif [ $(( DEADLINE - SECONDS )) -lt 75 ]; then
     echo "only $(( DEADLINE - SECONDS ))s left of DEADLINE=$DEADLINE: no full throughput run"
 else
-    step "(d') bench.throughput (full), $DTYPE, $DEVICE"
+    step "(d') decodekit.bench.throughput (full), $DTYPE, $DEVICE"
     mkdir -p "$OUT/full"
-    timeout "$(cap 300)" $PY -m bench.throughput --model "$MODEL_DIR" --device "$DEVICE" --dtype "$DTYPE" \
+    timeout "$(cap 300)" $PY -m decodekit.bench.throughput --model "$MODEL_DIR" --device "$DEVICE" --dtype "$DTYPE" \
         --out "$OUT/full" || status=1
 fi
 step "done, status=$status"

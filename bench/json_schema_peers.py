@@ -7,7 +7,7 @@ mask before each token of the valid instances. Options: llguidance's defaults (f
 whitespace); XGrammar ``any_whitespace=True, strict_mode=False`` (properties in schema order,
 its default). ``bench/json_schema_coverage.py`` runs this script and reports its last line.
 
-    .venv-peers/bin/python -m bench.json_schema_peers [--quick]
+    .venv-peers/bin/python -m decodekit.bench.json_schema_peers [--quick]
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import json
 import sys
 import time
 
-from bench.common import median
+from decodekit.bench.common import median
 
 MASK_TOKENS = 64  # mask timings per instance (the first tokens); acceptance is checked on all of them
 
 
 def load(quick: bool) -> list[tuple[str, dict]]:
-    from bench.json_schema_coverage import maskbench
+    from decodekit.bench.json_schema_coverage import maskbench
 
     return maskbench(quick)
 

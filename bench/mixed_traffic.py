@@ -21,8 +21,8 @@ forward calls per engine step in the mixed run (1.0: every kind of request rides
 ``spec_batch_speedup``: n-gram ``Speculative`` vs plain ``Sample``, greedy, EOS ignored, on the first 4
 and on all 16 prompts as one batch each; tokens/s ratio, median of same-round ratios.
 
-    .venv/bin/python -m bench.mixed_traffic            # full run: 64 tokens, 3 rounds
-    .venv/bin/python -m bench.mixed_traffic --quick    # smoke run: 16 tokens, 1 round
+    .venv/bin/python -m decodekit.bench.mixed_traffic            # full run: 64 tokens, 3 rounds
+    .venv/bin/python -m decodekit.bench.mixed_traffic --quick    # smoke run: 16 tokens, 1 round
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ import time
 from collections.abc import Callable
 
 import torch
-
-from bench.common import (
+from decodekit.bench.common import (
     DATA,
     compiling_schemas,
     interleaved,
@@ -47,6 +46,7 @@ from bench.common import (
     spec_bench,
     write_results,
 )
+
 from decodekit import LLM, Constrained, JsonSchema, Regex, SamplingParams, Speculative
 
 TEMPERATURES = [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0]

@@ -17,12 +17,11 @@ import time
 from collections import deque
 from pathlib import Path
 
+from decodekit.bench.common import RESULTS, ROOT, machine
+from decodekit.bench.targets import check
 from tqdm import tqdm
 
-from bench.common import RESULTS, machine
-from bench.targets import check
-
-ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = __package__ or "decodekit.bench"  # the scripts run as ``python -m decodekit.bench.<name>``
 BENCHMARKS = ["throughput", "speculative", "constraints", "constraint_peers", "constrained_speculative",
               "json_schema_coverage", "entropy_switch", "tree_rollout", "server_load", "server_abuse", "mixed_traffic",
               "throughput_vllm", "tree_rollout_vllm"]
@@ -41,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--package", default="bench", help=argparse.SUPPRESS)  # tests point this at stub scripts
+    p.add_argument("--package", default=PACKAGE, help=argparse.SUPPRESS)  # tests point this at stub scripts
     p.add_argument("--timeout", type=float, default=3600, help="seconds per script")
     p.add_argument("--keep", action="store_true", help="keep earlier results (results.json) of scripts not run now")
     return p
@@ -56,7 +55,7 @@ def run_script(name: str, args) -> dict:
 def _run_script(name: str, args) -> dict:
     module, extra, venv, setup = SPECS.get(name, (name, [], None, None))
     python = sys.executable
-    if venv is not None and args.package == "bench":
+    if venv is not None and args.package == PACKAGE:
         python = str(ROOT / venv / "bin" / "python")
         if not Path(python).exists():
             return {"summary": None, "error": f"not installed: {venv} is missing; set it up with `{setup}`",
@@ -126,7 +125,7 @@ def report(results: dict[str, dict], args, command: str) -> str:
 def run(args, command: str | None = None) -> dict[str, dict]:
     names = args.only or BENCHMARKS
     unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown and args.package == "bench":
+    if unknown and args.package == PACKAGE:
         raise ValueError(f"unknown benchmark(s) {unknown}; known: {BENCHMARKS}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     store = Path(args.out) / "results.json"
@@ -136,10 +135,10 @@ def run(args, command: str | None = None) -> dict[str, dict]:
         tqdm.write(f"== {name}")
         fresh[name] = run_script(name, args)
         tqdm.write(f"   {'ok' if fresh[name]['error'] is None else 'FAILED'} in {fresh[name]['seconds']:.0f} s")
-    order = BENCHMARKS if args.package == "bench" else list(dict.fromkeys([*earlier, *fresh]))
+    order = BENCHMARKS if args.package == PACKAGE else list(dict.fromkeys([*earlier, *fresh]))
     results = {n: fresh.get(n, earlier.get(n)) for n in order if n in fresh or n in earlier}
     store.write_text(json.dumps(results, indent=2))
-    command = command or " ".join(["python -m bench.run_all", *sys.argv[1:]])
+    command = command or " ".join(["python -m decodekit.bench.run_all", *sys.argv[1:]])
     (Path(args.out) / "REPORT.md").write_text(report(results, args, command))
     (Path(args.out) / "summary.json").write_text(json.dumps(
         {n: r["summary"] for n, r in results.items()}, indent=2))

@@ -18,8 +18,7 @@ import threading
 import time
 
 import httpx
-
-from bench.common import md_table, parser, write_results
+from decodekit.bench.common import md_table, parser, write_results
 
 KEY = "bench-key"
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -165,8 +164,9 @@ def option_memory(url: str, model: str, count: int) -> float:
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
+    from decodekit.servers.openai.app import ServerThread, create_app
+
     from decodekit.api import LLM
-    from servers.openai.app import ServerThread, create_app
 
     llm = LLM(args.model, device=args.device)
     app = create_app(llm, model_name=args.model, api_key=KEY)

@@ -36,8 +36,16 @@ import time
 from pathlib import Path
 
 import httpx
-
-from bench.common import ROOT, compiling_schemas, md_table, median, parser, require_data, spec_bench, write_results
+from decodekit.bench.common import (
+    ROOT,
+    compiling_schemas,
+    md_table,
+    median,
+    parser,
+    require_data,
+    spec_bench,
+    write_results,
+)
 
 LEVELS = (1, 4, 16)
 TARGET_SPEEDUP = 3.0
@@ -118,7 +126,7 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "servers.openai", "--model", self.args.model, "--port", str(port),
+        cmd = [sys.executable, "-m", "decodekit.servers.openai", "--model", self.args.model, "--port", str(port),
                "--max-batch-size", "32", "--max-queue", "64", "--log-level", "warning"]
         if self.args.device:
             cmd += ["--device", self.args.device]

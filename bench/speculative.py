@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import interleaved, md_table, median, parser, spec_bench, write_results  # noqa: E402
+from decodekit.bench.common import interleaved, md_table, median, parser, spec_bench, write_results  # noqa: E402
+
 from decodekit.draft_head import ensure_head, load_head  # noqa: E402
 from decodekit.engine import Engine  # noqa: E402
 from decodekit.models import load_backend  # noqa: E402

@@ -8,8 +8,7 @@ before each timed run so repeated prompts give it no unfair head start.
 from __future__ import annotations
 
 import torch
-
-from bench.common import interleaved, md_table, median, parser, spec_bench, timed, write_results
+from decodekit.bench.common import interleaved, md_table, median, parser, spec_bench, timed, write_results
 
 
 def chat_ids(llm, questions):

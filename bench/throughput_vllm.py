@@ -1,7 +1,7 @@
 """Throughput of decodekit on vLLM vs vLLM called directly (same engine, same arguments) vs decodekit's
 transformers backend: greedy decoding, fixed new tokens (EOS ignored), batch 1, 8 and 32.
 
-Run in the vLLM environment: ``.venv-vllm/bin/python -m bench.throughput_vllm [--quick]``. The last
+Run in the vLLM environment: ``.venv-vllm/bin/python -m decodekit.bench.throughput_vllm [--quick]``. The last
 stdout line is JSON with ``vllm_overhead_ratio`` (decodekit-on-vLLM tokens/s over direct vLLM: per
 batch size the median over rounds of the two runs' ratio in that round, then the minimum over batch
 sizes) and ``vllm_vs_hf_backend`` ({batch: decodekit-on-vLLM / transformers backend}).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from bench.common import interleaved, md_table, median, paired_ratio, parser, spec_bench, write_results
+from decodekit.bench.common import interleaved, md_table, median, paired_ratio, parser, spec_bench, write_results
 
 BATCHES = (1, 8, 32)
 

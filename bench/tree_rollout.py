@@ -16,7 +16,7 @@ caching; ``n=16`` sampling for the independent run); forward tokens there are vL
 prompt tokens not found in the prefix cache plus generated tokens. Results go to ``tree_rollout_vllm``.
 
     .venv/bin/python bench/tree_rollout.py [--quick]
-    .venv-vllm/bin/python -m bench.tree_rollout --backend vllm [--quick]
+    .venv-vllm/bin/python -m decodekit.bench.tree_rollout --backend vllm [--quick]
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import md_table, median, parser, require_data, write_results  # noqa: E402
+from decodekit.bench.common import md_table, median, parser, require_data, write_results  # noqa: E402
+
 from decodekit import LLM  # noqa: E402
 from decodekit.strategies.tree import EarlyStop, TreeRollout  # noqa: E402
 from decodekit.strategies.tree_budget import find_answer  # noqa: E402

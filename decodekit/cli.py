@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _optional_commands():
     """Subcommands that live with their feature (server, benchmarks, distillation)."""
     found = []
-    for module, attr in [("servers.openai.cli", "add_serve"), ("bench.cli", "add_bench"),
+    for module, attr in [("decodekit.servers.openai.cli", "add_serve"), ("decodekit.bench.cli", "add_bench"),
                          ("decodekit.distill", "add_distill"), ("decodekit.draft_head", "add_draft_head")]:
         try:
             mod = __import__(module, fromlist=[attr])

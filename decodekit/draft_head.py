@@ -429,7 +429,7 @@ HOLDOUT_PER_CATEGORY = 5  # Spec-Bench prompts per category kept out of training
 
 def default_prompts(num_gsm8k: int = 600) -> list[str]:
     """Spec-Bench first turns minus the first ``HOLDOUT_PER_CATEGORY`` of each category, and GSM8K questions."""
-    from bench.common import data_dir
+    from decodekit.paths import data_dir
 
     data = data_dir()
     spec, gsm = data / "spec_bench" / "question.jsonl", data / "gsm8k" / "test.jsonl"

@@ -105,6 +105,15 @@ def distilled_student(name: str) -> tuple[str, None, bool] | None:
     return str(directory), None, ALIASES[match.group(1)].prepend_bos
 
 
+def _need_gguf_reader(name: str) -> None:
+    import importlib.util
+
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"model {name!r} is a GGUF file: converting it needs {' and '.join(missing)} "
+                         "(pip install 'decodekit[gguf]')")
+
+
 def hf_dir(name: str) -> Path:
     """A plain Hugging Face directory (float32 safetensors + tokenizer) for a model name, built once."""
     location, gguf_file, _ = resolve(name)
@@ -113,6 +122,7 @@ def hf_dir(name: str) -> Path:
     target = cache_root() / "hf" / (name if name in ALIASES else Path(gguf_file).stem)
     if (target / "config.json").exists():
         return target
+    _need_gguf_reader(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, dtype=torch.float32)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
+from decodekit.bench.common import DATA  # ../shared/data, or $DECODEKIT_DATA
 
-from bench.common import DATA  # ../shared/data, or $DECODEKIT_DATA
 from decodekit.backends.mock import MockBackend
 from decodekit.models import is_installed
 from decodekit.strategies.sample import Sample

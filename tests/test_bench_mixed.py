@@ -2,8 +2,9 @@
 
 from types import SimpleNamespace
 
-from bench.mixed_traffic import Job, Meter, plain_jobs
-from bench.targets import check
+from decodekit.bench.mixed_traffic import Job, Meter, plain_jobs
+from decodekit.bench.targets import check
+
 from decodekit import SamplingParams
 
 

@@ -4,8 +4,8 @@ import json
 import struct
 import sys
 
-from bench.run_all import BENCHMARKS, build_parser, run
-from bench.targets import TARGETS, check
+from decodekit.bench.run_all import BENCHMARKS, build_parser, run
+from decodekit.bench.targets import TARGETS, check
 
 
 def test_runner_writes_report_and_survives_a_failing_script(tmp_path):
@@ -53,7 +53,7 @@ def test_cli_exposes_bench(monkeypatch):
 
 
 def test_keep_merges_earlier_results_and_missing_venv_is_reported(tmp_path, monkeypatch):
-    import bench.run_all as run_all
+    import decodekit.bench.run_all as run_all
 
     base = ["--quick", "--out", str(tmp_path), "--package", "tests.bench_stubs"]
     run(build_parser().parse_args([*base, "--only", "throughput"]), command="first")
@@ -70,7 +70,7 @@ def test_keep_merges_earlier_results_and_missing_venv_is_reported(tmp_path, monk
 
 
 def test_interleaved_alternates_order_and_paired_ratio_cancels_drift():
-    from bench.common import interleaved, paired_ratio
+    from decodekit.bench.common import interleaved, paired_ratio
 
     calls = []
     runs = interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 4)

@@ -3,8 +3,7 @@
 import json
 
 import pytest
-
-from bench.server_load import (
+from decodekit.bench.server_load import (
     CASES,
     fit_prompt,
     gaps_after,
@@ -15,7 +14,7 @@ from bench.server_load import (
     rounded,
     schema_name,
 )
-from bench.targets import check
+from decodekit.bench.targets import check
 
 
 def test_parse_cases():
@@ -112,7 +111,7 @@ def test_summaries(tmp_path):
     """The summary fields each case adds, from synthetic measurements (the levels fields as before)."""
     from types import SimpleNamespace
 
-    from bench.server_load import LEVELS, batch_2048_summary, levels_summary, long_summary, schemas_summary
+    from decodekit.bench.server_load import LEVELS, batch_2048_summary, levels_summary, long_summary, schemas_summary
 
     def req(tokens):
         return {"ttft_s": 0.1, "latency_s": 1.0, "tokens": tokens, "error": None, "done": True}

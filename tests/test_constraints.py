@@ -9,9 +9,9 @@ import random
 
 import pytest
 import torch
+from decodekit.bench.common import DATA  # ../shared/data, or $DECODEKIT_DATA
+from decodekit.bench.constraints import ARITH  # the arithmetic grammar the benchmark uses
 
-from bench.common import DATA  # ../shared/data, or $DECODEKIT_DATA
-from bench.constraints import ARITH  # the arithmetic grammar the benchmark uses
 from decodekit.api import LLM
 from decodekit.backends.mock import MockBackend
 from decodekit.constraints import Grammar, JsonSchema, OneOf, Predicate, Regex, TokenChecker, token_bytes
@@ -180,7 +180,7 @@ def test_smollm_full_size_patterns_and_schemas(smollm):
     """Every output returned as text satisfies its constraint; nearly all finish within the limit (measured
     2026-11-28: 37 of 40; a \\w+ pattern and two large schemas were still open at 24 / 96 tokens and came
     back as constraint_failed, never as invalid text)."""
-    from bench.constraints import json_task
+    from decodekit.bench.constraints import json_task
 
     llm = LLM(backend=smollm)
     runs = [(f"Write a string matching the regex {p}\n", Regex(p, automaton=False), 24, p) for p in _pattern_rows(20)]

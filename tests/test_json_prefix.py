@@ -318,7 +318,7 @@ def test_utf8_bytes_cut_inside_a_character():
 
 # ---- JSON-Schema-Test-Suite (shipped in the jsonschema sdist; downloaded once) ------------------
 def _suite():
-    from bench.json_schema_coverage import suite_groups
+    from decodekit.bench.json_schema_coverage import suite_groups
 
     groups, why = suite_groups()
     return groups, why
@@ -328,7 +328,7 @@ def test_json_schema_test_suite():
     groups, why = _suite()
     if groups is None:
         pytest.skip(why)
-    from bench.json_schema_coverage import judge_suite_group
+    from decodekit.bench.json_schema_coverage import judge_suite_group
 
     wrong = []
     for g in groups:
@@ -359,9 +359,10 @@ def test_generation_with_a_schema_outlines_refuses():
 
 
 def test_server_and_vllm_paths_refuse_what_needs_the_checker_clearly():
+    from decodekit.servers.openai.errors import APIError
+    from decodekit.servers.openai.strategies import _constrained
+
     from decodekit.backends.vllm_strategies import structured_from_constraint
-    from servers.openai.errors import APIError
-    from servers.openai.strategies import _constrained
 
     with pytest.raises(APIError, match="without an automaton") as e:
         _constrained(("json", {"maxItems": 2}), {"sampler": "masked"})

@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
+from decodekit.servers.openai.app import ServerThread, create_app
 
 from decodekit.api import LLM
 from decodekit.backends.hf import HFBackend
 from decodekit.types import SOURCES
-from servers.openai.app import ServerThread, create_app
 
 pytestmark = pytest.mark.real
 

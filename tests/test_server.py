@@ -13,10 +13,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from decodekit.servers.openai.app import ServerThread, create_app
+from decodekit.servers.openai.strategies import json_constraint_available
 
 from decodekit.api import LLM
-from servers.openai.app import ServerThread, create_app
-from servers.openai.strategies import json_constraint_available
 
 pytestmark = pytest.mark.real
 

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from decodekit.servers.openai.app import ServerThread, create_app
+from decodekit.servers.openai.limits import Limits
 from test_server import assert_cache_clean
 
 from decodekit.api import LLM
-from servers.openai.app import ServerThread, create_app
-from servers.openai.limits import Limits
 
 pytestmark = pytest.mark.real
 

@@ -16,19 +16,18 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
+from decodekit.servers.openai import errors, protocol
+from decodekit.servers.openai import responses as R
+from decodekit.servers.openai.calls import Call, ClientDisconnected
+from decodekit.servers.openai.errors import APIError, bad_value
+from decodekit.servers.openai.limits import Limits
+from decodekit.servers.openai.metrics import Metrics
+from decodekit.servers.openai.protocol import ChatCompletionRequest, CompletionRequest
+from decodekit.servers.openai.strategies import Models, StrategyCache
+from decodekit.servers.openai.streaming import SSE_HEADERS, chat_stream, text_stream
+from decodekit.servers.openai.worker import EngineWorker
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-
-from servers.openai import errors, protocol
-from servers.openai import responses as R
-from servers.openai.calls import Call, ClientDisconnected
-from servers.openai.errors import APIError, bad_value
-from servers.openai.limits import Limits
-from servers.openai.metrics import Metrics
-from servers.openai.protocol import ChatCompletionRequest, CompletionRequest
-from servers.openai.strategies import Models, StrategyCache
-from servers.openai.streaming import SSE_HEADERS, chat_stream, text_stream
-from servers.openai.worker import EngineWorker
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 

@@ -11,8 +11,8 @@ import asyncio
 import time
 import uuid
 
-from servers.openai.errors import APIError, bad_value
-from servers.openai.worker import QueueFull, Submission
+from decodekit.servers.openai.errors import APIError, bad_value
+from decodekit.servers.openai.worker import QueueFull, Submission
 
 
 def encode(server, prompt) -> tuple[str, list[int]]:

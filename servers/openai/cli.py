@@ -6,7 +6,7 @@ import os
 
 
 def add_serve(sub) -> None:
-    from servers.openai.limits import Limits
+    from decodekit.servers.openai.limits import Limits
 
     p = sub.add_parser("serve", help="OpenAI-compatible local server with continuous batching")
     p.add_argument("--model", default="smollm2-135m")
@@ -39,12 +39,17 @@ def add_serve(sub) -> None:
 
 
 def _serve(args) -> int:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"decodekit serve needs {', '.join(missing)}: pip install 'decodekit[server]'")
     import uvicorn
+    from decodekit.servers.openai.app import create_app
+    from decodekit.servers.openai.limits import Limits
 
     from decodekit.api import LLM
     from decodekit.models import load_backend
-    from servers.openai.app import create_app
-    from servers.openai.limits import Limits
 
     if args.threads:
         import torch

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from servers.openai.errors import bad_value
+from decodekit.servers.openai.errors import bad_value
 
 
 @dataclass(frozen=True)

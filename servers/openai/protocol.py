@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from decodekit.servers.openai.errors import APIError, bad_value, param_of
+from decodekit.servers.openai.limits import Limits
 from pydantic import BaseModel, ConfigDict, Field
 
 from decodekit.types import SamplingParams
-from servers.openai.errors import APIError, bad_value, param_of
-from servers.openai.limits import Limits
 
 MAX_N = 64
 MAX_LOGPROBS = 20

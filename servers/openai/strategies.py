@@ -13,10 +13,11 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from decodekit.servers.openai.errors import APIError, bad_value
+from decodekit.servers.openai.limits import Limits, check_nesting
+
 from decodekit.api import NO_CONSTRAINT_COMPOSITION
 from decodekit.strategies import by_name
-from servers.openai.errors import APIError, bad_value
-from servers.openai.limits import Limits, check_nesting
 
 MAX_CACHED = 64
 BUILTIN_DRAFTS = ("ngram", "forced", "int8", "head")

@@ -6,8 +6,8 @@ engine requests, which frees their cache slots before the next engine step.
 
 from __future__ import annotations
 
-from servers.openai import responses as R
-from servers.openai.errors import APIError
+from decodekit.servers.openai import responses as R
+from decodekit.servers.openai.errors import APIError
 
 DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

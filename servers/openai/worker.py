@@ -21,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from decodekit.servers.openai.errors import APIError, bad_value
+
 from decodekit.engine import StepError
 from decodekit.types import SamplingParams
-from servers.openai.errors import APIError, bad_value
 
 log = logging.getLogger("decodekit.server")
 

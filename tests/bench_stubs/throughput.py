@@ -4,9 +4,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from decodekit.bench.common import md_table, parser, write_results  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-
-from bench.common import md_table, parser, write_results  # noqa: E402
 
 args = parser("stub").parse_args()
 for _ in tqdm(range(3), desc="workload"):

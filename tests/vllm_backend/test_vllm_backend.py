@@ -251,7 +251,7 @@ def test_speculative_ngram_greedy_identical_to_plain(vllm_llm, spec_llm):
 # ---- the OpenAI server on the vLLM backend ----------------------------------------------------------
 def test_openai_server_on_vllm_backend(vllm_llm):
     openai = pytest.importorskip("openai")
-    from servers.openai.app import ServerThread, create_app
+    from decodekit.servers.openai.app import ServerThread, create_app
 
     app = create_app(vllm_llm, model_name="smollm2-135m", api_key="k", max_queue=16)
     thread = ServerThread(app).start()
