@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decodekit.bench.common import md_table, median, parser, require_data, write_results  # noqa: E402
 
 from decodekit import LLM  # noqa: E402
-from decodekit.strategies.tree import EarlyStop, TreeRollout  # noqa: E402
-from decodekit.strategies.tree_budget import find_answer  # noqa: E402
+from decodekit.rollout.budget import find_answer  # noqa: E402
+from decodekit.rollout.tree import EarlyStop, TreeRollout  # noqa: E402
 
 INSTRUCTION = "\nSolve it step by step. End with the final answer as '#### <number>'."
 WIDTH = 16

@@ -3,12 +3,21 @@
 from decodekit.api import LLM, generate
 from decodekit.cache import CacheFullError
 from decodekit.constraints import Grammar, JsonSchema, OneOf, Predicate, Regex
+from decodekit.rollout.advantages import grpo_advantages, tree_advantages
+from decodekit.rollout.records import RolloutResult, Trajectory, TreeNode
+from decodekit.rollout.tree import EarlyStop, TreeRollout
 from decodekit.strategies import EntropySwitch, Sample, Speculative, Strategy
-from decodekit.strategies.advantages import grpo_advantages, tree_advantages
 from decodekit.strategies.constrained import Constrained
-from decodekit.strategies.tree import EarlyStop, TreeRollout
-from decodekit.strategies.tree_types import RolloutResult, Trajectory, TreeNode
-from decodekit.types import Choice, Completion, RequestStats, SamplingParams, TokenEvent, TokenInfo, Usage
+from decodekit.types import (
+    Choice,
+    Completion,
+    Provenance,
+    RequestStats,
+    SamplingParams,
+    TokenEvent,
+    TokenInfo,
+    Usage,
+)
 
 __all__ = [
     "LLM",
@@ -22,6 +31,7 @@ __all__ = [
     "JsonSchema",
     "OneOf",
     "Predicate",
+    "Provenance",
     "Regex",
     "RequestStats",
     "RolloutResult",

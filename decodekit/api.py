@@ -88,7 +88,7 @@ class LLM:
         ride in the engine's shared forward), so rollouts run beside other requests; on vLLM through
         ``decodekit.backends.vllm_rollouts`` (one vLLM request per segment, prefix caching).
         """
-        from decodekit.strategies.tree import TreeRollout
+        from decodekit.rollout.tree import TreeRollout
         from decodekit.strategies.tree_strategy import TreeStrategy
 
         single = _is_single(prompts)

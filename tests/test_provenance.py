@@ -12,8 +12,8 @@ from decodekit import LLM, Speculative
 from decodekit.backends.mock import MockBackend
 from decodekit.constraints import Regex
 from decodekit.constraints.base import TokenChecker
+from decodekit.rollout.tree import TreeRollout
 from decodekit.strategies import TreeStrategy
-from decodekit.strategies.tree import TreeRollout
 from decodekit.types import SOURCES
 
 V = 16

@@ -11,9 +11,8 @@ import torch
 
 from decodekit import LLM
 from decodekit.backends.mock import MockBackend
-from decodekit.strategies.advantages import grpo_advantages, tree_advantages
-from decodekit.strategies.tree import TreeRollout
-from decodekit.strategies.tree_budget import (
+from decodekit.rollout.advantages import grpo_advantages, tree_advantages
+from decodekit.rollout.budget import (
     NO_EARLY_STOP,
     EarlyStop,
     branch_weights,
@@ -23,6 +22,7 @@ from decodekit.strategies.tree_budget import (
     next_width,
     split_budget,
 )
+from decodekit.rollout.tree import TreeRollout
 from decodekit.types import SamplingParams
 
 # ---- pure functions ---------------------------------------------------------------------------

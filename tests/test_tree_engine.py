@@ -9,8 +9,8 @@ from test_tree import context_logits
 from decodekit import LLM, SamplingParams
 from decodekit.backends.mock import MockBackend
 from decodekit.engine import Engine
-from decodekit.strategies.tree import TreeRollout
-from decodekit.strategies.tree_budget import EarlyStop
+from decodekit.rollout.budget import EarlyStop
+from decodekit.rollout.tree import TreeRollout
 from decodekit.strategies.tree_strategy import TreeStrategy
 
 

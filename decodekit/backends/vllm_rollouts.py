@@ -33,7 +33,7 @@ def tree_rollout(backend, prompts: list[list[int]], config, params: SamplingPara
                  texts: list[str] | None = None) -> list:
     """TreePO rollouts of token-id prompts on a ``VLLMBackend``; one ``RolloutResult`` per prompt.
 
-    ``config`` is a ``decodekit.strategies.tree.TreeRollout``. Same tree shape rules as the
+    ``config`` is a ``decodekit.rollout.tree.TreeRollout``. Same tree shape rules as the
     transformers driver (first split, per-segment split by ``next_width`` / ``split_budget``, depth
     and length limits, early stops); not done here: the fallback re-branching. ``budget_split="entropy"``
     uses each segment's mean surprisal (-log p of the sampled token, whose mean estimates the entropy).
@@ -120,7 +120,7 @@ class _VTree:
         return None
 
     def grow(self) -> None:
-        from decodekit.strategies.tree_budget import branch_weights, next_width, split_budget
+        from decodekit.rollout.budget import branch_weights, next_width, split_budget
 
         done = [leaf for leaf in self.live if leaf.finish_reason is not None]
         self.num_finished += len(done)
@@ -145,8 +145,8 @@ class _VTree:
         return total
 
     def result(self, text: str, wall: float):
-        from decodekit.strategies.tree_budget import find_answer
-        from decodekit.strategies.tree_types import RolloutResult, Trajectory, TreeNode
+        from decodekit.rollout.budget import find_answer
+        from decodekit.rollout.records import RolloutResult, Trajectory, TreeNode
 
         tok = self.backend.tokenizer
         nodes = tuple(TreeNode(n.node_id, n.parent, n.depth, n.tokens, tok.decode(n.tokens), n.logprobs,

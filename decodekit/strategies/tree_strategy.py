@@ -14,10 +14,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from decodekit.rollout.driver import _Driver, _seeded
+from decodekit.rollout.records import RolloutResult, _Node, _Tree
+from decodekit.rollout.tree import TreeRollout
 from decodekit.strategies.base import Row, Strategy
-from decodekit.strategies.tree import TreeRollout
-from decodekit.strategies.tree_driver import _Driver, _seeded
-from decodekit.strategies.tree_types import RolloutResult, _Node, _Tree
 from decodekit.types import Choice, Provenance
 
 

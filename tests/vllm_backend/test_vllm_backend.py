@@ -174,7 +174,7 @@ def test_speculative_without_config_is_a_clear_error(vllm_llm):
 # ---- segment-level drivers ----------------------------------------------------------------------
 def test_tree_rollout_shares_prefixes_through_prefix_caching(vllm_llm):
     from decodekit.backends.vllm_rollouts import tree_rollout
-    from decodekit.strategies.tree import TreeRollout
+    from decodekit.rollout.tree import TreeRollout
     from decodekit.types import SamplingParams
 
     tree = TreeRollout(segment_len=8, branch_factor=2, max_width=4, first_split=2, early_stop=None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from decodekit.strategies.advantages import grpo_advantages, tree_advantages
-from decodekit.strategies.tree_budget import find_answer
+from decodekit.rollout.advantages import grpo_advantages, tree_advantages
+from decodekit.rollout.budget import find_answer
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from decodekit.constraints.base import Constraint
-from decodekit.strategies.tree_budget import SPLIT_MODES, EarlyStop
-from decodekit.strategies.tree_driver import _Driver
-from decodekit.strategies.tree_types import RolloutResult, _Tree
+from decodekit.rollout.budget import SPLIT_MODES, EarlyStop
+from decodekit.rollout.driver import _Driver
+from decodekit.rollout.records import RolloutResult, _Tree
 from decodekit.types import SamplingParams
 
 

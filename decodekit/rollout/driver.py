@@ -15,9 +15,9 @@ import torch
 
 from decodekit.constraints.awrs import recursive_awrs
 from decodekit.constraints.base import TokenChecker
+from decodekit.rollout.budget import branch_weights, fallback_plan, next_width, split_budget
+from decodekit.rollout.records import _Node, _Tree
 from decodekit.sampling import entropy_bits, process_logits, sample_token
-from decodekit.strategies.tree_budget import branch_weights, fallback_plan, next_width, split_budget
-from decodekit.strategies.tree_types import _Node, _Tree
 
 
 class _Driver:
