@@ -31,14 +31,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from decodekit.bench.common import interleaved, md_table, median, parser, require_data, spec_bench, timed, write_results  # noqa: E402
+from decodekit.bench.entropy_baselines import ScheduledSwitch, paired_bootstrap, pool_seeds, pooled_ratio  # noqa: E402
 
-from bench.common import interleaved, md_table, median, parser, require_data, spec_bench, timed, write_results  # noqa: E402
-from bench.entropy_baselines import ScheduledSwitch, paired_bootstrap, pool_seeds, pooled_ratio  # noqa: E402
 from decodekit.api import LLM  # noqa: E402
 from decodekit.backends.hf import HFBackend  # noqa: E402
-from decodekit.distill import ensure_student  # noqa: E402
 from decodekit.models import load_backend  # noqa: E402
 from decodekit.strategies.entropy import EntropySwitch  # noqa: E402
+from decodekit.training.distill import ensure_student  # noqa: E402
 
 NAME = "entropy_switch"
 BASELINE_SHARES = (0.2, 0.85)  # baselines around the target range (share 0.3-0.8), to bound the run time

@@ -21,17 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decodekit.bench.common import interleaved, md_table, median, parser, spec_bench, write_results  # noqa: E402
 
-from decodekit.draft_head import ensure_head, load_head  # noqa: E402
-from decodekit.engine import Engine  # noqa: E402
-from decodekit.models import load_backend  # noqa: E402
-from decodekit.strategies.drafters import (  # noqa: E402
+from decodekit.drafting.drafters import (  # noqa: E402
     HeadDrafter,
     LookupThenModel,
     ModelDrafter,
     NgramDrafter,
     int8_backend,
 )
+from decodekit.drafting.head import load_head  # noqa: E402
+from decodekit.engine import Engine  # noqa: E402
+from decodekit.models import load_backend  # noqa: E402
 from decodekit.strategies.speculative import Speculative  # noqa: E402
+from decodekit.training.draft_head import ensure_head  # noqa: E402
 from decodekit.types import SamplingParams  # noqa: E402
 
 SOURCES = ["ngram", "int8", "ngram+int8"]  # and "head", "ngram+head" when a draft head is trained

@@ -113,7 +113,8 @@ def _optional_commands():
     """Subcommands that live with their feature (server, benchmarks, distillation)."""
     found = []
     for module, attr in [("decodekit.servers.openai.cli", "add_serve"), ("decodekit.bench.cli", "add_bench"),
-                         ("decodekit.distill", "add_distill"), ("decodekit.draft_head", "add_draft_head")]:
+                         ("decodekit.training.distill", "add_distill"),
+                         ("decodekit.training.draft_head", "add_draft_head")]:
         try:
             mod = __import__(module, fromlist=[attr])
         except ImportError:

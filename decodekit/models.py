@@ -40,6 +40,7 @@ ALIASES = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def cache_root() -> Path:
@@ -103,6 +104,17 @@ def distilled_student(name: str) -> tuple[str, None, bool] | None:
         raise ValueError(f"model {name!r} is not built yet: run "
                          f"`decodekit distill --teacher {match.group(1)} --layers {match.group(2)}` first")
     return str(directory), None, ALIASES[match.group(1)].prepend_bos
+
+
+def model_name_of(name: str) -> str:
+    """A backend's name without its ``:<dtype>`` suffix (the name the model was loaded by)."""
+    base, _, suffix = name.rpartition(":")
+    return base if base and suffix in DTYPES else name
+
+
+def student_name(teacher: str, layers: int = 8) -> str:
+    """The name of ``teacher``'s distilled ``layers``-layer student (``decodekit distill``)."""
+    return f"{teacher}-distill-{layers}l"
 
 
 def _need_gguf_reader(name: str) -> None:

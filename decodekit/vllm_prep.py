@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DTYPES = ("bfloat16", "float16", "float32")
+from decodekit.models import DTYPES  # noqa: E402  (one list of dtypes)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from decodekit import distill, draft_head
+from decodekit.training import distill, draft_head
 
 
 @pytest.fixture

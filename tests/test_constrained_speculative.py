@@ -15,9 +15,9 @@ from decodekit import LLM, SamplingParams, Speculative
 from decodekit.backends.mock import MockBackend
 from decodekit.constraints import JsonSchema, OneOf, Regex, token_bytes
 from decodekit.constraints.forced import forced_tokens
+from decodekit.drafting.drafters import LookupThenModel, ModelDrafter, NgramDrafter
 from decodekit.sampling import probs_from_logits
 from decodekit.strategies import Constrained, ConstrainedSpeculative, EntropySwitch
-from decodekit.strategies.drafters import LookupThenModel, ModelDrafter, NgramDrafter
 from decodekit.strategies.tree_strategy import TreeStrategy
 
 V = 16  # mock: 0 EOS, 1.. = a b c d ...

@@ -8,8 +8,8 @@ from conftest import tiny_llama
 
 from decodekit.backends.mock import MockTokenizer
 from decodekit.cli import build_parser
-from decodekit.distill import DistillConfig, coarse_kl, cut_student, distill, layer_indices, synthetic_prompts
 from decodekit.models import resolve
+from decodekit.training.distill import DistillConfig, coarse_kl, cut_student, distill, layer_indices, synthetic_prompts
 
 PROMPTS = ["hello world", "abc def", "the cat sat", "x y z", "one two", "green tea", "7 and 5", "why?"]
 TINY = DistillConfig(layers=2, num_prompts=8, gen_tokens=10, gen_batch=4, top_k=8, epochs=2, batch_size=2,

@@ -8,21 +8,11 @@ from conftest import tiny_llama
 
 from decodekit.backends.hf import HFBackend
 from decodekit.backends.mock import MockTokenizer
-from decodekit.draft_head import (
-    DraftHead,
-    HeadRecipe,
-    HeadShape,
-    evaluate_head,
-    fit_head,
-    load_head,
-    save_head,
-    target_features,
-    top_vocab,
-    unrolled,
-)
+from decodekit.drafting.drafters import HeadDrafter
+from decodekit.drafting.head import DraftHead, HeadShape, load_head, save_head
 from decodekit.engine import Engine
-from decodekit.strategies.drafters import HeadDrafter
 from decodekit.strategies.speculative import Speculative
+from decodekit.training.draft_head import HeadRecipe, evaluate_head, fit_head, target_features, top_vocab, unrolled
 from decodekit.types import SamplingParams
 
 

@@ -245,7 +245,7 @@ def test_setup_errors(monkeypatch, tmp_path):
 # ---- real model: SmolLM2 with a cut (untrained) student of itself ---------------------------
 @pytest.mark.real
 def test_real_pair_limits_and_catch_up(smollm):
-    from decodekit.distill import cut_student
+    from decodekit.training.distill import cut_student
 
     small = HFBackend(cut_student(smollm.model, 3), smollm.tokenizer, name="smollm-cut3", cache_tokens=2048)
     prompt = [{"role": "user", "content": "Name three colors."}]

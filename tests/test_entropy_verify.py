@@ -12,9 +12,9 @@ from test_speculative import chi2_pvalue
 from decodekit.api import LLM
 from decodekit.backends.hf import HFBackend
 from decodekit.backends.mock import MockBackend
+from decodekit.drafting.acceptance import verify_sampled
+from decodekit.drafting.cascade import close_to_top, verify_greedy_tolerant, verify_tolerant
 from decodekit.sampling import probs_from_logits
-from decodekit.strategies.acceptance import verify_sampled
-from decodekit.strategies.cascade import close_to_top, verify_greedy_tolerant, verify_tolerant
 from decodekit.strategies.entropy import LARGE, SMALL, EntropySwitch
 from decodekit.types import SamplingParams
 
@@ -196,7 +196,7 @@ def test_provenance_matches_the_counters(verify):
 # ---- real model: SmolLM2 with a cut (untrained) student of itself --------------------------------
 @pytest.mark.real
 def test_real_greedy_verified_identical(smollm):
-    from decodekit.distill import cut_student
+    from decodekit.training.distill import cut_student
 
     small = HFBackend(cut_student(smollm.model, 8), smollm.tokenizer, name="smollm-cut8", cache_tokens=2048)
     prompt = [{"role": "user", "content": "Name three colors."}]

@@ -10,10 +10,8 @@ from conftest import spec_bench_prompts
 
 from decodekit import LLM, SamplingParams, Speculative
 from decodekit.backends.mock import MockBackend
-from decodekit.sampling import probs_from_logits
-from decodekit.strategies import by_name
-from decodekit.strategies.acceptance import verify_greedy, verify_sampled
-from decodekit.strategies.drafters import (
+from decodekit.drafting.acceptance import verify_greedy, verify_sampled
+from decodekit.drafting.drafters import (
     Draft,
     Drafter,
     LookupThenModel,
@@ -25,6 +23,8 @@ from decodekit.strategies.drafters import (
     ngram_propose,
     verify_cost_of,
 )
+from decodekit.sampling import probs_from_logits
+from decodekit.strategies import by_name
 
 V = 8
 
@@ -393,7 +393,7 @@ def test_real_tokenizer_mismatch(smollm, gemma):
 def test_common_draft_length_prices_the_step_width():
     """A batched step costs by its width: drafts pay when all rows' expected accepted drafts together
     beat widening the step; once wide, every row's drafts up to that width ride along."""
-    from decodekit.strategies.drafters import common_draft_length
+    from decodekit.drafting.drafters import common_draft_length
 
     cost = (0.05, 0.1, 0.125, 0.15) + (0.3,) * 12
     assert common_draft_length([[0.7, 0.6], [], [], []], 4, cost) == 1  # 4.7 / 1.15 > 4, 5.12 / 1.3 < 4.7/1.15

@@ -34,11 +34,11 @@ import torch
 from decodekit.constraints.awrs import NEG_INF, check_all
 from decodekit.constraints.base import ConstraintTimeout
 from decodekit.constraints.forced import forced_tokens
+from decodekit.drafting.drafters import MAX_CONFIDENCE, Draft, ngram_lookup
+from decodekit.drafting.state import SpecState
 from decodekit.sampling import draw
 from decodekit.strategies.base import Proposal, Row
 from decodekit.strategies.constrained import Constrained, ConstrainedState, _own_state
-from decodekit.strategies.drafters import MAX_CONFIDENCE, Draft, ngram_lookup
-from decodekit.strategies.spec_state import SpecState
 from decodekit.strategies.speculative import MAX_DRAFT_TOKENS, Speculative, block_logits, stop_ids, verify_row
 
 SMC_DRAFTS = ("forced", "ngram")

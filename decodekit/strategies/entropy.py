@@ -32,9 +32,9 @@ import math
 
 import torch
 
+from decodekit.drafting.cascade import check_tolerance
 from decodekit.sampling import entropy_bits, sample_token
 from decodekit.strategies.base import Proposal, Row, Strategy
-from decodekit.strategies.cascade import check_tolerance
 from decodekit.strategies.entropy_rule import (
     LARGE,
     SMALL,

@@ -103,9 +103,9 @@ def is_main_spec(spec, main) -> bool:
 
 def default_small(main_name: str) -> str:
     """The distilled student of the engine's model alias (built by ``decodekit distill``)."""
-    from decodekit.distill import DistillConfig, student_name
+    from decodekit.models import model_name_of, student_name
 
-    return student_name(main_name.rsplit(":", 1)[0], DistillConfig.layers)
+    return student_name(model_name_of(main_name))
 
 
 def load_like(spec, main):

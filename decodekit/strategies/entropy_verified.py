@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from decodekit.drafting.cascade import accept_block
+from decodekit.drafting.drafters import draw_draft
 from decodekit.sampling import entropy_bits, sample_token
 from decodekit.strategies.base import Proposal
-from decodekit.strategies.cascade import accept_block
-from decodekit.strategies.drafters import draw_draft
 from decodekit.strategies.entropy_rule import LARGE, SMALL, choose_model, rolling_mean, segment_budget
 from decodekit.strategies.speculative import stop_ids
 from decodekit.types import Provenance

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from decodekit.profiles import SpeculationProfile, load_profile, profile_for
-from decodekit.sampling import probs_from_logits
-from decodekit.strategies.acceptance import verify_greedy, verify_sampled
-from decodekit.strategies.base import Proposal, Row, Strategy
-from decodekit.strategies.drafters import (
+from decodekit.drafting.acceptance import verify_greedy, verify_sampled
+from decodekit.drafting.drafters import (
     MATCH_CAPS,
     Draft,
     Drafter,
@@ -31,7 +28,10 @@ from decodekit.strategies.drafters import (
     common_draft_length,
     int8_backend,
 )
-from decodekit.strategies.spec_state import SpecState
+from decodekit.drafting.state import SpecState
+from decodekit.profiles import SpeculationProfile, load_profile, profile_for
+from decodekit.sampling import probs_from_logits
+from decodekit.strategies.base import Proposal, Row, Strategy
 from decodekit.types import SAMPLED, Provenance
 
 MAX_DRAFT_TOKENS = 16
@@ -285,7 +285,7 @@ def make_drafter(draft, target, *, ngram: tuple[int, int] = (1, 3), match_caps: 
     if draft == "int8":
         return ModelDrafter(int8_backend(target))
     if draft == "head" or (isinstance(draft, str) and draft.startswith("head:")):
-        from decodekit.draft_head import load_head
+        from decodekit.drafting.head import load_head
 
         return HeadDrafter(target, load_head(target, draft.removeprefix("head:") if ":" in draft else None))
     if isinstance(draft, str):

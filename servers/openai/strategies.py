@@ -53,7 +53,7 @@ class Models:
     def drafter(self, spec, options: dict):
         """A draft source for a request's ``draft`` option: ``ngram`` / ``forced`` as they are
         (stateless), model sources as shared ``Drafter``s; 400 for an unknown source."""
-        from decodekit.strategies.drafters import LookupThenModel, NgramDrafter
+        from decodekit.drafting.drafters import LookupThenModel, NgramDrafter
 
         if not isinstance(spec, str):
             raise bad_value("decodekit.draft must be a string", "decodekit.draft")

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from decodekit.models import student_name
+
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jon", "Kai", "Lena"]
 ITEMS = ["apples", "marbles", "books", "stickers", "cookies", "pencils", "coins", "cards", "shells", "eggs"]
 TOPICS = ["photosynthesis", "gravity", "the water cycle", "compound interest", "machine learning",
@@ -255,10 +257,6 @@ def distill(teacher, tokenizer, cfg: DistillConfig, prompts: list[str] | None = 
               "teacher_params": sum(p.numel() for p in teacher.parameters()),
               "wall_time_s": round(time.perf_counter() - started, 1)}
     return student, report
-
-
-def student_name(teacher: str, layers: int) -> str:
-    return f"{teacher}-distill-{layers}l"
 
 
 # A stand-in student for smoke runs (``decodekit bench --quick`` on a fresh machine): the same cut,

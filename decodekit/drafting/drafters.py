@@ -15,9 +15,9 @@ from typing import NamedTuple
 import torch
 
 from decodekit.backends.cpu_linear import unpacked
+from decodekit.drafting.state import SpecState
 from decodekit.profiles import CPU_PROFILE, SpeculationProfile
 from decodekit.sampling import draw, probs_from_logits
-from decodekit.strategies.spec_state import SpecState
 
 
 class Draft(NamedTuple):

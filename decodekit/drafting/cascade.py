@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from decodekit.drafting.acceptance import _one_hot, verify_greedy, verify_sampled
 from decodekit.sampling import draw, probs_from_logits
-from decodekit.strategies.acceptance import _one_hot, verify_greedy, verify_sampled
 
 
 def check_tolerance(tolerance) -> float | None:

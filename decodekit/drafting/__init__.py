@@ -1,0 +1,1 @@
+"""Speculative drafting: draft sources, the exact acceptance rules, and the draft head module."""
