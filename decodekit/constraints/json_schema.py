@@ -119,6 +119,44 @@ def _validator_class(schema):
     return cls
 
 
+def _check_local_refs(schema, cls) -> None:
+    """``ValueError`` for a ``$ref`` into this document (``#...``) that points nowhere. Only where no
+    nested ``$id`` changes what ``#`` means (then ``jsonschema`` itself decides, at validation)."""
+    from referencing import Registry
+    from referencing.exceptions import Unresolvable
+    from referencing.jsonschema import DRAFT202012, specification_with
+
+    refs = list(_local_refs(schema))
+    if not refs:
+        return
+    spec = specification_with(cls.META_SCHEMA.get("$schema", ""), default=DRAFT202012)
+    resolver = Registry().with_resource("urn:decodekit:root", spec.create_resource(schema)).resolver(
+        "urn:decodekit:root")
+    for where, ref in refs:
+        try:
+            resolver.lookup(ref)
+        except Unresolvable:
+            raise ValueError(f"invalid JSON schema: keyword '$ref' at {where}: {ref!r} points nowhere "
+                             "in the schema") from None
+
+
+def _local_refs(schema):
+    """(path, ref) of every ``#...`` ``$ref``; nothing when a nested ``$id`` rebases them."""
+    stack, found = [(schema, "")], []
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            if where and "$id" in node:
+                return []
+            if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
+                found.append((where + "/$ref", node["$ref"]))
+            stack.extend((v, f"{where}/{k}") for k, v in node.items()
+                         if k not in ("enum", "const", "examples", "default"))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}/{i}") for i, v in enumerate(node))
+    return found
+
+
 class JsonSchema(Constraint):
     """``JsonSchema(schema)``: the output is one JSON document valid under ``schema``.
 
@@ -135,7 +173,9 @@ class JsonSchema(Constraint):
         super().__init__()
         self.schema = _schema_dict(schema)
         format_checker = _format_checker()  # "format" is asserted, not noted
-        self._validator = _validator_class(self.schema)(self.schema, format_checker=format_checker)
+        cls = _validator_class(self.schema)
+        _check_local_refs(self.schema, cls)
+        self._validator = cls(self.schema, format_checker=format_checker)
         self.regex: str | None = None
         self.automaton_error: str | None = "automaton=False" if not automaton else None
         if automaton:
