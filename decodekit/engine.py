@@ -57,7 +57,7 @@ class EngineStats:
 
     steps: int = 0
     main_forwards: int = 0  # forward calls of the engine's model
-    side_forwards: int = 0  # forwards of other models' rows in the step (no built-in strategy plans any yet)
+    side_forwards: int = 0  # forwards of other models' rows in the step (entropy switching plans them)
     peak_running: int = 0  # most sequences running (or prefilling) in one step
 
 
