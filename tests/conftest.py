@@ -57,6 +57,13 @@ def exploding():
     return Exploding()
 
 
+def assert_caches_clean(*backends) -> None:
+    """Every backend's cache is consistent and holds no open handle."""
+    for backend in backends:
+        backend.cache.check_integrity()
+        assert backend.cache.num_open_handles == 0
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """A random-weight 2-layer Llama (vocab 128) built from a config, on ``DECODEKIT_TEST_DEVICE``; no download."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import assert_caches_clean, tiny_llama
 
 from decodekit.api import LLM
 from decodekit.backends.hf import HFBackend
@@ -156,9 +156,7 @@ def test_active_logits_match_a_no_cache_forward(pair, tau):
         worst = max(worst, float((logits - ref.to(logits.device)).abs().max()))
     assert worst <= 1e-4
     assert {w for _, w, _ in st.log} == {SMALL, LARGE}
-    for backend in (small, large):
-        backend.cache.check_integrity()
-        assert backend.cache.num_open_handles == 0
+    assert_caches_clean(small, large)
 
 
 def test_switched_in_model_prefills_only_unseen_tokens():

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_caches_clean
 from test_entropy import mock_pair, tiny_pair
 from test_speculative import chi2_pvalue
 
@@ -98,9 +99,7 @@ def test_greedy_verified_equals_large_only(pair, main, tau):
     assert sum(o.stats.extra["tokens_drafted"] for o in outs) > 0
     if pair is similar_pair:
         assert sum(o.stats.extra["tokens_kept"] for o in outs) > 0  # the small model's tokens do stand
-    for backend in (small, large):
-        backend.cache.check_integrity()
-        assert backend.cache.num_open_handles == 0
+    assert_caches_clean(small, large)
 
 
 def test_greedy_verified_stops_and_length_limits():
