@@ -5,9 +5,10 @@ prompt of ``bench/constraints.py``) and regular expressions (``../shared/data/pa
 patterns outlines-core compiles to an automaton), greedy and T = 0.7 (seeded). Contenders, interleaved per
 item: ``constrained`` (single-particle AWRS), and ``ConstrainedSpeculative`` with ``forced`` (forced
 text and layout guesses only, no model), ``ngram`` (+ forced text) and ``head`` (the trained draft
-head + forced text; skipped with the reason when no head is built). Per contender: tokens/s, target
-forwards per output token, the share of output tokens that were forced text (and layout guesses),
-validity of every output, and whether greedy outputs equal constrained decoding's token for token.
+head + forced text; a fresh machine builds a labeled quick stand-in head first, as bench/speculative
+does). Per contender: tokens/s, target forwards per output token, the share of output tokens that were
+forced text (and layout guesses), validity of every output, and whether greedy outputs equal
+constrained decoding's token for token.
 
 Peers, where their venvs exist: outlines 1.3.3 (``.venv-peers``, ``make setup-peers``) on the same
 items and token limit, greedy and T = 0.7, run by this script in that venv right after (its index
@@ -70,21 +71,29 @@ def tasks(quick: bool) -> dict:
     return {"json": json_task(k), "regex": regex_task(k)}
 
 
+DRAFTS: dict = {}  # draft sources built once per run (the head: a HeadDrafter on the loaded head)
+
+
 def contender(name: str, constraint):
     from decodekit.strategies import Constrained, ConstrainedSpeculative, Speculative
 
     if name == "constrained":
         return Constrained(constraint)
-    return ConstrainedSpeculative(constraint, Speculative(draft=name))
+    return ConstrainedSpeculative(constraint, Speculative(draft=DRAFTS.get(name, name)))
 
 
-def head_available(llm) -> str | None:
-    """None when the draft head loads, else why not."""
-    from decodekit.strategies.speculative import make_drafter
+def head_available(llm, args) -> str | None:
+    """None when a draft head loads (a fresh machine builds a labeled quick stand-in once, as
+    bench/speculative does), else why not; ``args.head_info`` says which head it is."""
+    from decodekit.drafting.drafters import HeadDrafter
+    from decodekit.drafting.head import load_head
+    from decodekit.training.draft_head import ensure_head
 
     try:
-        make_drafter("head", llm.backend)
-    except Exception as e:  # not built on this machine: reported, not fatal
+        path, args.head_info = ensure_head(args.model, device=args.device or "cpu",
+                                           log=lambda m: print(m, file=sys.stderr))
+        DRAFTS["head"] = HeadDrafter(llm.backend, load_head(llm.backend, path))
+    except Exception as e:  # a build or load failure is reported, not fatal
         return f"{type(e).__name__}: {e}"[:200]
     return None
 
@@ -186,7 +195,8 @@ def main() -> None:
     llm = LLM(args.model, device=args.device)
     skipped = {}
     names = ["constrained", *SOURCES]
-    why = head_available(llm)
+    args.head_info = None
+    why = head_available(llm, args)
     if why is not None:
         names.remove("head")
         skipped["head"] = why
@@ -203,6 +213,7 @@ def main() -> None:
                       flush=True)
             plain_forwards(by)
     result = build_result(details, names, skipped, outlines_peer(args, max_new), vllm_peer())
+    result["draft_head"] = args.head_info
     header = ["task", "contender", "runs", "tokens/s", "forwards/token", "forced share", "layout share",
               "valid rate", "returned outputs valid"]
     summary = {k: {n: summarise(rows) for n, rows in by.items()} for k, by in details.items()}
