@@ -57,6 +57,16 @@ def exploding():
     return Exploding()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models and many small tensor ops: one intra-op thread avoids the thread wake-ups and spinning
+    that dominate on a busy machine (modules use it with ``pytestmark = usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def assert_caches_clean(*backends) -> None:
     """Every backend's cache is consistent and holds no open handle."""
     for backend in backends:

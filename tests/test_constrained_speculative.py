@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from test_speculative import chi2_pvalue, one_thread  # noqa: F401, F811 (a fixture)
+from test_speculative import chi2_pvalue
 
 from decodekit import LLM, SamplingParams, Speculative
 from decodekit.backends.mock import MockBackend
@@ -87,7 +87,7 @@ def _masked_pair(backend, prompt: list[int], params: SamplingParams, allowed: se
 @pytest.mark.parametrize("sampler,sampling", [("masked", dict(temperature=1.0)),
                                               ("masked", dict(temperature=0.8, top_k=8)),
                                               ("awrs", dict(temperature=1.2))])
-def test_sampled_model_drafts_follow_constrained_target(sampler, sampling, one_thread):  # noqa: F811
+def test_sampled_model_drafts_follow_constrained_target(sampler, sampling, one_thread):
     n = 2000
     target = MockBackend(vocab_size=V, seed=0, cache_tokens=n * 30 + 64)
     drafter = MockBackend(vocab_size=V, seed=7, name="draft", cache_tokens=n * 30 + 64)  # unlike the target

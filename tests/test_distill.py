@@ -16,12 +16,7 @@ TINY = DistillConfig(layers=2, num_prompts=8, gen_tokens=10, gen_batch=4, top_k=
                      lr=1e-3, warmup=2, val_fraction=0.25, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add spin-waiting on a busy machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def teacher():

@@ -27,13 +27,7 @@ from decodekit.strategies.entropy import (
 PROMPTS = ["abc", "hello", "gonk", "needle"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine their spinning costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 class Recording(EntropySwitch):

@@ -22,12 +22,7 @@ from decodekit.types import SamplingParams
 V = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def similar_pair(vocab: int = 16, noise: float = 0.7, cache_tokens: int = 4096):

@@ -44,13 +44,6 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2)))
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny tensor ops: one intra-op thread avoids thread wake-ups that dominate on busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- the pure acceptance rule -----------------------------------------------------------------

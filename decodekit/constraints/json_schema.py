@@ -19,7 +19,7 @@ import re
 import jsonschema
 
 from decodekit.constraints.base import Constraint, as_bytes, decode_complete
-from decodekit.constraints.json_prefix import JsonPrefixChecker, load_strict
+from decodekit.constraints.json_prefix import JsonPrefixChecker, strictly_valid
 from decodekit.constraints.regex import ByteDFA
 
 MAX_REGEX = 1_000_000  # characters of compiled regex; larger automata take minutes to build
@@ -226,14 +226,7 @@ class JsonSchema(Constraint):
 
     def valid(self, text: str) -> bool:
         """Full ``jsonschema`` validation of ``text`` (whatever its layout; strict JSON, see ``load_strict``)."""
-        try:
-            value = load_strict(text)
-        except (ValueError, RecursionError):
-            return False
-        try:
-            return self._validator.is_valid(value)
-        except Exception:  # an unresolvable (remote) $ref, a pattern Python's re cannot compile
-            return False
+        return strictly_valid(self._validator, text)
 
     def automaton(self) -> str | None:
         return self.regex if self.uses_automaton else None

@@ -74,14 +74,7 @@ class JsonPrefixChecker:
 
     def document_ok(self, text: str) -> bool:
         """Strict JSON (see the module docstring) that ``jsonschema`` accepts."""
-        try:
-            value = load_strict(text)
-        except (ValueError, RecursionError):
-            return False
-        try:
-            return self.ctx.root_validator.is_valid(value)
-        except Exception:  # an unresolvable $ref, a pattern Python's re cannot compile
-            return False
+        return strictly_valid(self.ctx.root_validator, text)
 
 
 def _no_duplicates(pairs):
@@ -100,6 +93,18 @@ def _exact_float(text: str) -> float:
     if value is None:
         raise ValueError(f"number {text} does not fit a double")
     return value
+
+
+def strictly_valid(validator, text: str) -> bool:
+    """``text`` is strict JSON (``load_strict``) whose value ``validator`` (a ``jsonschema`` validator) accepts."""
+    try:
+        value = load_strict(text)
+    except (ValueError, RecursionError):
+        return False
+    try:
+        return validator.is_valid(value)
+    except Exception:  # an unresolvable (remote) $ref, a pattern Python's re cannot compile
+        return False
 
 
 def load_strict(text: str):
