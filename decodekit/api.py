@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 
-from decodekit.engine import Engine, StepError
+from decodekit.driver import Driver
+from decodekit.engine import Engine
 from decodekit.models import DEFAULT_MODEL, load_backend
 from decodekit.strategies.base import Strategy
 from decodekit.types import Completion, SamplingParams, TokenEvent
@@ -38,6 +39,8 @@ class LLM:
         make_engine = getattr(backend, "create_engine", None)  # request-level backends (vLLM) bring their own
         self.engine = make_engine(max_batch_size=max_batch_size) if make_engine else Engine(
             backend, max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
+        # streams, generate() and rollout() calls share the engine, from any thread: none loses an event
+        self.driver = Driver(self.engine)
 
     def generate(self, prompts, strategy: Strategy | str | None = None, **sampling):
         """Complete one prompt (-> ``Completion``) or a list of prompts (-> list, one batch).
@@ -54,32 +57,20 @@ class LLM:
         return done[0] if single else done
 
     def _complete(self, batch, params, strategy) -> list[Completion]:
-        """Add every prompt (a prompt, or a ready ``(text, ids)`` pair), step until they are done."""
-        requests = []
-        try:
-            for p in batch:
-                text, ids = p if isinstance(p, tuple) else self.encode_prompt(p)
-                requests.append(self.engine.add_request(ids, params, strategy, prompt=text, stream=False))
-            self._run({r.request_id for r in requests})
-        except BaseException:  # a bad prompt or a failed step: leave nothing of this call in the engine
-            for r in requests:
-                self.engine.abort(r.request_id)
-            raise
-        return [self.engine.pop_completion(r.request_id) for r in requests]
+        """Add every prompt (a prompt, or a ready ``(text, ids)`` pair), step until they are done; a bad
+        prompt or a failed step leaves nothing of this call in the engine."""
+        items = [p if isinstance(p, tuple) else self.encode_prompt(p) for p in batch]
+        return self.driver.complete(items, params, strategy)
 
     def stream(self, prompt, strategy: Strategy | str | None = None, **sampling) -> Iterator[TokenEvent]:
-        """Yield ``TokenEvent``s (text deltas per choice) as tokens are accepted."""
+        """Yield ``TokenEvent``s (text deltas per choice) as tokens are accepted. Other calls on this
+        ``LLM`` (streams, ``generate``, from any thread) may run meanwhile: every event still arrives."""
         if not _is_single(prompt):
             raise ValueError("stream takes one prompt (a string or a list of chat messages)")
         strategy = resolve_strategy(strategy, sampling)
-        request = self._add(prompt, sampling_params(**sampling), strategy)
-        try:
-            while not request.finished:
-                for event in self._step({request.request_id}):
-                    if event.request_id == request.request_id:
-                        yield event
-        finally:
-            self.engine.abort(request.request_id)  # finished or not: nothing of it stays in the engine
+        (request,) = self.driver.add([self.encode_prompt(prompt)], sampling_params(**sampling), strategy,
+                                     stream=True)
+        yield from self.driver.events(request.request_id)
 
     def rollout(self, prompts, tree=None, **sampling):
         """Tree-structured segment rollouts (TreePO): ``max_width`` trajectories per prompt sharing
@@ -113,24 +104,6 @@ class LLM:
             return prompt, self.tokenizer.encode(prompt)
         messages = _check_messages(prompt)
         return messages[-1]["content"], self.tokenizer.apply_chat_template(messages)
-
-    def _add(self, prompt, params, strategy, stream: bool = True):
-        text, ids = self.encode_prompt(prompt)
-        return self.engine.add_request(ids, params, strategy, prompt=text, stream=stream)
-
-    def _run(self, request_ids: set[str]) -> None:
-        while self.engine.has_unfinished():
-            self._step(request_ids)
-
-    def _step(self, request_ids: set[str]) -> list[TokenEvent]:
-        """One engine step; a failure of other requests (another caller's stream) is not ours to raise."""
-        try:
-            return self.engine.step()
-        except StepError as e:
-            if request_ids & set(e.request_ids):
-                raise
-            return e.events
-
 
 def sampling_params(**sampling) -> SamplingParams:
     """``SamplingParams`` from keyword arguments; an unknown name raises ``ValueError``."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from decodekit.context import StepContext
+from decodekit.lanes import LaneKeeper
 from decodekit.output import token_info
 from decodekit.scheduler import Scheduler
 from decodekit.sequence import Request, SeqStatus, Sequence
@@ -62,8 +64,10 @@ class EngineStats:
 
 
 class Engine:
-    """Engine protocol used by ``LLM`` and the server: ``add_request`` / ``step`` / ``abort`` /
-    ``pop_completion`` / ``get_request`` / ``has_unfinished`` / ``stats`` / ``detach``."""
+    """decodekit's one-step engine; implements ``driver.EngineProtocol`` (``LLM``, the server and
+    ``TreeRollout.run`` use nothing else). Strategies see it only through ``self.ctx``."""
+
+    token_level = True  # strategies run token by token, through ``StepContext``
 
     def __init__(self, backend, *, max_batch_size: int = 32, default_strategy: Strategy | None = None,
                  max_prefill_tokens: int | None = None):
@@ -74,6 +78,8 @@ class Engine:
             device = getattr(getattr(backend, "device", None), "type", "cpu")
             max_prefill_tokens = MAX_PREFILL_TOKENS.get(device, MAX_PREFILL_TOKENS["cuda"])
         self.scheduler = Scheduler(self, max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
+        self.lanes = LaneKeeper(backend)
+        self.ctx = StepContext(self)
         self.requests: dict[str, Request] = {}
         self.counters = EngineStats()
         self.step_batch = 0
@@ -107,7 +113,7 @@ class Engine:
         request_id = request_id or f"req-{next(self._req_ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = Request(request_id, prompt, prompt_ids, params, strategy, self.tokenizer)
+        request = Request(request_id, prompt, prompt_ids, params, strategy, self.tokenizer, self.backend.max_context)
         strategy.validate(request)
         need = self._worst_case_slots(request)
         if need > self.backend.cache.capacity:
@@ -146,6 +152,11 @@ class Engine:
         if self._attached.get(id(strategy)) is strategy:
             del self._attached[id(strategy)]
 
+    def serve_mode(self) -> None:
+        """Requests arrive at any time: an idle step prefills no more than a busy one (a request arriving
+        during an idle prefill step would wait for that whole step)."""
+        self.scheduler.idle_prefill_tokens = self.scheduler.max_prefill_tokens
+
     def stats(self) -> dict:
         """Engine-wide counters: steps, main / side forwards, peak running sequences, preemptions."""
         return {**self.counters.__dict__, "preemptions": self.scheduler.num_preemptions}
@@ -159,7 +170,7 @@ class Engine:
         self.counters.peak_running = max(self.counters.peak_running, len(self.scheduler.live_seqs()))
         failed: dict[str, Exception] = {}
         prefills = [Row(seq, ids) for seq, ids in self.scheduler.prefill_chunks()]
-        planned = {key: self._guard(failed, seqs, strategy.plan, self, seqs)
+        planned = {key: self._guard(failed, seqs, strategy.plan, self.ctx, seqs)
                    for key, (strategy, seqs) in groups.items() if strategy.shares_forward}
         self.run_rows(prefills + [r for rows in planned.values() if rows for r in rows])
         events: list[TokenEvent] = self._first_tokens(self._finish_prefills(prefills), failed)
@@ -168,9 +179,9 @@ class Engine:
             if not seqs or (strategy.shares_forward and planned[key] is None):
                 continue
             if strategy.shares_forward:
-                proposals = self._guard(failed, seqs, strategy.update, self, seqs, planned[key])
+                proposals = self._guard(failed, seqs, strategy.update, self.ctx, seqs, planned[key])
             else:  # a one-call strategy: its own forward
-                proposals = self._guard(failed, seqs, strategy.step, self, seqs)
+                proposals = self._guard(failed, seqs, strategy.step, self.ctx, seqs)
             for seq in seqs if proposals is not None else ():
                 events.extend(self._append(seq, proposals.get(seq.seq_id, [])))
         if failed:
@@ -191,7 +202,7 @@ class Engine:
                 groups.setdefault(id(strategy), (strategy, []))[1].append(seq)
         events = []
         for strategy, seqs in groups.values():
-            proposals = self._guard(failed, seqs, strategy.update, self, seqs, [])
+            proposals = self._guard(failed, seqs, strategy.update, self.ctx, seqs, [])
             for seq in seqs if proposals is not None else ():
                 events.extend(self._append(seq, proposals.get(seq.seq_id, [])))
         return events
@@ -254,19 +265,12 @@ class Engine:
                     started.append(sibling)
         return started
 
-    # ---- helpers for strategies -------------------------------------------------------------
-    def uncomputed(self, seq: Sequence) -> list[int]:
-        """``seq``'s tokens its handle lacks; at least its last one (rolled back if all are cached),
-        so the row yields the next-token logits."""
-        if len(seq.handle) >= len(seq.ids):
-            self.backend.cache.truncate(seq.handle, len(seq.ids) - 1)
-        return seq.ids[len(seq.handle):]
-
-    def compute_next_logits(self, seqs: list[Sequence], backend=None) -> None:
+    # ---- helpers for strategies (through ``StepContext``) -------------------------------------
+    def compute_next_logits(self, seqs: list[Sequence]) -> None:
         """Fill ``seq.next_logits`` for sequences that lack it (one-call strategies: own forward)."""
         need = [s for s in seqs if s.next_logits is None]
         if need:
-            for seq, row in zip(need, self.forward(need, [self.uncomputed(s) for s in need])):
+            for seq, row in zip(need, self.forward(need, [self.ctx.uncomputed(s) for s in need])):
                 seq.next_logits = row[-1]
 
     def forward(self, seqs: list[Sequence], new_ids: list[list[int]], num_logits=1) -> list[torch.Tensor]:
@@ -279,14 +283,9 @@ class Engine:
     def new_sequence(self, request: Request, index: int) -> Sequence:
         return Sequence(next(self._seq_ids), request, index, self._generator(request.params, index))
 
-    def release_handle(self, seq: Sequence, commit: bool = True) -> None:
-        """Release ``seq``'s main handle, first committing its verified tokens to the prefix cache."""
-        cache = self.backend.cache
-        cache.truncate(seq.handle, min(len(seq.handle), len(seq.ids)))
-        if commit:
-            cache.commit(seq.handle, seq.ids)
-        cache.release(seq.handle)
-        seq.handle = None
+    def release(self, seq: Sequence, commit: bool = True) -> None:
+        """Release ``seq``'s main KV and every lane, first committing its verified tokens to the prefix cache."""
+        self.lanes.release_all(seq, commit)
 
     def _worst_case_slots(self, request: Request) -> int:
         per_seq = request.params.max_new_tokens + request.strategy.extra_slots(request)
@@ -298,7 +297,7 @@ class Engine:
 
     def _attach(self, strategy: Strategy) -> None:
         if self._attached.get(id(strategy)) is not strategy:
-            strategy.attach(self)
+            strategy.attach(self.ctx)
             self._attached[id(strategy)] = strategy
 
     # ---- postprocess ----------------------------------------------------------------------
@@ -326,17 +325,10 @@ class Engine:
                            added)]
 
     def _stop_reason_before(self, seq: Sequence, token: int) -> str | None:
-        params = seq.params
-        if token in params.stop_token_ids or (token in self.tokenizer.eos_token_ids and not params.ignore_eos):
-            return "stop"
-        return None
+        return seq.stops.before(token)
 
     def _stop_reason_after(self, seq: Sequence) -> str | None:
-        if seq.text.update(seq.output_ids):
-            return "stop"
-        if len(seq.output_ids) >= seq.params.max_new_tokens or len(seq.ids) >= self.backend.max_context:
-            return "length"
-        return None
+        return seq.stops.after(seq.text, seq.output_ids, len(seq.ids))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End ``seq`` now with ``reason`` (e.g. a strategy's "constraint_failed"); frees its cache slots."""
@@ -348,7 +340,6 @@ class Engine:
         seq.finish_reason = reason
         seq.status = SeqStatus.FINISHED
         seq.next_logits = None
-        if seq.handle is not None:
-            self.release_handle(seq, commit=reason != "abort")
+        self.release(seq, commit=reason != "abort")
         if running:
-            seq.request.strategy.on_finish(self, seq)
+            seq.request.strategy.on_finish(self.ctx, seq)

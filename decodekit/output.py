@@ -82,6 +82,32 @@ class TextState:
         return best
 
 
+class StopRule:
+    """The one stop rule of every engine and of tree leaves: a stop token (``stop_token_ids``, or EOS
+    unless ``ignore_eos``) ends a sequence before it is appended ("stop", not output); after a token,
+    a stop string ("stop", the text cut before it), then the length limit ("length": ``max_tokens``
+    output tokens, or the model's context) end it."""
+
+    def __init__(self, params, eos_ids, max_context: int, max_tokens: int | None = None):
+        self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_ids))
+        self.max_context = max_context
+        self.max_tokens = params.max_new_tokens if max_tokens is None else max_tokens
+
+    def before(self, token: int) -> str | None:
+        """"stop" when ``token`` is a stop token (it ends the sequence without being output)."""
+        return "stop" if token in self.stop_ids else None
+
+    def after(self, text: TextState | None, output_ids: list[int], num_ids: int) -> str | None:
+        """After a token: a stop string in ``text`` (updated with ``output_ids``), then the length limit."""
+        if text is not None and text.update(output_ids):
+            return "stop"
+        return self.length(len(output_ids), num_ids)
+
+    def length(self, num_output: int, num_ids: int) -> str | None:
+        """"length" once ``num_output`` tokens are out or ``num_ids`` fill the model's context."""
+        return "length" if num_output >= self.max_tokens or num_ids >= self.max_context else None
+
+
 def stop_index(text: str, stop: tuple[str, ...], search_from: int = 0) -> int:
     """Where the first stop string starts in ``text`` (from ``search_from`` on), or -1."""
     cuts = [i for s in stop if (i := text.find(s, search_from)) >= 0]

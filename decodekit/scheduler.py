@@ -73,7 +73,7 @@ class Scheduler:
         budget = float(self.max_prefill_tokens if decoding else max(self.max_prefill_tokens, self.idle_prefill_tokens))
         key_cost = float(getattr(self.engine.backend, "key_cost", 0.0))
         prefilling = sorted((s for s in seqs if s.status is SeqStatus.PREFILLING),
-                            key=lambda s: len(s.ids) - len(s.handle))
+                            key=lambda s: len(s.ids) - s.num_cached)
         out = []
         for seq in prefilling:
             start = len(seq.handle)
@@ -92,7 +92,7 @@ class Scheduler:
             if seq.status is SeqStatus.RUNNING:
                 need += seq.request.strategy.step_slots(seq)
             elif seq.status is SeqStatus.PREFILLING:
-                need += len(seq.ids) - len(seq.handle)
+                need += len(seq.ids) - seq.num_cached
             else:
                 need += 1  # a sample waiting for its fork of the prompt
         return need
@@ -111,10 +111,10 @@ class Scheduler:
         """Free ``request``'s KV (its verified tokens stay in the prefix cache) and requeue it first."""
         engine = self.engine
         for seq in request.live_seqs:
-            if seq.handle is not None:
-                if seq.status is SeqStatus.RUNNING:
-                    request.strategy.on_preempt(engine, seq)
-                engine.release_handle(seq)
+            running = seq.status is SeqStatus.RUNNING
+            engine.release(seq)  # the main KV and every lane: verified tokens stay in the prefix cache
+            if running:
+                request.strategy.on_preempt(engine.ctx, seq)
             seq.status = SeqStatus.WAITING
             seq.next_logits = None
             seq.num_preemptions += 1

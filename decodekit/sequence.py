@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from decodekit.output import TextState
+from decodekit.output import StopRule, TextState
 from decodekit.types import Choice, Completion, Provenance, RequestStats, TokenInfo, Usage
 
 
@@ -26,7 +26,7 @@ class SeqStatus(enum.Enum):
 
 
 class Sequence:
-    """One sample of a request: prompt + output ids, its KV handle, generator and output text."""
+    """One sample of a request: prompt + output ids, its KV (main handle and lanes), generator and output text."""
 
     def __init__(self, seq_id: int, request: Request, index: int, generator: torch.Generator):
         self.seq_id = seq_id
@@ -36,7 +36,8 @@ class Sequence:
         self.num_prompt = len(request.prompt_ids)
         self.params = request.params
         self.generator = generator
-        self.handle = None
+        self.handle = None  # the main KV handle: the engine's and the scheduler's, never a strategy's
+        self.lanes: list = []  # every other KV lane (``decodekit.context.Lane``), released by the engine
         self.status = SeqStatus.WAITING
         self.next_logits: torch.Tensor | None = None
         self.finish_reason: str | None = None
@@ -55,6 +56,15 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def stops(self) -> StopRule:
+        return self.request.stops
+
+    @property
+    def num_cached(self) -> int:
+        """Tokens of ``ids`` (or drafts after them) the main KV holds (0 while waiting)."""
+        return len(self.handle) if self.handle is not None else 0
+
     def take_next_logits(self) -> torch.Tensor:
         logits, self.next_logits = self.next_logits, None
         return logits
@@ -67,13 +77,15 @@ class Sequence:
 
 
 class Request:
-    def __init__(self, request_id, prompt, prompt_ids, params, strategy, tokenizer):
+    def __init__(self, request_id, prompt, prompt_ids, params, strategy, tokenizer, max_context: int | None = None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.strategy = strategy
         self.tokenizer = tokenizer
+        # the one stop rule (``output.StopRule``), shared by the request's samples
+        self.stops = StopRule(params, tokenizer.eos_token_ids, max_context if max_context is not None else 1 << 62)
         self.seqs: list[Sequence] = []
         self.stats = RequestStats()
         self.start_time = time.perf_counter()

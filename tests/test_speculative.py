@@ -247,7 +247,7 @@ class NoConfidence(Drafter):
     def __init__(self, backend):
         self.backend = backend
 
-    def propose(self, seqs, ks):
+    def propose(self, ctx, seqs, ks):
         return [Draft(self._chain(list(s.ids), k)) for s, k in zip(seqs, ks)]
 
     def _chain(self, ids, k):
@@ -314,12 +314,12 @@ def test_adaptive_k_pauses_drafting_after_single_token_misses():
     from types import SimpleNamespace
 
     spec = Speculative()
-    engine = SimpleNamespace(backend=SimpleNamespace(max_context=10**6))
+    ctx = SimpleNamespace(max_context=10**6)
     seq = SimpleNamespace(state=None, params=SamplingParams(max_new_tokens=10**4), output_ids=[], ids=[1])
     seq.state_as = lambda cls: seq.state if isinstance(seq.state, cls) else setattr(seq, "state", cls()) or seq.state
 
     def budgets(n):
-        return [spec._budget(engine, seq) for _ in range(n)]
+        return [spec._budget(ctx, seq) for _ in range(n)]
 
     assert budgets(1) == [4]
     spec._record(seq, 4, 4)

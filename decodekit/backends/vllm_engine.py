@@ -59,7 +59,10 @@ class VLLMRequest(Request):
 
 
 class VLLMEngine:
-    """Request-level engine over vLLM (see module doc). ``running`` lists unfinished samples."""
+    """Request-level engine over vLLM (see module doc); implements ``driver.EngineProtocol``.
+    ``running`` lists unfinished samples."""
+
+    token_level = False  # strategies map to vLLM's own features (``vllm_strategies``)
 
     def __init__(self, backend):
         from vllm.inputs import TokensPrompt
@@ -91,7 +94,8 @@ class VLLMEngine:
         final_only = not stream and getattr(strategy, "name", None) != "speculative"
         options = [request_options(self.backend, params, strategy, index, final_only=final_only)
                    for index in range(params.n)]
-        request = VLLMRequest(request_id, prompt, prompt_ids, params, strategy, self.tokenizer)
+        request = VLLMRequest(request_id, prompt, prompt_ids, params, strategy, self.tokenizer,
+                              self.backend.max_context)
         if self.backend.speculative_config is not None:  # a metrics snapshot costs: only when it is reported
             request.metrics_before = self.backend.metrics()
         for index, vparams in enumerate(options):
@@ -114,6 +118,9 @@ class VLLMEngine:
         for sample in live:
             sample.finish_reason = "abort"
             self._forget(sample)
+
+    def serve_mode(self) -> None:
+        """vLLM schedules its own prefill chunks."""
 
     def has_unfinished(self) -> bool:
         return bool(self.running)
@@ -203,8 +210,7 @@ def _without_stop_token(completion, request, finished: bool) -> list[int]:
     """This step's new ids without a final EOS / stop token id: decodekit never appends the token that stops it."""
     ids = list(completion.token_ids)
     if finished and ids and completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str):
-        params = request.params
-        if ids[-1] in params.stop_token_ids or (ids[-1] in request.tokenizer.eos_token_ids and not params.ignore_eos):
+        if request.stops.before(ids[-1]) is not None:  # the one stop rule (``output.StopRule``)
             ids.pop()
     return ids
 

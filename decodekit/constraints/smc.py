@@ -62,9 +62,9 @@ RESAMPLERS = {"systematic": systematic_resample, "multinomial": multinomial_resa
 
 @dataclass
 class Particle:
-    """One partial output. ``handle`` holds ``ids[:len(handle)]``; ``pending`` are ids not computed yet."""
+    """One partial output. Its KV ``lane`` (``decodekit.context.Lane``) holds ``ids[:len(lane)]``."""
 
-    handle: object | None
+    lane: object | None
     out: list[int]  # output token ids so far (no EOS)
     text: bytes
     logw: float = 0.0
@@ -82,22 +82,22 @@ class Particle:
         return not self.done and self.logw > NEG_INF
 
 
-def resample(particles: list[Particle], ancestors: list[int], cache) -> list[Particle]:
-    """New population from ancestor indices: reuse each chosen handle once, fork it for copies,
-    release the handles of particles nobody chose. Weights become the mean weight."""
+def resample(particles: list[Particle], ancestors: list[int], *, fork, close) -> list[Particle]:
+    """New population from ancestor indices: reuse each chosen lane once, ``fork(lane)`` it for copies,
+    ``close(lane)`` the lanes of particles nobody chose. Weights become the mean weight."""
     logw = torch.tensor([p.logw for p in particles], dtype=torch.float64)
     mean = log_mean_weight(logw)
     used: set[int] = set()
     out = []
     for a in ancestors:
         src = particles[a]
-        handle = src.handle
-        if a in used and handle is not None:
-            handle = cache.fork(handle)
+        lane = src.lane
+        if a in used and lane is not None and not lane.closed:
+            lane = fork(lane)
         used.add(a)
-        out.append(Particle(handle, list(src.out), src.text, mean, src.done, src.eos, src.fsa_state,
+        out.append(Particle(lane, list(src.out), src.text, mean, src.done, src.eos, src.fsa_state,
                             src.critic, list(src.logits), weight_trace=list(src.weight_trace)))
     for i, p in enumerate(particles):
-        if i not in used and p.handle is not None:
-            cache.release(p.handle)
+        if i not in used and p.lane is not None:
+            close(p.lane)
     return out

@@ -2,7 +2,8 @@
 
 A drafter proposes up to k tokens per sequence with the distributions q they were drawn from
 (``None`` for one-hot proposals). It never touches the target's cache; a model drafter keeps its
-own handle per sequence in its own cache namespace and rolls it back to the verified tokens.
+own lane per sequence in its own cache namespace (the engine releases it with the sequence) and
+rolls it back to the verified tokens.
 """
 
 from __future__ import annotations
@@ -125,15 +126,11 @@ class Drafter(ABC):
         return math.prod(calibrated(confidence, seq)) > self.token_cost + self.profile.row_cost
 
     @abstractmethod
-    def propose(self, seqs, ks: list[int]) -> list[Draft]:
+    def propose(self, ctx, seqs, ks: list[int]) -> list[Draft]:
         """Up to ``ks[i]`` draft tokens continuing ``seqs[i].ids`` (verified tokens)."""
 
-    def rollback(self, seq, num_verified: int) -> None:
+    def rollback(self, ctx, seq, num_verified: int) -> None:
         """Forget draft state past the first ``num_verified`` tokens of ``seq.ids``."""
-        return None
-
-    def release(self, seq) -> None:
-        """The sequence finished: commit verified draft-cache tokens and free handles."""
         return None
 
 
@@ -143,7 +140,7 @@ class NoDrafter(Drafter):
     name = "forced"
     estimates_confidence = True
 
-    def propose(self, seqs, ks):
+    def propose(self, ctx, seqs, ks):
         return [Draft([], None, []) for _ in seqs]
 
 
@@ -202,7 +199,7 @@ class NgramDrafter(Drafter):
         self.min_ngram = min_ngram
         self.match_caps = tuple(match_caps)
 
-    def propose(self, seqs, ks):
+    def propose(self, ctx, seqs, ks):
         return [self._propose(s.ids, k) for s, k in zip(seqs, ks)]
 
     def _propose(self, ids: list[int], k: int) -> Draft:
@@ -248,21 +245,21 @@ class ModelDrafter(Drafter):
     def __init__(self, backend, key: str = "draft", token_cost: float = 0.4):
         self.backend = backend
         self.name = backend.name
-        self.key = f"{key}_handle"  # where this drafter's handle lives in SpecState.drafter
+        self.key = f"{key}_lane"  # where this drafter's lane lives in SpecState.drafter
         self.token_cost = token_cost
 
-    def propose(self, seqs, ks):
+    def propose(self, ctx, seqs, ks):
         drafts: list[list[int]] = [[] for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         confs: list[list[float]] = [[] for _ in seqs]
         active = [i for i, k in enumerate(ks) if k > 0]
         new_ids = {}
         for i in active:
-            handle = self._handle(seqs[i])
-            new_ids[i] = seqs[i].ids[len(handle):]  # catch up on verified tokens the draft has not seen
+            lane = self._lane(ctx, seqs[i])
+            new_ids[i] = seqs[i].ids[len(lane):]  # catch up on verified tokens the draft has not seen
         for step in range(max((ks[i] for i in active), default=0)):
-            handles = [seqs[i].state.drafter[self.key] for i in active]
-            logits = self.backend.forward(handles, [new_ids[i] for i in active], 1)
+            lanes = [(seqs[i], seqs[i].state.drafter[self.key]) for i in active]
+            logits = ctx.forward_lanes(lanes, [new_ids[i] for i in active], 1)
             for i, row in zip(active, logits):
                 token, q, conf = draw_draft(row[-1], seqs[i])
                 drafts[i].append(token)
@@ -273,28 +270,21 @@ class ModelDrafter(Drafter):
             active = [i for i in active if ks[i] > step + 1 and self.worth_drafting(confs[i], seqs[i])]
         return [Draft(d, torch.stack(q) if q else None, c) for d, q, c in zip(drafts, qs, confs)]
 
-    def _handle(self, seq):
+    def _lane(self, ctx, seq):
+        """The draft model's lane of ``seq`` (a mirror: the engine commits its verified tokens when
+        it releases it), opened through the draft model's prefix cache on first use or after a preemption."""
         kept = seq.state_as(SpecState).drafter
-        handle = kept.get(self.key)
-        if handle is None:
-            handle = kept[self.key] = self.backend.open(seq.ids)
-        elif len(handle) >= len(seq.ids):
-            self.backend.cache.truncate(handle, len(seq.ids) - 1)  # keep one token to compute
-        return handle
+        lane = kept.get(self.key)
+        if lane is None or lane.closed:
+            lane = kept[self.key] = ctx.open_lane(seq, seq.ids, self.backend)
+        elif len(lane) >= len(seq.ids):
+            ctx.truncate_lane(seq, lane, len(seq.ids) - 1)  # keep one token to compute
+        return lane
 
-    def rollback(self, seq, num_verified):
-        handle = seq.state_as(SpecState).drafter.get(self.key)
-        if handle is not None and len(handle) > num_verified:
-            self.backend.cache.truncate(handle, num_verified)
-
-    def release(self, seq):
-        handle = seq.state_as(SpecState).drafter.pop(self.key, None)
-        if handle is None:
-            return
-        cache = self.backend.cache
-        cache.truncate(handle, min(len(handle), len(seq.ids)))
-        cache.commit(handle, seq.ids)  # verified tokens only: drafts past seq.ids were cut above
-        cache.release(handle)
+    def rollback(self, ctx, seq, num_verified):
+        lane = seq.state_as(SpecState).drafter.get(self.key)
+        if lane is not None and len(lane) > num_verified:
+            ctx.truncate_lane(seq, lane, num_verified)
 
 
 # ---- a trained draft head on the target's own hidden states ---------------------------------------
@@ -331,11 +321,8 @@ class HeadDrafter(Drafter):
         self.target, self.head, self.min_confidence = target, head, min_confidence
         target.capture_features()
 
-    def propose(self, seqs, ks):
+    def propose(self, ctx, seqs, ks):
         return [self._propose(seq, k) if k > 0 else Draft([], None, []) for seq, k in zip(seqs, ks)]
-
-    def release(self, seq):
-        seq.state_as(SpecState).drafter.pop("head", None)
 
     @torch.inference_mode()
     def _propose(self, seq, k: int) -> Draft:
@@ -398,13 +385,13 @@ class LookupThenModel(Drafter):
         self.name = f"ngram+{model.name}"
         self.estimates_confidence = model.estimates_confidence
 
-    def propose(self, seqs, ks):
-        out = self.lookup.propose(seqs, ks)
+    def propose(self, ctx, seqs, ks):
+        out = self.lookup.propose(ctx, seqs, ks)
         compare = self.model.estimates_confidence
         ask = [i for i, d in enumerate(out) if ks[i] > 0 and (
             not d.tokens or (compare and d.confidence[0] < self.profile.lookup_sure))]
         if ask:
-            for i, d in zip(ask, self.model.propose([seqs[i] for i in ask], [ks[i] for i in ask])):
+            for i, d in zip(ask, self.model.propose(ctx, [seqs[i] for i in ask], [ks[i] for i in ask])):
                 if not out[i].tokens or self._rate(d, seqs[i]) > self._rate(out[i], seqs[i]):
                     out[i] = d
         return out
@@ -412,14 +399,12 @@ class LookupThenModel(Drafter):
     def _rate(self, draft: Draft, seq) -> float:
         return best_length(calibrated(draft.confidence, seq), self.verify_cost)[1] if draft.tokens else 0.0
 
-    def rollback(self, seq, num_verified):
-        self.model.rollback(seq, num_verified)
+    def rollback(self, ctx, seq, num_verified):
+        self.model.rollback(ctx, seq, num_verified)
 
     def inner_drafters(self):
         return [self.lookup, self.model]
 
-    def release(self, seq):
-        self.model.release(seq)
 
 
 # ---- self-drafts and draft-model loading -------------------------------------------------------

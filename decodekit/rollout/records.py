@@ -78,16 +78,16 @@ class RolloutResult:
 
 
 class _Node:
-    """A segment being grown (a leaf) or grown (an inner node keeping its handle and end logits)."""
+    """A segment being grown (a leaf) or grown (an inner node keeping its KV lane and end logits)."""
 
-    def __init__(self, tree: _Tree, parent: _Node | None, handle, logits, generator):
+    def __init__(self, tree: _Tree, parent: _Node | None, lane, logits, generator):
         self.tree, self.parent = tree, parent
         self.node_id = len(tree.nodes)
         self.depth = 0 if parent is None else parent.depth + 1
         self.prefix: list[int] = [] if parent is None else parent.output_ids
         self.prefix_logp = 0.0 if parent is None else parent.cum_logprob
         self.log_weight = 0.0 if parent is None else parent.log_weight  # constrained paths: importance weight
-        self.handle, self.next_logits, self.generator = handle, logits, generator
+        self.lane, self.next_logits, self.generator = lane, logits, generator
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.entropies: list[float] = []

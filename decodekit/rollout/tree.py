@@ -1,7 +1,7 @@
 """Tree-structured segment rollouts (TreePO, 2025) over the shared KV cache.
 
-A driver over a backend and its cache manager, not a per-token Strategy: all live leaves of every
-prompt advance together as one batch, one segment (``segment_len`` tokens) at a time. A leaf that
+Run by the engine (``TreeStrategy``): all live leaves of every prompt advance together, one token
+per step, as rows of the step's shared forward, segment (``segment_len`` tokens) by segment. A leaf that
 continues splits into children that fork its KV handle (shared prefix slots by reference, no
 recomputation, no copy) and its next-token logits; finished leaves hand their branch budget to
 live ones. Every computed token is computed once: forward tokens == prompt + unique tree tokens
@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from decodekit.constraints.base import Constraint
 from decodekit.rollout.budget import SPLIT_MODES, EarlyStop
-from decodekit.rollout.driver import _Driver
-from decodekit.rollout.records import RolloutResult, _Tree
+from decodekit.rollout.records import RolloutResult
 from decodekit.types import SamplingParams
 
 
@@ -62,8 +61,9 @@ class TreeRollout:
             texts: list[str] | None = None) -> list[RolloutResult]:
         """Roll out every prompt (token ids) on ``backend``; one ``RolloutResult`` per prompt, in order.
 
-        Prompts are batched together in waves that fit the KV budget. Every handle opened here is
-        released before returning (also on error); finished paths are committed to the prefix cache.
+        The engine runs it (``TreeStrategy``: one request per prompt, admitted as the KV budget allows
+        each tree's worst case), so this is the same decode loop as ``LLM.rollout``. Every lane opened
+        is released before returning (also on error); finished paths are committed to the prefix cache.
         A request-level backend (vLLM) that brings its own segment-level driver runs it instead.
         """
         if params.n != 1:
@@ -73,13 +73,14 @@ class TreeRollout:
         segment_level = getattr(backend, "tree_rollout", None)
         if segment_level is not None:
             return segment_level(prompts, self, params, texts=texts)
+        from decodekit.driver import Driver
+        from decodekit.engine import Engine
+        from decodekit.strategies.tree_strategy import TreeStrategy
+
+        driver = Driver(Engine(backend, max_batch_size=len(prompts)))
         texts = texts or [""] * len(prompts)
-        driver = _Driver(self, backend, params)
-        results: list[RolloutResult | None] = [None] * len(prompts)
-        for wave in driver.waves(prompts):
-            for tree in driver.run_wave([_Tree(i, prompts[i], texts[i]) for i in wave]):
-                results[tree.index] = tree.result(backend.tokenizer, self.constraint)
-        return results
+        done = driver.complete([(t, list(p)) for t, p in zip(texts, prompts)], params, TreeStrategy(self))
+        return [c.stats.extra["rollout"] for c in done]
 
 
 def _check_positive(name: str, value) -> None:

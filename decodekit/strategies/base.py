@@ -6,8 +6,14 @@ which model), the engine runs every running request's rows together, and ``updat
 logits into proposed tokens. A strategy never decides when a request ends: the engine appends
 proposals one at a time, checking stop conditions (EOS, stop strings, length) after each.
 
-Strategies written against the older one-call interface (``step(engine, seqs)``, which runs its
-own forward through ``engine.forward``) still work; they just do not share the step's forward.
+Strategies see the engine only through a ``StepContext`` (``decodekit.context``): the lanes they
+fork, open, truncate and close, the rows they plan, ``finish``, and read-only facts about the step.
+The engine owns every lane: it releases a sequence's lanes when it finishes, is aborted or is
+preempted, so a strategy keeps no clean-up code and is correct under preemption by construction
+(``on_preempt`` / ``on_finish`` are for state of its own, never for KV).
+
+Strategies written against the older one-call interface (``step(ctx, seqs)``, which runs its own
+forward through ``ctx.forward``) still work; they just do not share the step's forward.
 """
 
 from __future__ import annotations
@@ -20,8 +26,7 @@ import torch
 from decodekit.types import SAMPLED, Provenance
 
 if TYPE_CHECKING:
-    from decodekit.cache import KVHandle
-    from decodekit.engine import Engine
+    from decodekit.context import Lane, StepContext
     from decodekit.sequence import Request, Sequence
 
 
@@ -33,32 +38,36 @@ class Proposal(NamedTuple):
 
 @dataclass(eq=False)
 class Row:
-    """One row of a step's forward: ``new_ids`` appended to ``handle`` (default: the sequence's own).
+    """One row of a step's forward: ``new_ids`` appended to ``lane`` (default: the sequence's main KV).
 
-    ``backend`` None means the engine's model. ``key`` is the strategy's own tag (a particle, a
-    draft); ``logits`` (num_logits, V) is filled in by the engine after the forward."""
+    The lane's backend computes it (the engine's model for the main KV). ``key`` is the strategy's
+    own tag (a particle, a draft); ``logits`` (num_logits, V) is filled in by the engine after the forward."""
 
     seq: Sequence
     new_ids: list[int]
     num_logits: int = 1
-    handle: KVHandle | None = None
-    backend: Any = None
+    lane: Lane | None = None
     key: Any = None
     logits: torch.Tensor | None = field(default=None, repr=False)
 
     @property
-    def kv(self) -> KVHandle:
-        return self.handle if self.handle is not None else self.seq.handle
+    def backend(self):
+        """The lane's backend; None for the main KV (the engine's model)."""
+        return self.lane.backend if self.lane is not None else None
+
+    @property
+    def kv(self):
+        return self.lane.handle if self.lane is not None else self.seq.handle
 
 
 class Strategy:
     name = "strategy"
     preemptible = True  # False: admission reserves the worst case and the scheduler never preempts it
-    # True: ``update(engine, seqs, [])`` turns ready next-token logits into the first token, so the engine
+    # True: ``update(ctx, seqs, [])`` turns ready next-token logits into the first token, so the engine
     # calls it in the step a prefill completes (plain sampling, one-particle constrained decoding)
     first_token_from_prefill = False
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, ctx: StepContext) -> None:
         """Called once per engine before the first request: load extra models, check tokenizers."""
 
     def validate(self, request: Request) -> None:
@@ -70,23 +79,23 @@ class Strategy:
 
     def step_slots(self, seq: Sequence) -> int:
         """Main-model KV slots ``seq`` may allocate in its next step (the scheduler keeps them free)."""
-        return max(1, len(seq.ids) - len(seq.handle)) if seq.handle is not None else len(seq.ids)
+        return max(1, len(seq.ids) - seq.num_cached) if seq.handle is not None else len(seq.ids)
 
     # ---- the two phases --------------------------------------------------------------------
-    def plan(self, engine: Engine, seqs: list[Sequence]) -> list[Row]:
+    def plan(self, ctx: StepContext, seqs: list[Sequence]) -> list[Row]:
         """The rows ``seqs`` need computed this step (default: the uncomputed tail of each sequence
         whose next-token logits are not ready).
 
         On entry a sequence's cache holds all its tokens but possibly the last few; after a prefill
         ``seq.next_logits`` holds the logits for the next token."""
-        return tail_rows(engine, seqs)
+        return tail_rows(ctx, seqs)
 
-    def update(self, engine: Engine, seqs: list[Sequence], rows: list[Row]) -> dict[int, list[Proposal]]:
+    def update(self, ctx: StepContext, seqs: list[Sequence], rows: list[Row]) -> dict[int, list[Proposal]]:
         """Turn the computed ``rows`` (``row.logits`` filled) into proposals by ``seq.seq_id``."""
         raise NotImplementedError(f"{type(self).__name__} implements neither update() nor step()")
 
-    def step(self, engine: Engine, seqs: list[Sequence]) -> dict[int, list[Proposal]]:
-        """One-call interface (own forward through ``engine.forward``); overriding it opts out of
+    def step(self, ctx: StepContext, seqs: list[Sequence]) -> dict[int, list[Proposal]]:
+        """One-call interface (own forward through ``ctx.forward``); overriding it opts out of
         the shared forward."""
         raise NotImplementedError
 
@@ -96,13 +105,12 @@ class Strategy:
         return type(self).step is Strategy.step
 
     # ---- life cycle ------------------------------------------------------------------------
-    def on_preempt(self, engine: Engine, seq: Sequence) -> None:
-        """``seq`` is being preempted (its main handle is released and recomputed later): release
-        what the strategy holds for it beyond the main handle (draft caches, particles' handles)."""
-        self.on_finish(engine, seq)
+    def on_preempt(self, ctx: StepContext, seq: Sequence) -> None:
+        """``seq`` was preempted: the engine has released its lanes (closed: reopen them through the
+        prefix cache when it runs again); reset state of the strategy's own that assumed its KV."""
 
-    def on_finish(self, engine: Engine, seq: Sequence) -> None:
-        """Release what the strategy holds for ``seq`` (draft caches, state)."""
+    def on_finish(self, ctx: StepContext, seq: Sequence) -> None:
+        """``seq`` finished (its lanes are already released): drop state of the strategy's own."""
 
     def stats(self, seqs: list[Sequence]) -> dict:
         """Strategy counters for one request's sequences, merged into ``RequestStats.extra``."""
@@ -114,14 +122,14 @@ class Strategy:
         return None
 
 
-def tail_rows(engine: Engine, seqs: list[Sequence]) -> list[Row]:
+def tail_rows(ctx: StepContext, seqs: list[Sequence]) -> list[Row]:
     """A one-logit row over each sequence's uncomputed tail, for those without ready logits."""
-    return [Row(s, engine.uncomputed(s)) for s in seqs if s.next_logits is None]
+    return [Row(s, ctx.uncomputed(s)) for s in seqs if s.next_logits is None]
 
 
 def next_logits(seqs: list[Sequence], rows: list[Row]) -> dict[int, torch.Tensor]:
     """Each sequence's next-token logits (V,): ready ones, or the last logit of its own row."""
-    out = {r.seq.seq_id: r.logits[-1] for r in rows if r.handle is None and r.backend is None}
+    out = {r.seq.seq_id: r.logits[-1] for r in rows if r.lane is None}
     for seq in seqs:
         if seq.seq_id not in out:
             out[seq.seq_id] = seq.take_next_logits()

@@ -144,39 +144,30 @@ class Constrained(Strategy):
         if self.num_particles == 1 or run is None:
             return super().step_slots(seq)
         prompt = seq.request.prompt_ids
-        return sum(len(prompt) + len(p.out) - (len(p.handle) if p.handle is not None else 0)
-                   for p in run.particles if p.alive) + 1
+        return sum(len(prompt) + len(p.out) - len(p.lane) for p in run.particles if p.alive) + 1
 
-    def plan(self, engine, seqs):
+    def plan(self, ctx, seqs):
         if self.num_particles == 1:
-            return super().plan(engine, seqs)
+            return super().plan(ctx, seqs)
         rows = []
         for seq in seqs:
-            run = self._state(engine, seq).smc or self._start_smc(engine, seq)
+            run = self._state(ctx, seq).smc or self._start_smc(ctx, seq)
             if run.first_logits is not None:
                 continue
             for p in run.particles:
                 if p.alive:
                     ids = seq.request.prompt_ids + p.out
-                    if p.handle is None:  # released by a preemption: reopen through the prefix cache
-                        p.handle = engine.backend.cache.open(ids)
-                    rows.append(Row(seq, ids[len(p.handle):], handle=p.handle, key=p))
+                    if p.lane.closed:  # released by a preemption: reopen through the prefix cache
+                        p.lane = ctx.open_lane(seq, ids, mirror=False)
+                    rows.append(Row(seq, ids[len(p.lane):], lane=p.lane, key=p))
         return rows
 
-    def update(self, engine, seqs, rows):
+    def update(self, ctx, seqs, rows):
         if self.num_particles == 1:
-            return self._update_single(engine, seqs, next_logits(seqs, rows))
+            return self._update_single(ctx, seqs, next_logits(seqs, rows))
         for row in rows:
             row.key.next_logits = row.logits[-1]
-        return self._update_smc(engine, seqs)
-
-    def on_finish(self, engine, seq) -> None:
-        run = st.smc if (st := _own_state(seq)) is not None else None
-        if run is not None:
-            for p in run.particles:
-                if p.handle is not None:
-                    engine.backend.cache.release(p.handle)
-                    p.handle = None
+        return self._update_smc(ctx, seqs)
 
     def stats(self, seqs) -> dict:
         states = [st for s in seqs if (st := _own_state(s)) is not None]
@@ -200,20 +191,20 @@ class Constrained(Strategy):
         return out
 
     # ---- one particle: a token per step, streamed ------------------------------------------
-    def _update_single(self, engine, seqs, logits_of: dict):
+    def _update_single(self, ctx, seqs, logits_of: dict):
         out = {}
         for seq in seqs:
-            st = self._state(engine, seq)
+            st = self._state(ctx, seq)
             try:
-                proposals = self._single_step(engine, seq, st, logits_of[seq.seq_id])
+                proposals = self._single_step(ctx, seq, st, logits_of[seq.seq_id])
             except ConstraintTimeout as e:
-                self._fail(engine, seq, st, str(e))
+                self._fail(ctx, seq, st, str(e))
                 continue
             if proposals is not None:
                 out[seq.seq_id] = proposals
         return out
 
-    def _single_step(self, engine, seq, st, logits) -> list[Proposal] | None:
+    def _single_step(self, ctx, seq, st, logits) -> list[Proposal] | None:
         """One token for one sequence, or None when it ends ``constraint_failed``."""
         track = st.track
         final = len(seq.output_ids) >= seq.params.max_new_tokens - 1
@@ -222,41 +213,40 @@ class Constrained(Strategy):
             eos = st.checker.eos_token()
             return [Proposal(eos, logits, st.provenance(before, eos, track.text, "forced"))]
         # the last token must complete the text (the engine then ends it with "length")
-        draw = self._draw(engine, seq, st, track, logits, final=final)
+        draw = self._draw(ctx, seq, st, track, logits, final=final)
         if draw.logw == NEG_INF:
             why = ("max_new_tokens reached before the text could be completed" if final
                    else "no token can continue the text under the constraint (dead end)")
-            self._fail(engine, seq, st, why)
+            self._fail(ctx, seq, st, why)
             return None
         provenance = st.provenance(before, draw.token, track.text)
-        self._advance(engine, st, track, draw.token)
+        self._advance(ctx, st, track, draw.token)
         return [Proposal(draw.token, logits, provenance)]
 
     # ---- SMC: particles inside the request, one answer at the end ---------------------------
-    def _update_smc(self, engine, seqs):
+    def _update_smc(self, ctx, seqs):
         out = {}
         for seq in seqs:
             run = _own_state(seq).smc
             try:
-                self._smc_advance(engine, seq, run)
+                self._smc_advance(ctx, seq, run)
             except ConstraintTimeout as e:
-                self._fail(engine, seq, _own_state(seq), str(e))
+                self._fail(ctx, seq, _own_state(seq), str(e))
                 continue
             if all(not p.alive for p in run.particles):
-                proposals = self._smc_finish(engine, seq, run)
+                proposals = self._smc_finish(ctx, seq, run)
                 if proposals:
                     out[seq.seq_id] = proposals
         return out
 
-    def _start_smc(self, engine, seq) -> SmcRun:
-        st = self._state(engine, seq)
-        cache = engine.backend.cache
-        particles = [Particle(cache.fork(seq.handle), [], b"", fsa_state=st.track.fsa_state)
+    def _start_smc(self, ctx, seq) -> SmcRun:
+        st = self._state(ctx, seq)
+        particles = [Particle(ctx.fork_lane(seq), [], b"", fsa_state=st.track.fsa_state)
                      for _ in range(self.num_particles)]
         st.smc = SmcRun(particles, seq.take_next_logits())
         return st.smc
 
-    def _smc_advance(self, engine, seq, run) -> None:
+    def _smc_advance(self, ctx, seq, run) -> None:
         st = _own_state(seq)
         first, run.first_logits = run.first_logits, None
         for p in run.particles:
@@ -264,30 +254,30 @@ class Constrained(Strategy):
                 continue
             logits, p.next_logits = (first if first is not None else p.next_logits), None
             if len(p.out) >= seq.params.max_new_tokens - 1:
-                self._force_eos(engine, seq, st, p, logits)
+                self._force_eos(ctx, seq, st, p, logits)
             else:
-                draw = self._draw(engine, seq, st, p, logits)
+                draw = self._draw(ctx, seq, st, p, logits)
                 p.logw += draw.logw
                 if draw.logw == NEG_INF:
-                    self._drop(engine, p)
+                    self._drop(ctx, seq, p)
                 elif draw.token in st.checker.eos_ids:
                     p.eos, p.done = draw.token, True
-                    self._drop(engine, p)
+                    self._drop(ctx, seq, p)
                 else:
-                    self._advance(engine, st, p, draw.token)
+                    self._advance(ctx, st, p, draw.token)
                     if seq.params.logprobs is not None:
                         p.logits.append(logits)
             self._apply_critic(p)
-        self._maybe_resample(engine, seq, run)
+        self._maybe_resample(ctx, seq, run)
 
-    def _force_eos(self, engine, seq, st, p: Particle, logits) -> None:
+    def _force_eos(self, ctx, seq, st, p: Particle, logits) -> None:
         """EOS at the length limit: proposal prob 1, so the weight gains p(EOS) c(complete)."""
         eos = st.checker.eos_token()
-        logp = self._logp(engine, seq, logits)
+        logp = self._logp(ctx, seq, logits)
         ok = self.constraint.complete_ok(p.text)
         p.logw += float(logp[eos]) if ok else NEG_INF
         p.eos, p.done = eos, True
-        self._drop(engine, p)
+        self._drop(ctx, seq, p)
 
     def _apply_critic(self, p: Particle) -> None:
         if self.critic is None or p.logw == NEG_INF:
@@ -296,7 +286,7 @@ class Constrained(Strategy):
         p.logw += score - p.critic  # twist: only the change of the critic's score enters each step
         p.critic = score
 
-    def _maybe_resample(self, engine, seq, run) -> None:
+    def _maybe_resample(self, ctx, seq, run) -> None:
         particles = run.particles
         logw = torch.tensor([p.logw for p in particles], dtype=torch.float64)
         value = ess(logw)
@@ -307,11 +297,12 @@ class Constrained(Strategy):
             p.weight_trace.append(json_weight(p.logw))
         if any(p.alive for p in particles) and value < self.ess_threshold * len(particles) and value > 0:
             ancestors = RESAMPLERS[self.resampling](logw=logw, generator=seq.generator)
-            run.particles = resample(particles, ancestors, engine.backend.cache)
+            run.particles = resample(particles, ancestors, fork=lambda lane: ctx.fork_lane(seq, lane),
+                                     close=lambda lane: ctx.close_lane(seq, lane))
             run.resamples += 1
             run.resample_events.append({"step": len(run.log_weights) - 1, "ancestors": ancestors})
 
-    def _smc_finish(self, engine, seq, run):
+    def _smc_finish(self, ctx, seq, run):
         particles = run.particles
         logw = torch.tensor([p.logw for p in particles], dtype=torch.float64)
         w = normalized_weights(logw)
@@ -320,7 +311,7 @@ class Constrained(Strategy):
                         "log_weight": json_weight(p.logw), "weight_trace": p.weight_trace}
                        for p, wi in zip(particles, w)]
         if float(w.sum()) == 0.0:
-            self._fail(engine, seq, _own_state(seq), "every particle reached a dead end or the length limit")
+            self._fail(ctx, seq, _own_state(seq), "every particle reached a dead end or the length limit")
             return None
         pick = int(w.argmax()) if seq.params.greedy else int(torch.multinomial(w, 1, generator=seq.generator))
         chosen = particles[pick]
@@ -329,12 +320,12 @@ class Constrained(Strategy):
         return [Proposal(t, lg, chosen_from) for t, lg in zip(chosen.out + [chosen.eos], logits)]
 
     # ---- shared pieces -----------------------------------------------------------------------
-    def _state(self, engine, seq) -> ConstrainedState:
+    def _state(self, ctx, seq) -> ConstrainedState:
         st = _own_state(seq)
         if st is None:
-            index = self.constraint.index(engine.tokenizer) if self._uses_index() else None
+            index = self.constraint.index(ctx.tokenizer) if self._uses_index() else None
             track = Particle(None, [], b"", fsa_state=index.initial() if index else None)
-            st = ConstrainedState(TokenChecker(self.constraint, engine.tokenizer), index, track,
+            st = ConstrainedState(TokenChecker(self.constraint, ctx.tokenizer), index, track,
                                   forced_text=forced_text(self.constraint))
             if hasattr(seq.state, "inner"):  # composed inside another strategy (EntropySwitch)
                 seq.state.inner = st
@@ -347,24 +338,24 @@ class Constrained(Strategy):
             return True
         return self.exact_weights is True or (self.exact_weights == "auto" and self.num_particles > 1)
 
-    def _logp(self, engine, seq, logits) -> torch.Tensor:
+    def _logp(self, ctx, seq, logits) -> torch.Tensor:
         """Log-probabilities (V,) the request samples from; tokens with no bytes (specials) get -inf."""
         # the token-level search runs on the CPU, beside the per-request generator and the CPU masks
         logp = torch.log_softmax(process_logits(logits, seq.params).double().cpu(), -1)
-        return logp.masked_fill(self._invalid_mask(engine, logp.shape[-1]), NEG_INF)
+        return logp.masked_fill(self._invalid_mask(ctx, logp.shape[-1]), NEG_INF)
 
-    def _invalid_mask(self, engine, vocab: int) -> torch.Tensor:
-        key = (id(engine.tokenizer), vocab)
+    def _invalid_mask(self, ctx, vocab: int) -> torch.Tensor:
+        key = (id(ctx.tokenizer), vocab)
         if key not in self._invalid:
-            checker = TokenChecker(self.constraint, engine.tokenizer)
+            checker = TokenChecker(self.constraint, ctx.tokenizer)
             mask = torch.ones(vocab, dtype=torch.bool)
             ok = [i for i, b in enumerate(checker.token_bytes[:vocab]) if b is not None or i in checker.eos_ids]
             mask[torch.tensor(ok, dtype=torch.long)] = False
             self._invalid[key] = mask
         return self._invalid[key]
 
-    def _draw(self, engine, seq, st, track: Particle, logits, final: bool = False) -> TokenDraw:
-        logp = self._logp(engine, seq, logits)
+    def _draw(self, ctx, seq, st, track: Particle, logits, final: bool = False) -> TokenDraw:
+        logp = self._logp(ctx, seq, logits)
         checker = st.checker
         accept = checker.accept_fn(track.text, final=final)
         gen = None if seq.params.greedy else seq.generator
@@ -393,22 +384,20 @@ class Constrained(Strategy):
         st.num_allowed = int(allowed.sum())
         return allowed
 
-    def _advance(self, engine, st, track: Particle, token: int) -> None:
+    def _advance(self, ctx, st, track: Particle, token: int) -> None:
         track.out.append(token)
         piece = st.checker.token_bytes[token]
         track.text += piece or b""
         if st.index is not None:
             track.fsa_state = st.index.next(track.fsa_state, token)
 
-    def _drop(self, engine, p: Particle) -> None:
+    def _drop(self, ctx, seq, p: Particle) -> None:
         """A finished or dead particle needs no more KV: free its slots now."""
-        if p.handle is not None:
-            engine.backend.cache.release(p.handle)
-            p.handle = None
+        ctx.close_lane(seq, p.lane)
 
-    def _fail(self, engine, seq, st, message: str) -> None:
+    def _fail(self, ctx, seq, st, message: str) -> None:
         st.error = message
-        engine.finish(seq, "constraint_failed")
+        ctx.finish(seq, "constraint_failed")
 
 
 def _own_state(seq) -> ConstrainedState | None:

@@ -62,8 +62,8 @@ class ConstrainedSpeculative(Constrained):
                              f"head would need a cache per particle), got draft={speculative.draft!r}")
         self.spec = speculative
 
-    def attach(self, engine) -> None:
-        self.spec.attach(engine)
+    def attach(self, ctx) -> None:
+        self.spec.attach(ctx)
 
     def extra_slots(self, request) -> int:
         if self.num_particles > 1:  # a particle's drafts stay within its max_new_tokens, already counted
@@ -75,10 +75,6 @@ class ConstrainedSpeculative(Constrained):
         alive = sum(p.alive for p in run.particles) if run is not None else 1
         return super().step_slots(seq) + alive * MAX_DRAFT_TOKENS
 
-    def on_finish(self, engine, seq) -> None:
-        super().on_finish(engine, seq)
-        self.spec.on_finish(engine, seq)
-
     def stats(self, seqs) -> dict:
         out = super().stats(seqs)
         spec = self.spec.stats(seqs)
@@ -87,24 +83,24 @@ class ConstrainedSpeculative(Constrained):
             "forced_tokens": sum(st.forced for st in states), "layout_tokens": sum(st.layout for st in states),
             "target_forward_passes": spec["target_forward_passes"]}
 
-    def _state(self, engine, seq) -> ConstrainedState:
+    def _state(self, ctx, seq) -> ConstrainedState:
         seq.state_as(SpecState)  # the drafters' state; the constraint's lives in its ``inner`` slot
-        return super()._state(engine, seq)
+        return super()._state(ctx, seq)
 
     # ---- one particle -------------------------------------------------------------------------
-    def plan(self, engine, seqs):
+    def plan(self, ctx, seqs):
         if self.num_particles > 1:
-            return self._plan_particles(engine, seqs)
+            return self._plan_particles(ctx, seqs)
         for seq in seqs:
-            self._state(engine, seq)
+            self._state(ctx, seq)
             seq.state.cut_q = None
         # A sampled draft verified by the q rule must not be cut before its length is chosen (the cut
         # depends on the drafted token itself): it is cut after, and its first forbidden token counts
         # as rejected, the residual drawn against its q.
-        drafts = self.spec.choose_drafts(engine, seqs, cut=lambda d, s: d if self._q_rule(s, d.q)
-                                         else self._admissible_draft(engine, s, d))
+        drafts = self.spec.choose_drafts(ctx, seqs, cut=lambda d, s: d if self._q_rule(s, d.q)
+                                         else self._admissible_draft(ctx, s, d))
         drafts = [self._cut_sampled(s, d) if self._q_rule(s, d.q) else d for s, d in zip(seqs, drafts)]
-        return [row for seq, draft in zip(seqs, drafts) if (row := verify_row(engine, seq, draft)) is not None]
+        return [row for seq, draft in zip(seqs, drafts) if (row := verify_row(ctx, seq, draft)) is not None]
 
     def _q_rule(self, seq, q) -> bool:
         """Drafts sampled from ``q`` are verified by the full rule (masked sampler, sampling)."""
@@ -121,46 +117,46 @@ class ConstrainedSpeculative(Constrained):
             seq.state.cut_q = draft.q[kept]
         return draft.prefix(kept)
 
-    def update(self, engine, seqs, rows):
+    def update(self, ctx, seqs, rows):
         if self.num_particles > 1:
-            return self._update_particles(engine, seqs, rows)
+            return self._update_particles(ctx, seqs, rows)
         out = {}
         for seq, logits in block_logits(seqs, rows):
             state = seq.state
             draft, state.draft = state.draft, None
             st = _own_state(seq)
             try:
-                proposals, accepted, error = self._verify(engine, seq, st, draft, logits)
+                proposals, accepted, error = self._verify(ctx, seq, st, draft, logits)
             except ConstraintTimeout as e:
                 proposals, accepted, error = [], 0, str(e)
-            self.spec.settle(engine, seq, draft, accepted, drafted=min(state.own, len(draft.tokens)))
+            self.spec.settle(ctx, seq, draft, accepted, drafted=min(state.own, len(draft.tokens)))
             structural = max(0, min(accepted, len(draft.tokens)) - state.own)
             state.forced += min(structural, state.num_forced)
             state.layout += structural - min(structural, state.num_forced)
             if error is not None and not proposals:
-                self._fail(engine, seq, st, error)
+                self._fail(ctx, seq, st, error)
             else:  # a dead end after some kept tokens: they are output; the next step meets it again and fails
                 out[seq.seq_id] = proposals
         return out
 
-    def _admissible_draft(self, engine, seq, draft: Draft) -> Draft:
+    def _admissible_draft(self, ctx, seq, draft: Draft) -> Draft:
         """The draft cut at the first token the constraint rejects, then the forced text after it (no draft
         where a check runs out of time: the step's own draw meets it and ends the request)."""
         try:
-            return self._cut_and_force(engine, seq, draft)
+            return self._cut_and_force(ctx, seq, draft)
         except ConstraintTimeout:
             seq.state.own = seq.state.num_forced = 0
             return draft.prefix(0)
 
-    def _cut_and_force(self, engine, seq, draft: Draft) -> Draft:
+    def _cut_and_force(self, ctx, seq, draft: Draft) -> Draft:
         st = _own_state(seq)
         kept, text, fsa = self._admissible(st, st.track.text, st.track.fsa_state, draft.tokens, seq)
         draft = draft.prefix(kept)
         seq.state.own = kept
         room = min(MAX_DRAFT_TOKENS - kept, seq.params.max_new_tokens - len(seq.output_ids) - 1 - kept,
-                   engine.backend.max_context - len(seq.ids) - 1 - kept)
-        ended = any(t in stop_ids(engine, seq) for t in draft.tokens)
-        extra, seq.state.num_forced = ([], 0) if ended else self._forced(engine, seq, text, room)
+                   ctx.max_context - len(seq.ids) - 1 - kept)
+        ended = any(t in stop_ids(ctx, seq) for t in draft.tokens)
+        extra, seq.state.num_forced = ([], 0) if ended else self._forced(ctx, seq, text, room)
         return _extend(draft, extra)
 
     def _admissible(self, st, text: bytes, fsa, tokens: list[int], seq) -> tuple[int, bytes, object]:
@@ -182,10 +178,10 @@ class ConstrainedSpeculative(Constrained):
             kept += 1
         return kept, text, fsa
 
-    def _forced(self, engine, seq, text: bytes, limit: int) -> tuple[list[int], int]:
+    def _forced(self, ctx, seq, text: bytes, limit: int) -> tuple[list[int], int]:
         """(tokens, how many are strictly forced): the forced text after ``text``, then layout guesses
         (learnt from the prompt's and the text's own layout)."""
-        forced = forced_tokens(self.constraint, engine.tokenizer)
+        forced = forced_tokens(self.constraint, ctx.tokenizer)
         if forced is None or limit <= 0:
             return [], 0
         state = seq.state
@@ -194,11 +190,11 @@ class ConstrainedSpeculative(Constrained):
             state.prompt_bytes = b"".join(pieces[t] or b"" for t in seq.request.prompt_ids[-LAYOUT_HISTORY:])
         return forced.draft(text, limit, state.prompt_bytes)
 
-    def _verify(self, engine, seq, st, draft: Draft, logits) -> tuple[list[Proposal], int, str | None]:
+    def _verify(self, ctx, seq, st, draft: Draft, logits) -> tuple[list[Proposal], int, str | None]:
         """(proposals, drafts kept, dead-end message) for one verify block: each position emits what
         the constrained sampler draws there; the block goes on while that equals the draft."""
         track, tokens, out = st.track, draft.tokens, []
-        stops = stop_ids(engine, seq)
+        stops = stop_ids(ctx, seq)
         for i in range(len(tokens) + 1):
             row = logits[i]
             final = len(seq.output_ids) + i >= seq.params.max_new_tokens - 1
@@ -209,15 +205,15 @@ class ConstrainedSpeculative(Constrained):
             d = tokens[i] if i < len(tokens) else None
             q = draft.q[i] if d is not None and draft.q is not None else None
             cut_q = seq.state.cut_q if d is None and not final else None
-            token = (self._masked_rule(engine, seq, st, row, None, cut_q) if cut_q is not None
-                     else self._position(engine, seq, st, row, d, q, final))
+            token = (self._masked_rule(ctx, seq, st, row, None, cut_q) if cut_q is not None
+                     else self._position(ctx, seq, st, row, d, q, final))
             if token is None:
                 return out, i, ("max_new_tokens reached before the text could be completed" if final
                                 else "no token can continue the text under the constraint (dead end)")
             source, detail = ("draft_accepted", {"draft": self._draft_kind(seq, i)}) if token == d else (
                 ("bonus", {"draft": self.spec.draft_name}) if tokens else ("sampled", {}))
             provenance = st.provenance(before, token, track.text, source, **detail)
-            self._advance(engine, st, track, token)
+            self._advance(ctx, st, track, token)
             out.append(Proposal(token, row, provenance))
             if token != d or token in stops:
                 return out, i + (token == d), None
@@ -230,17 +226,17 @@ class ConstrainedSpeculative(Constrained):
             return self.spec.draft_name
         return "forced_text" if i < state.own + state.num_forced else "layout"
 
-    def _position(self, engine, seq, st, row, d: int | None, q, final: bool) -> int | None:
+    def _position(self, ctx, seq, st, row, d: int | None, q, final: bool) -> int | None:
         """The token emitted at one position (None: dead end)."""
         if d is not None and self._q_rule(seq, q):
-            return self._masked_rule(engine, seq, st, row, d, q)
-        token_draw = self._draw(engine, seq, st, st.track, row, final=final)
+            return self._masked_rule(ctx, seq, st, row, d, q)
+        token_draw = self._draw(ctx, seq, st, st.track, row, final=final)
         return None if token_draw.logw == NEG_INF else token_draw.token
 
-    def _masked_rule(self, engine, seq, st, row, d: int | None, q: torch.Tensor) -> int | None:
+    def _masked_rule(self, ctx, seq, st, row, d: int | None, q: torch.Tensor) -> int | None:
         """Speculative acceptance of a sampled draft d ~ q against the exactly masked target; d None:
         the draft there was a token the constraint forbids (rejected for sure), so only the residual."""
-        logp = self._logp(engine, seq, row)
+        logp = self._logp(ctx, seq, row)
         track = st.track
         allowed = (self._exact_mask(st, track, logp) if st.index is not None and track.fsa_state is not None
                    else check_all(logp=logp, accept=st.checker.accept_fn(track.text)))
@@ -257,11 +253,11 @@ class ConstrainedSpeculative(Constrained):
         return draw(residual if float(residual.sum()) > 0 else p, seq.generator)
 
     # ---- SMC particles --------------------------------------------------------------------------
-    def _plan_particles(self, engine, seqs):
+    def _plan_particles(self, ctx, seqs):
         rows = []
         for seq in seqs:
-            st = self._state(engine, seq)
-            run = st.smc or self._start_smc(engine, seq)
+            st = self._state(ctx, seq)
+            run = st.smc or self._start_smc(ctx, seq)
             if run.first_logits is not None:
                 continue
             prompt = seq.request.prompt_ids
@@ -269,51 +265,51 @@ class ConstrainedSpeculative(Constrained):
                 if not p.alive:
                     continue
                 ids = prompt + p.out
-                if p.handle is None:  # released by a preemption: reopen through the prefix cache
-                    p.handle = engine.backend.cache.open(ids)
-                drafts = self._particle_draft(engine, seq, st, p, ids)
-                rows.append(Row(seq, ids[len(p.handle):] + drafts, len(drafts) + 1, handle=p.handle,
+                if p.lane.closed:  # released by a preemption: reopen through the prefix cache
+                    p.lane = ctx.open_lane(seq, ids, mirror=False)
+                drafts = self._particle_draft(ctx, seq, st, p, ids)
+                rows.append(Row(seq, ids[len(p.lane):] + drafts, len(drafts) + 1, lane=p.lane,
                                 key=(p, drafts)))
         return rows
 
-    def _particle_draft(self, engine, seq, st, p, ids: list[int]) -> list[int]:
+    def _particle_draft(self, ctx, seq, st, p, ids: list[int]) -> list[int]:
         try:
-            return self._particle_tokens(engine, seq, st, p, ids)
+            return self._particle_tokens(ctx, seq, st, p, ids)
         except ConstraintTimeout:
             return []
 
-    def _particle_tokens(self, engine, seq, st, p, ids: list[int]) -> list[int]:
+    def _particle_tokens(self, ctx, seq, st, p, ids: list[int]) -> list[int]:
         room = min(MAX_DRAFT_TOKENS, seq.params.max_new_tokens - len(p.out) - 1)
         if room <= 0:
             return []
         tokens = []
         if self.spec.draft == "ngram":
             tokens = ngram_lookup(ids, num_tokens=room, max_ngram=self.spec.max_ngram, min_ngram=self.spec.min_ngram,
-                                  match_caps=self.spec.lookup_caps(engine))[1]
+                                  match_caps=self.spec.lookup_caps(ctx))[1]
         kept, text, _ = self._admissible(st, p.text, p.fsa_state, tokens, seq)
         tokens = tokens[:kept]
         if any(t in st.checker.eos_ids for t in tokens):
             return tokens
-        return tokens + self._forced(engine, seq, text, room - kept)[0]
+        return tokens + self._forced(ctx, seq, text, room - kept)[0]
 
-    def _update_particles(self, engine, seqs, rows):
+    def _update_particles(self, ctx, seqs, rows):
         for row in rows:
             particle, drafts = row.key
             particle.block = (row.logits, drafts)
-        return self._update_smc(engine, seqs)
+        return self._update_smc(ctx, seqs)
 
-    def _smc_advance(self, engine, seq, run) -> None:
+    def _smc_advance(self, ctx, seq, run) -> None:
         st = _own_state(seq)
         first, run.first_logits = run.first_logits, None
         for p in run.particles:
             if p.alive:
                 logits, drafts = (first[None], []) if first is not None else p.block
                 p.block = None
-                self._advance_particle(engine, seq, st, p, logits, drafts)
+                self._advance_particle(ctx, seq, st, p, logits, drafts)
             self._apply_critic(p)
-        self._maybe_resample(engine, seq, run)
+        self._maybe_resample(ctx, seq, run)
 
-    def _advance_particle(self, engine, seq, st, p, logits, drafts: list[int]) -> None:
+    def _advance_particle(self, ctx, seq, st, p, logits, drafts: list[int]) -> None:
         """Emit the sampler's draws along the block while they equal the drafts; each draw's weight
         joins the particle's as without speculation."""
         spec_state = seq.state
@@ -322,25 +318,25 @@ class ConstrainedSpeculative(Constrained):
         for i in range(len(drafts) + 1):
             row = logits[i]
             if len(p.out) >= seq.params.max_new_tokens - 1:
-                self._force_eos(engine, seq, st, p, row)
+                self._force_eos(ctx, seq, st, p, row)
                 return
-            token_draw = self._draw(engine, seq, st, p, row)
+            token_draw = self._draw(ctx, seq, st, p, row)
             p.logw += token_draw.logw
             if token_draw.logw == NEG_INF:
-                self._drop(engine, p)
+                self._drop(ctx, seq, p)
                 return
             if token_draw.token in st.checker.eos_ids:
                 p.eos, p.done = token_draw.token, True
-                self._drop(engine, p)
+                self._drop(ctx, seq, p)
                 return
-            self._advance(engine, st, p, token_draw.token)
+            self._advance(ctx, st, p, token_draw.token)
             if seq.params.logprobs is not None:
                 p.logits.append(row)
             if i == len(drafts) or token_draw.token != drafts[i]:
                 break
             spec_state.accepted += 1
-        if p.handle is not None:  # keep only K/V of tokens the particle kept
-            engine.backend.cache.truncate(p.handle, min(len(p.handle), len(seq.request.prompt_ids) + len(p.out) - 1))
+        # keep only K/V of tokens the particle kept
+        ctx.truncate_lane(seq, p.lane, min(len(p.lane), len(seq.request.prompt_ids) + len(p.out) - 1))
 
 
 def _extend(draft: Draft, extra: list[int]) -> Draft:

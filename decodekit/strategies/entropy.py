@@ -8,13 +8,13 @@ the next one (hysteresis against flapping).
 
 Semantics, chosen so the limits are exact: the token at a position is written by the model the rule
 picks *after* seeing the active model's entropy there. On a switch the incoming model catches up
-(prefills only the tokens it has not seen, through its own cache namespace and handle), computes the
+(prefills only the tokens it has not seen, through its own cache namespace and lane), computes the
 same position, and its entropy replaces the outgoing one in the window. Hence ``threshold=0`` is
 exactly the large model's decoding and ``threshold=inf`` exactly the small model's. The first position
 uses the engine's model, whose logits admission computed for free.
 
 On the one-step engine each sequence plans one row per step on the model that computes its next
-position (``Row(..., backend=<the other model>, handle=<its handle>)`` for the model the engine did
+position (``Row(..., lane=<the other model's lane>)`` for the model the engine did
 not load), so both models' rows of every running request share the step's one forward per model. A
 switch costs one step without a token: the step that saw the outgoing model's entropy proposes
 nothing, and the next one computes the position on the incoming model. Every token carries
@@ -22,8 +22,8 @@ nothing, and the next one computes the position on the incoming model. Every tok
 ``verify=`` (``entropy_verified``) has the large model check the small one's segments.
 
 One of ``small`` / ``large`` is the engine's own model (the one ``LLM(...)`` loaded; by default the
-large one); the strategy loads the other. The engine's model keeps ``seq.handle``; the other model's
-handle lives in ``seq.state``.
+large one); the strategy loads the other. The engine's model uses the sequence's main KV; the other
+model's lane (a mirror lane, released by the engine with the sequence) lives in ``seq.state``.
 """
 
 from __future__ import annotations
@@ -97,10 +97,10 @@ class EntropySwitch(VerifiedMode, Strategy):
         self.main_role = LARGE
 
     # ---- set-up -------------------------------------------------------------------------------
-    def attach(self, engine) -> None:
+    def attach(self, ctx) -> None:
         if self.models:
             raise ValueError("an EntropySwitch instance serves one engine; create one per LLM")
-        main = engine.backend
+        main = ctx.backend
         roles = {role: is_main_spec(spec, main) for role, spec in self.spec.items()}
         if roles[SMALL] and roles[LARGE]:
             raise ValueError("EntropySwitch: small and large are both the engine's model; give two models")
@@ -133,13 +133,13 @@ class EntropySwitch(VerifiedMode, Strategy):
         return super().step_slots(seq) + self.extra_slots(None)
 
     # ---- plan: one row per sequence, on the model that computes its next position(s) ----------
-    def plan(self, engine, seqs):
+    def plan(self, ctx, seqs):
         rows = []
         for seq in seqs:
             st = seq.state if isinstance(seq.state, SwitchState) else self._new_state(seq)
             role, extra, num_logits = self._next_job(seq, st)
             st.job = (role, len(extra), num_logits)
-            row = self._row(seq, st, role, seq.ids + extra, num_logits)
+            row = self._row(ctx, seq, st, role, seq.ids + extra, num_logits)
             if row is not None:
                 rows.append(row)
         return rows
@@ -160,41 +160,42 @@ class EntropySwitch(VerifiedMode, Strategy):
             return LARGE, st.draft, len(st.draft) + 1
         return SMALL, st.draft, 1
 
-    def _row(self, seq, st, role, ids, num_logits):
+    def _row(self, ctx, seq, st, role, ids, num_logits):
         """The row computing ``role``'s logits after each of the last ``num_logits`` tokens of ``ids``
         (catching the model up on tokens it has not seen); None when ready logits cover it. The
         engine's ready next-token logits are used when they fit, else dropped (never left for the
         other model's position)."""
         ready = seq.take_next_logits()
         model = self.models[role]
-        cache, handle = self._kv(seq, st, role)
+        lane = self._lane(ctx, seq, st, role)
+        computed = seq.num_cached if lane is None else len(lane)
         st.head = None
         if model.is_main and ready is not None and num_logits == len(ids) - len(seq.ids) + 1 \
-                and len(handle) == len(seq.ids):
+                and computed == len(seq.ids):
             st.head, num_logits = ready, num_logits - 1
             if num_logits == 0:
                 return None
         keep = len(ids) - num_logits
-        if len(handle) > keep:
-            cache.truncate(handle, keep)  # recompute what a full prefix hit left without logits
-        new_ids = ids[len(handle):]
+        if computed > keep:
+            ctx.truncate_lane(seq, lane, keep)  # recompute what a full prefix hit left without logits
+            computed = keep
+        new_ids = ids[computed:]
         st.forward_tokens[role] += len(new_ids)
         model.forward_tokens += len(new_ids)
-        if model.is_main:
-            return Row(seq, new_ids, num_logits)
-        return Row(seq, new_ids, num_logits, handle=handle, backend=model.backend)
+        return Row(seq, new_ids, num_logits, lane=lane)
 
-    def _kv(self, seq, st, role):
-        """(cache, handle) of ``role``'s model for ``seq``: the engine's, or the other one's (opened on first use)."""
+    def _lane(self, ctx, seq, st, role):
+        """``role``'s lane for ``seq``: None for the engine's model (the main KV), else the other
+        model's mirror lane, opened on first use (and after a preemption closed it)."""
         model = self.models[role]
         if model.is_main:
-            return model.backend.cache, seq.handle
-        if st.handle is None:
-            st.handle = model.backend.open(seq.ids)
-        return model.backend.cache, st.handle
+            return None
+        if st.lane is None or st.lane.closed:
+            st.lane, st.committed = ctx.open_lane(seq, seq.ids, model.backend), False
+        return st.lane
 
     # ---- update: entropy, the rule, tokens ------------------------------------------------------
-    def update(self, engine, seqs, rows):
+    def update(self, ctx, seqs, rows):
         by_seq = {r.seq.seq_id: r.logits for r in rows}
         writing, out = [], {}
         for seq in seqs:
@@ -202,19 +203,19 @@ class EntropySwitch(VerifiedMode, Strategy):
             parts = [x for x in (None if st.head is None else st.head[None], by_seq.get(seq.seq_id)) if x is not None]
             block = parts[0] if len(parts) == 1 else torch.cat(parts)  # (num_logits, V)
             st.head = None
-            self._commit_other(seq, st)
+            self._commit_other(ctx, seq, st)
             if self.verify is None:
                 if self._switch_rule(seq, st, block[-1]):
                     writing.append((seq, block[-1]))
             else:
-                out[seq.seq_id] = self._verified_step(engine, seq, st, block)
-        out.update(self._write(engine, writing))
+                out[seq.seq_id] = self._verified_step(ctx, seq, st, block)
+        out.update(self._write(ctx, writing))
         return out
 
-    def _commit_other(self, seq, st) -> None:
+    def _commit_other(self, ctx, seq, st) -> None:
         """Once the other model has computed the prompt, it enters that model's prefix cache (siblings reuse it)."""
-        if st.handle is not None and not st.committed and len(st.handle) <= len(seq.ids):
-            next(m for m in self.models.values() if not m.is_main).backend.cache.commit(st.handle, seq.ids)
+        if st.lane is not None and not st.lane.closed and not st.committed and len(st.lane) <= len(seq.ids):
+            ctx.commit_lane(seq, st.lane)
             st.committed = True
 
     def choose(self, seq, st) -> str:
@@ -238,7 +239,7 @@ class EntropySwitch(VerifiedMode, Strategy):
         st.active, st.since_switch, st.num_switches, st.switching = choice, 0, st.num_switches + 1, True
         return False
 
-    def _write(self, engine, writing) -> dict:
+    def _write(self, ctx, writing) -> dict:
         """Each writer's token from its logits (through constrained decoding when a constraint is set)."""
         if not writing:
             return {}
@@ -248,7 +249,7 @@ class EntropySwitch(VerifiedMode, Strategy):
         else:  # Constrained takes ready ``seq.next_logits`` as they are (it computes only missing ones)
             for seq, logits in writing:
                 seq.next_logits = logits
-            drawn = self.constrained.update(engine, seqs, [])
+            drawn = self.constrained.update(ctx, seqs, [])
             for seq in seqs:
                 seq.next_logits = None  # never leave one model's logits where the main model's are expected
         out = {}
@@ -267,20 +268,9 @@ class EntropySwitch(VerifiedMode, Strategy):
         return {**detail, "verified": True} if verified else detail
 
     # ---- life cycle and stats -------------------------------------------------------------------
-    def on_preempt(self, engine, seq) -> None:
+    def on_preempt(self, ctx, seq) -> None:
         if isinstance(seq.state, SwitchState):
-            seq.state.drop_segment()  # its K/V goes with the main handle; the segment is drafted again
-        self.on_finish(engine, seq)
-
-    def on_finish(self, engine, seq) -> None:
-        if not isinstance(seq.state, SwitchState) or seq.state.handle is None:
-            return
-        handle, seq.state.handle = seq.state.handle, None
-        seq.state.committed = False
-        cache = next(m for m in self.models.values() if not m.is_main).backend.cache
-        cache.truncate(handle, min(len(handle), len(seq.ids)))
-        cache.commit(handle, seq.ids)
-        cache.release(handle)
+            seq.state.drop_segment()  # its K/V went with the released lanes; the segment is drafted again
 
     def stats(self, seqs) -> dict:
         states = [s.state for s in seqs if isinstance(s.state, SwitchState)]

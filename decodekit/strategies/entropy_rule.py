@@ -37,7 +37,7 @@ def param_weighted_cost(num_small: int, num_large: int, params_small: int, param
 # ---- the strategy ----------------------------------------------------------------------------
 @dataclass
 class ModelSide:
-    """One side of the pair: its backend and whether it is the engine's model (owner of ``seq.handle``)."""
+    """One side of the pair: its backend and whether it is the engine's model (the sequence's main KV)."""
 
     role: str
     backend: object
@@ -55,7 +55,7 @@ def segment_budget(seq, max_segment: int) -> int:
 @dataclass
 class SwitchState:
     """Per-sequence state: the writing model, the entropy window, who wrote each token, per-model cost,
-    the other model's KV handle (the engine's model keeps ``seq.handle``) and, in verified mode, the
+    the other model's KV lane (the engine's model uses the main KV) and, in verified mode, the
     segment being drafted."""
 
     active: str
@@ -64,7 +64,7 @@ class SwitchState:
     writers: list[str] = field(default_factory=list)
     num_switches: int = 0
     forward_tokens: dict[str, int] = field(default_factory=lambda: {SMALL: 0, LARGE: 0})
-    handle: object = None
+    lane: object = None  # the other model's mirror lane (``decodekit.context.Lane``)
     committed: bool = False  # the other model's prompt entered its prefix cache
     inner: object = None  # the composed Constrained strategy's state, when a constraint is given
     switching: bool = False  # plain mode: the incoming model computes the current position next step

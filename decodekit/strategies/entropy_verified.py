@@ -28,12 +28,12 @@ from decodekit.types import Provenance
 class VerifiedMode:
     """The verified-mode half of ``EntropySwitch`` (uses its models, rule parameters and ``_mark``)."""
 
-    def _verified_step(self, engine, seq, st, block) -> list[Proposal]:
+    def _verified_step(self, ctx, seq, st, block) -> list[Proposal]:
         role, _, num_logits = st.job
         if role == LARGE and st.active == SMALL:
-            return self._settle_segment(seq, st, block)
+            return self._settle_segment(ctx, seq, st, block)
         if role == SMALL:
-            self._draft_one(engine, seq, st, block[-1])
+            self._draft_one(ctx, seq, st, block[-1])
             return []
         return self._large_writes(seq, st, block[-1])
 
@@ -50,7 +50,7 @@ class VerifiedMode:
         st.writers.append(LARGE)
         return [Proposal(token, logits, Provenance(LARGE, self._mark(LARGE, mean)))]
 
-    def _draft_one(self, engine, seq, st, logits) -> None:
+    def _draft_one(self, ctx, seq, st, logits) -> None:
         """The small model's next position: draft it while the rule keeps the small model writing,
         else end the segment here (the large model writes this position). Whether a position is
         drafted depends only on what precedes its draw, so verification stays exact."""
@@ -66,16 +66,16 @@ class VerifiedMode:
         st.draft.append(token)
         st.draft_q.append(q)
         st.draft_means.append(mean)
-        if len(st.draft) >= segment_budget(seq, self.max_segment) or token in stop_ids(engine, seq):
+        if len(st.draft) >= segment_budget(seq, self.max_segment) or token in stop_ids(ctx, seq):
             st.verify_now, st.end_mean = True, mean
 
-    def _settle_segment(self, seq, st, block) -> list[Proposal]:
+    def _settle_segment(self, ctx, seq, st, block) -> list[Proposal]:
         """Verify the drafted segment against the large model's ``block`` (k+1, V) and roll both models back."""
         draft = st.draft
         q = torch.stack(st.draft_q) if draft and st.draft_q[0] is not None else None
         kept, token = accept_block(draft=draft, q=q, logits=block, params=seq.params, tolerance=self.verify,
                                    generator=seq.generator)
-        self._rollback(seq, st, len(seq.ids) + kept)
+        self._rollback(ctx, seq, st, len(seq.ids) + kept)
         del st.entropies[len(st.entropies) - len(draft) + kept:]
         st.entropies.append(float(entropy_bits(block[kept])))  # the large model wrote this position
         mean = st.draft_means[kept] if kept < len(draft) else st.end_mean
@@ -92,10 +92,9 @@ class VerifiedMode:
         st.reset_segment()
         return out
 
-    def _rollback(self, seq, st, num_verified: int) -> None:
+    def _rollback(self, ctx, seq, st, num_verified: int) -> None:
         """Drop K/V past the verified tokens in both models (rejected drafts never reach a prefix cache)."""
-        for model in self.models.values():
-            cache, handle = model.backend.cache, seq.handle if model.is_main else st.handle
-            if handle is not None and len(handle) > num_verified:
-                cache.truncate(handle, num_verified)
+        ctx.truncate_lane(seq, None, num_verified)
+        if st.lane is not None:
+            ctx.truncate_lane(seq, st.lane, num_verified)
 

@@ -14,7 +14,7 @@ class Sample(Strategy):
     name = "sample"
     first_token_from_prefill = True
 
-    def update(self, engine, seqs, rows):
+    def update(self, ctx, seqs, rows):
         logits = next_logits(seqs, rows)
         batch = torch.stack([logits[s.seq_id] for s in seqs])  # (B, V)
         tokens = sample_batch(batch, [s.params for s in seqs], [s.generator for s in seqs])

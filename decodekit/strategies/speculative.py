@@ -1,9 +1,9 @@
 """Speculative drafting: draft k tokens cheaply, verify them in one target forward, lossless.
 
 Each step, per sequence: the drafter proposes up to k tokens; the target scores the uncomputed
-tail (normally the last sampled token) plus every draft in ONE ``engine.forward`` for the whole
-batch (rows may have different k); ``verify_sampled`` / ``verify_greedy`` keep a prefix of the
-drafts and pick the next token; the main handle is truncated to the verified tokens, so the
+tail (normally the last sampled token) plus every draft in ONE row of the step's shared forward
+(rows may have different k); ``verify_sampled`` / ``verify_greedy`` keep a prefix of the
+drafts and pick the next token; the main KV is truncated to the verified tokens, so the
 shared prefix cache only ever sees verified tokens. The engine appends the proposals one by one
 and stops on EOS / stop strings / length inside the block, dropping the rest.
 """
@@ -92,48 +92,44 @@ class Speculative(Strategy):
         self._batch_pause: dict[int, tuple[int, int]] = {}  # per engine: (steps to skip, next backoff)
 
     # ---- Strategy hooks ---------------------------------------------------------------------
-    def attach(self, engine):
-        profile = self.profile_of(engine)
-        drafter = make_drafter(self.draft, engine.backend, ngram=(self.min_ngram, self.max_ngram),
-                               match_caps=self.lookup_caps(engine))
+    def attach(self, ctx):
+        profile = self.profile_of(ctx)
+        drafter = make_drafter(self.draft, ctx.backend, ngram=(self.min_ngram, self.max_ngram),
+                               match_caps=self.lookup_caps(ctx))
         drafter.use_profile(profile, self.verify_cost, self.width_cost)
-        self._drafters[id(engine)] = drafter
+        self._drafters[ctx.engine_key] = drafter
 
-    def profile_of(self, engine) -> SpeculationProfile:
-        return self.profile or profile_for(engine.backend)
+    def profile_of(self, ctx) -> SpeculationProfile:
+        return self.profile or ctx.profile()
 
-    def lookup_caps(self, engine) -> tuple[int, ...]:
-        return self.match_caps if self.match_caps is not None else self.profile_of(engine).match_caps
+    def lookup_caps(self, ctx) -> tuple[int, ...]:
+        return self.match_caps if self.match_caps is not None else self.profile_of(ctx).match_caps
 
     def extra_slots(self, request):
         return self.max_k + 1
 
     def step_slots(self, seq):
-        return len(seq.ids) - len(seq.handle) + self.max_k + 1
+        return len(seq.ids) - seq.num_cached + self.max_k + 1
 
-    def on_finish(self, engine, seq):
-        if isinstance(seq.state, SpecState):
-            self._drafters[id(engine)].release(seq)
-
-    def plan(self, engine, seqs):
+    def plan(self, ctx, seqs):
         """Draft for every sequence, then one verify row each: the uncomputed tail plus the drafts."""
-        drafts = self.choose_drafts(engine, seqs)
-        return [row for seq, draft in zip(seqs, drafts) if (row := verify_row(engine, seq, draft)) is not None]
+        drafts = self.choose_drafts(ctx, seqs)
+        return [row for seq, draft in zip(seqs, drafts) if (row := verify_row(ctx, seq, draft)) is not None]
 
-    def choose_drafts(self, engine, seqs, cut=None) -> list[Draft]:
+    def choose_drafts(self, ctx, seqs, cut=None) -> list[Draft]:
         """Each sequence's draft for this step (``cut(draft, seq)``: a draft filter applied before the
         length is chosen, e.g. a constraint's); sets ``state.by_value``."""
-        drafter = self._drafters[id(engine)]
+        drafter = self._drafters[ctx.engine_key]
         states = [seq.state_as(SpecState) for seq in seqs]
         # Alone, a sequence keeps the draft prefix with the most tokens per verify cost; in a batch (rows
         # of every strategy share the step) the rows share one width, worth it only when their drafts
         # together pay for widening the whole step.
         by_value = self.adaptive and drafter.estimates_confidence
-        batch = max(len(seqs), getattr(engine, "step_batch", 1))
+        batch = max(len(seqs), ctx.batch_size)
         batched = by_value and batch > 1
-        skip = batched and self._batch_pause.get(id(engine), (0, 1))[0] > 0 and _drafting_cost(drafter) > 0
-        drafts = drafter.propose(seqs, [0 if skip else self._budget(engine, s, by_value) for s in seqs])
-        drafts = [_clip(d, s, engine) for d, s in zip(drafts, seqs)]
+        skip = batched and self._batch_pause.get(ctx.engine_key, (0, 1))[0] > 0 and _drafting_cost(drafter) > 0
+        drafts = drafter.propose(ctx, seqs, [0 if skip else self._budget(ctx, s, by_value) for s in seqs])
+        drafts = [_clip(d, s, ctx) for d, s in zip(drafts, seqs)]
         if cut is not None:
             drafts = [cut(d, s) for d, s in zip(drafts, seqs)]
         if by_value and batch == 1:
@@ -141,9 +137,9 @@ class Speculative(Strategy):
                                            sequential=d.q is not None)[0]) for d, s in zip(drafts, seqs)]
         elif batched:
             confidences = [calibrated(d.confidence, s) for d, s in zip(drafts, seqs)]
-            k = common_draft_length(confidences, batch, drafter.width_cost, _critical_rows(engine, seqs),
+            k = common_draft_length(confidences, batch, drafter.width_cost, _critical_rows(ctx, seqs),
                                     sequential=any(d.q is not None for d in drafts))
-            self._pause_model_drafts(engine, skip, k, any(d.tokens for d in drafts))
+            self._pause_model_drafts(ctx, skip, k, any(d.tokens for d in drafts))
             drafts = [d.prefix(min(k, len(d.tokens))) for d in drafts]
         for state in states:
             state.by_value = by_value
@@ -153,24 +149,24 @@ class Speculative(Strategy):
     def draft_name(self) -> str:
         return self.draft if isinstance(self.draft, str) else getattr(self.draft, "name", "backend")
 
-    def update(self, engine, seqs, rows):
+    def update(self, ctx, seqs, rows):
         out = {}
         for seq, logits in block_logits(seqs, rows):
             draft = seq.state.draft
             seq.state.draft = None
             accepted, token = _accept(seq, draft, logits)
-            self.settle(engine, seq, draft, accepted)
+            self.settle(ctx, seq, draft, accepted)
             out[seq.seq_id] = verified_proposals(draft.tokens, accepted, token, logits, self.draft_name)
         return out
 
-    def settle(self, engine, seq, draft: Draft, accepted: int, drafted: int | None = None) -> None:
+    def settle(self, ctx, seq, draft: Draft, accepted: int, drafted: int | None = None) -> None:
         """After a verify that kept ``accepted`` drafts: drop rejected K/V (target and drafter), count
         and calibrate (over the first ``drafted`` tokens: the drafter's own, not forced ones)."""
         num_verified = len(seq.ids) + accepted
-        engine.backend.cache.truncate(seq.handle, num_verified)  # drop rejected drafts' K/V
-        self._drafters[id(engine)].rollback(seq, num_verified)
+        ctx.truncate_lane(seq, None, num_verified)  # drop rejected drafts' K/V
+        self._drafters[ctx.engine_key].rollback(ctx, seq, num_verified)
         # an accepted stop token ends the text without being output: not counted as an accepted token
-        output = accepted - (accepted > 0 and draft.tokens[accepted - 1] in stop_ids(engine, seq))
+        output = accepted - (accepted > 0 and draft.tokens[accepted - 1] in stop_ids(ctx, seq))
         self._record(seq, len(draft.tokens), accepted, output, adapt_k=self.adaptive and not seq.state.by_value)
         own = len(draft.tokens) if drafted is None else drafted
         if draft.confidence and own:
@@ -195,19 +191,19 @@ class Speculative(Strategy):
         }
 
     # ---- internals ----------------------------------------------------------------------------
-    def _pause_model_drafts(self, engine, skipped: bool, k: int, drafted: bool) -> None:
+    def _pause_model_drafts(self, ctx, skipped: bool, k: int, drafted: bool) -> None:
         """A model drafter's drafts cost target-step fractions even when the batch then verifies none:
         after a batched step that drafted and kept none, skip drafting for 1, 2, 4 ... 16 steps."""
-        pause, backoff = self._batch_pause.get(id(engine), (0, 1))
+        pause, backoff = self._batch_pause.get(ctx.engine_key, (0, 1))
         if skipped:
             pause -= 1
         elif k > 0:
             backoff = 1
         elif drafted:
             pause, backoff = backoff, min(MAX_PAUSE, 2 * backoff)
-        self._batch_pause[id(engine)] = (pause, backoff)
+        self._batch_pause[ctx.engine_key] = (pause, backoff)
 
-    def _budget(self, engine, seq, by_value: bool = False) -> int:
+    def _budget(self, ctx, seq, by_value: bool = False) -> int:
         """Draft length for this step: the adaptive k (or, drafting by value, the most allowed),
         capped so no draft lands past max_new_tokens (accepted + 1 tokens must fit) or the model's context."""
         state = seq.state_as(SpecState)
@@ -218,7 +214,7 @@ class Speculative(Strategy):
             state.pause -= 1
             return 0
         left = seq.params.max_new_tokens - len(seq.output_ids) - 1
-        room = engine.backend.max_context - len(seq.ids) - 1
+        room = ctx.max_context - len(seq.ids) - 1
         return max(0, min(k, left, room))
 
     def _record(self, seq, drafted: int, accepted: int, output: int | None = None, adapt_k: bool = True) -> None:
@@ -242,15 +238,15 @@ class Speculative(Strategy):
                 state.pause, state.backoff = state.backoff, min(MAX_PAUSE, 2 * state.backoff)
 
 
-def verify_row(engine, seq, draft: Draft) -> Row | None:
+def verify_row(ctx, seq, draft: Draft) -> Row | None:
     """The verify row of ``seq``: its uncomputed tail plus the drafts, or None when its next-token
     logits are ready and it has no drafts (``state.head`` keeps them)."""
     state = seq.state
     state.draft = draft
     state.head = seq.take_next_logits()
-    tail = seq.ids[len(seq.handle):]
+    tail = seq.ids[seq.num_cached:]
     if not tail and state.head is None:  # nothing cached for the next position: recompute the last token
-        tail = engine.uncomputed(seq)
+        tail = ctx.uncomputed(seq)
     if tail:
         state.head = None
     if tail or draft.tokens:
@@ -321,10 +317,10 @@ def _drafting_cost(drafter) -> float:
     return max(float(getattr(drafter, "token_cost", 0.0)), float(getattr(inner, "token_cost", 0.0) or 0.0))
 
 
-def _critical_rows(engine, seqs) -> list[bool] | None:
+def _critical_rows(ctx, seqs) -> list[bool] | None:
     """With requests waiting, every row that finishes sooner admits the next: None (all rows count).
     With none, the batch lasts as long as its longest rows: those with the most tokens left."""
-    if getattr(engine, "waiting", None):
+    if ctx.num_waiting:
         return None
     left = [s.params.max_new_tokens - len(s.output_ids) for s in seqs]
     most = max(left, default=0)
@@ -356,18 +352,18 @@ def _check_verify_cost(table) -> tuple[float, ...]:
     return values
 
 
-def stop_ids(engine, seq) -> set[int]:
+def stop_ids(ctx, seq) -> set[int]:
     """Token ids that end ``seq``: its stop tokens, and EOS unless it ignores EOS."""
     stops = set(seq.params.stop_token_ids)
     if not seq.params.ignore_eos:
-        stops |= set(engine.tokenizer.eos_token_ids)
+        stops |= set(ctx.tokenizer.eos_token_ids)
     return stops
 
 
-def _clip(draft: Draft, seq, engine) -> Draft:
+def _clip(draft: Draft, seq, ctx) -> Draft:
     """Cut drafts after a stop token (nothing past EOS is worth scoring) and ids the target lacks."""
-    vocab = engine.backend.vocab_size
-    stops = stop_ids(engine, seq)
+    vocab = ctx.vocab_size
+    stops = stop_ids(ctx, seq)
     n = len(draft.tokens)
     for i, t in enumerate(draft.tokens):
         if t >= vocab:

@@ -1,11 +1,11 @@
 """TreePO rollouts as an engine strategy: a rollout is one engine request whose tree leaves are rows
 of the shared step forward, so rollouts run beside chat traffic (and through the server).
 
-The request's prompt is prefilled by the engine; the tree's root forks its handle, and from then on
+The request's prompt is prefilled by the engine; the tree's root forks its lane, and from then on
 each step every live leaf that needs logits is one row of the step's forward (keyed by the leaf).
-Sampling, stops, segment splits and fallback are the rollout driver's own (``tree_driver``), so an
-engine rollout equals ``TreeRollout.run`` token for token. A rollout is not preempted: admission
-reserves its worst case (``max_width`` paths of ``max_new_tokens``), as ``TreeRollout.run`` does.
+Sampling, stops, segment splits and fallback are the rollout driver's (``rollout.driver``), one token
+per step; ``TreeRollout.run`` is this strategy on an engine, so there is one decode loop. A rollout
+is not preempted: admission reserves its worst case (``max_width`` paths of ``max_new_tokens``).
 The completion's choices are the trajectories; ``stats.extra["rollout"]`` is the ``RolloutResult``.
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from decodekit.rollout.driver import _Driver, _seeded
-from decodekit.rollout.records import RolloutResult, _Node, _Tree
+from decodekit.rollout.driver import TreeDriver
+from decodekit.rollout.records import RolloutResult, _Tree
 from decodekit.rollout.tree import TreeRollout
 from decodekit.strategies.base import Row, Strategy
 from decodekit.types import Choice, Provenance
@@ -23,7 +23,7 @@ from decodekit.types import Choice, Provenance
 
 @dataclass
 class TreeRun:
-    driver: _Driver
+    driver: TreeDriver
     tree: _Tree
     started: float
     result: RolloutResult | None = None
@@ -55,15 +55,15 @@ class TreeStrategy(Strategy):
         computed = run.tree.decode_tokens if run is not None else 0
         return max(1, self.config.max_width * self._max_tokens(seq.params) - computed)
 
-    def plan(self, engine, seqs):
+    def plan(self, ctx, seqs):
         rows = []
         for seq in seqs:
-            run = seq.state if isinstance(seq.state, TreeRun) else self._start(engine, seq)
-            rows += [Row(seq, [leaf.tokens[-1]], handle=leaf.handle, key=leaf) for leaf in run.tree.live
+            run = seq.state if isinstance(seq.state, TreeRun) else self._start(ctx, seq)
+            rows += [Row(seq, [leaf.tokens[-1]], lane=leaf.lane, key=leaf) for leaf in run.tree.live
                      if leaf.finish_reason is None and leaf.next_logits is None]
         return rows
 
-    def update(self, engine, seqs, rows):
+    def update(self, ctx, seqs, rows):
         for row in rows:
             row.key.next_logits = row.logits[-1]
             row.key.tree.decode_tokens += 1
@@ -71,12 +71,12 @@ class TreeStrategy(Strategy):
             run = seq.state
             _advance(run.driver, run.tree, self.config.segment_len)
             if not run.tree.live:
-                self._done(engine, seq, run)
+                self._done(ctx, seq, run)
         return {}
 
-    def on_finish(self, engine, seq) -> None:
+    def on_finish(self, ctx, seq) -> None:
         if isinstance(seq.state, TreeRun):
-            seq.state.driver._release_all(seq.state.tree)
+            seq.state.driver.drop_logits(seq.state.tree)
 
     def stats(self, seqs) -> dict:
         runs = [s.state for s in seqs if isinstance(s.state, TreeRun) and s.state.result is not None]
@@ -91,22 +91,18 @@ class TreeStrategy(Strategy):
                      for t in run.result.trajectories)
 
     # ---- internals ------------------------------------------------------------------------------
-    def _start(self, engine, seq) -> TreeRun:
-        driver = _Driver(self.config, engine.backend, seq.params)
+    def _start(self, ctx, seq) -> TreeRun:
+        driver = TreeDriver(self.config, ctx, seq)
         tree = _Tree(0, seq.request.prompt_ids, seq.request.prompt)
         tree.prefill_tokens = seq.request.stats.prefill_tokens_computed
-        seed = seq.params.seed
-        tree.root = _Node(tree, None, engine.backend.cache.fork(seq.handle), seq.take_next_logits(),
-                          _seeded(seed, self.config.first_split))
-        driver._spawn(tree, tree.root, [_seeded(seed, i) for i in range(self.config.first_split)])
+        driver.start(tree, seq.take_next_logits())
         seq.state = TreeRun(driver, tree, time.perf_counter())
         return seq.state
 
-    def _done(self, engine, seq, run: TreeRun) -> None:
-        run.driver._release_all(run.tree)
+    def _done(self, ctx, seq, run: TreeRun) -> None:
         run.tree.wall_time_s = time.perf_counter() - run.started
-        run.result = run.tree.result(engine.tokenizer, self.config.constraint)
-        engine.finish(seq, "stop")
+        run.result = run.tree.result(ctx.tokenizer, self.config.constraint)
+        ctx.finish(seq, "stop")
 
     def _max_tokens(self, params) -> int:
         limits = [params.max_new_tokens] + ([self.config.max_depth * self.config.segment_len]
@@ -114,21 +110,21 @@ class TreeStrategy(Strategy):
         return min(limits)
 
 
-def _advance(driver: _Driver, tree: _Tree, segment_len: int) -> None:
+def _advance(driver: TreeDriver, tree: _Tree, segment_len: int) -> None:
     """The driver's ``run_wave`` loop one token at a time: split once every live leaf reached the
     segment boundary, sample one token per leaf that has its logits, and when every leaf has
     finished let ``_grow`` fall back (re-branch) or end the tree (``tree.live`` empty)."""
     if _all_at_boundary(tree, segment_len):
-        driver._grow(tree)
+        driver.grow(tree)
     active = [leaf for leaf in tree.live
               if leaf.finish_reason is None and len(leaf.tokens) < segment_len and leaf.next_logits is not None]
     if active:
-        driver._sample(active)
+        driver.sample(active)
         for leaf in active:
             if leaf.finish_reason is None:
                 leaf.next_logits = None  # its new token is computed in the next step's forward
     if tree.live and all(leaf.finish_reason is not None for leaf in tree.live):
-        driver._grow(tree)
+        driver.grow(tree)
 
 
 def _all_at_boundary(tree: _Tree, segment_len: int) -> bool:

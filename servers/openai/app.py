@@ -47,9 +47,7 @@ class Server:
         self.default_max_tokens = default_max_tokens
         self.limits = limits or Limits()
         self.metrics = Metrics()
-        scheduler = getattr(llm.engine, "scheduler", None)
-        if scheduler is not None:  # requests arrive at any time: no idle step may prefill a whole long prompt
-            scheduler.idle_prefill_tokens = scheduler.max_prefill_tokens
+        llm.engine.serve_mode()  # requests arrive at any time: no idle step may prefill a whole long prompt
         self.worker = EngineWorker(llm, max_queue=max_queue, on_done=self._on_done)
         self.models = Models(llm, models, small_model)
         self.strategies = StrategyCache(on_evict=self._forget_strategy, models=self.models, limits=self.limits)
@@ -93,7 +91,7 @@ class Server:
 
     def _forget_strategy(self, strategy) -> None:
         # the engine keeps attached strategies alive; drop an evicted one so its draft models can be freed
-        self.worker.call(lambda engine: engine.detach(strategy) if hasattr(engine, "detach") else None)
+        self.worker.call(lambda engine: engine.detach(strategy))
 
 
 class Gate:

@@ -101,7 +101,7 @@ def _engine_metrics(out: list[str], worker) -> None:
     _metric(out, "decodekit_engine_step_sequences_total", "counter",
             "running sequences summed over steps (divide by steps: mean batch size)", [({}, s.num_step_seqs)])
     _metric(out, "decodekit_engine_max_batch_sequences", "gauge", "largest batch seen", [({}, s.max_running_seqs)])
-    engine_stats = worker.engine.stats() if hasattr(worker.engine, "stats") else {}
+    engine_stats = worker.engine.stats()
     if engine_stats:
         _metric(out, "decodekit_engine_main_forwards_total", "counter", "forwards of the engine's model (one per step)",
                 [({}, engine_stats["main_forwards"])])

@@ -142,7 +142,7 @@ class StrategyCache:
         and token index take seconds), instead of at the request's first step."""
         constraint = strategy.constraint
         llm = self.models.llm if self.models is not None else None
-        if llm is not None and not hasattr(llm.engine, "scheduler"):
+        if llm is not None and not llm.engine.token_level:
             return strategy  # a request-level engine (vLLM) compiles its own structured outputs
         tokenizer = llm.tokenizer if llm is not None else None
         try:

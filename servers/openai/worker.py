@@ -217,7 +217,8 @@ class EngineWorker:
     def _step(self) -> None:
         self.step_started = time.perf_counter()
         try:
-            events = self.engine.step()
+            with self.llm.driver.lock:  # Python calls on the same LLM may step it too
+                events = self.engine.step()
         except StepError as e:  # one strategy failed: its requests end with a 500, the others go on
             log.error("%s (requests %s)", e, e.request_ids, exc_info=e.__cause__)
             self.stats.num_failed_steps += 1
