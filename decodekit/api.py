@@ -23,7 +23,7 @@ class LLM:
         ``max_prefill_tokens``: prompt tokens prefilled per step while other sequences decode (default
         256 on CPU, 2048 on CUDA)."""
         if backend == "vllm":
-            from decodekit.backends.vllm import VLLMBackend
+            from decodekit.integrations.vllm.backend import VLLMBackend
 
             backend = VLLMBackend(model, dtype=dtype or "bfloat16", **engine_args)
         elif engine_args:
@@ -77,7 +77,7 @@ class LLM:
         prefixes in the KV cache. One prompt -> ``RolloutResult``, a list -> list; ``tree`` is a
         ``TreeRollout`` (default settings when None). Each prompt is one engine request (its leaves
         ride in the engine's shared forward), so rollouts run beside other requests; on vLLM through
-        ``decodekit.backends.vllm_rollouts`` (one vLLM request per segment, prefix caching).
+        ``decodekit.integrations.vllm.rollouts`` (one vLLM request per segment, prefix caching).
         """
         from decodekit.rollout.tree import TreeRollout
         from decodekit.strategies.tree_strategy import TreeStrategy
@@ -115,44 +115,23 @@ def sampling_params(**sampling) -> SamplingParams:
 
 
 def resolve_strategy(strategy: Strategy | str | None, sampling: dict | None = None) -> Strategy | None:
-    """A Strategy from an instance or a name; ``constraint=`` (with optional ``sampler=``,
-    ``particles=``) in ``sampling`` is popped and becomes ``Constrained(...)``, or, with a
-    ``Speculative`` strategy, ``ConstrainedSpeculative(...)`` (drafting under the constraint)."""
+    """A Strategy from an instance or a registered name; ``constraint=`` (with optional ``sampler=``,
+    ``particles=``) in ``sampling`` is popped and wraps it as the registry says (plain sampling ->
+    ``Constrained``, ``Speculative`` -> ``ConstrainedSpeculative``; others say where the constraint goes)."""
+    from decodekit.strategies.registry import by_name, entry, with_constraint
+
     constraint = sampling.pop("constraint", None) if sampling is not None else None
     options = {k: sampling.pop(k) for k in ("sampler", "particles") if sampling and k in sampling}
-    if isinstance(strategy, str) and constraint is not None and strategy in NO_CONSTRAINT_COMPOSITION:
-        raise ValueError(NO_CONSTRAINT_COMPOSITION[strategy])
     if isinstance(strategy, str):
-        from decodekit.strategies import by_name
-
+        if constraint is not None and entry(strategy).constraint != "wraps":
+            raise ValueError(entry(strategy).hint)
         strategy = by_name(strategy)
     if constraint is not None:
-        return constrained_strategy(constraint, strategy, options.get("sampler", "awrs"), options.get("particles", 1))
+        own = {"sampler": options.get("sampler", "awrs"), "num_particles": options.get("particles", 1)}
+        return with_constraint(constraint, strategy, **own)
     if options:
         raise ValueError(f"{sorted(options)} only apply together with constraint=")
     return strategy
-
-
-def constrained_strategy(constraint, strategy: Strategy | None, sampler: str = "awrs", particles: int = 1) -> Strategy:
-    """The strategy enforcing ``constraint`` on top of ``strategy`` (None, or one that composes)."""
-    from decodekit.strategies.constrained import Constrained
-    from decodekit.strategies.constrained_speculative import ConstrainedSpeculative
-    from decodekit.strategies.speculative import Speculative
-
-    if strategy is None or strategy.name == "sample":
-        return Constrained(constraint, sampler=sampler, num_particles=particles)
-    if isinstance(strategy, Speculative):
-        return ConstrainedSpeculative(constraint, strategy, sampler=sampler, num_particles=particles)
-    raise ValueError(NO_CONSTRAINT_COMPOSITION.get(strategy.name, f"strategy {strategy.name!r} does not take "
-                                                   "constraint=; give a Constrained(...) strategy alone"))
-
-
-NO_CONSTRAINT_COMPOSITION = {  # what a user gets instead of a silently dropped constraint
-    "constrained": "give either strategy=Constrained(...) or constraint=, not both",
-    "constrained_speculative": "give either strategy=ConstrainedSpeculative(...) or constraint=, not both",
-    "entropy": "EntropySwitch takes the constraint itself: EntropySwitch(..., constraint=C, sampler=...)",
-    "tree": "tree rollouts take the constraint in TreeRollout(constraint=C)",
-}
 
 
 @functools.lru_cache(maxsize=2)

@@ -79,8 +79,9 @@ def _add_profile(sub) -> None:
 def _profile(args) -> int:
     from pathlib import Path
 
+    from decodekit.backends.timing import measure_profile
     from decodekit.models import load_backend
-    from decodekit.profiles import device_of, measure_profile, profile_path
+    from decodekit.profiles import device_of, profile_path
 
     if args.threads:
         import torch

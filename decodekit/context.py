@@ -119,6 +119,15 @@ class StepContext:
         back if all are cached), so a row over them yields the next-token logits."""
         return self._engine.lanes.uncomputed(seq, lane, seq.ids if ids is None else ids)
 
+    def features_at(self, seq: Sequence, start: int, stop: int):
+        """(stop - start, H) final hidden states of the main KV's positions [start, stop), or None
+        (the engine's model captures them for draft heads: ``Backend.capture_features``)."""
+        return self._engine.backend.features_at(seq.handle, start, stop)
+
+    def first_featured(self, seq: Sequence, stop: int) -> int | None:
+        """The smallest p with hidden states for every main-KV position in [p, stop), or None."""
+        return self._engine.backend.first_featured(seq.handle, stop)
+
     # ---- rows and requests ------------------------------------------------------------------
     def plan_row(self, seq: Sequence, new_ids: list[int], num_logits: int = 1, *, lane: Lane | None = None,
                  key: Any = None) -> Row:

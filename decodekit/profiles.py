@@ -147,49 +147,8 @@ def load_profile(spec) -> SpeculationProfile:
     return SpeculationProfile.from_json(json.loads(path.read_text()), str(path))
 
 
-# ---- measuring ------------------------------------------------------------------------------------
-def measure_profile(backend, *, context: int = 256, reps: int = 5, lengths=(1, 2, 3, 4, 6, 8, 12, 16, 17),
-                    batches=(1, 2, 4, 8, 16), progress=None) -> SpeculationProfile:
-    """Time verify rows of each length and batched steps one token wider, interleaved, medians.
-
-    ``progress``: called with a short text after each round (a CLI prints it)."""
-    cache = backend.cache
-    prompt = [(7 * i + 3) % max(backend.vocab_size - 1, 2) + 1 for i in range(context)]
-    base = cache.open(prompt)
-    backend.forward([base], [prompt[len(base):]])
-    try:
-        verify = {m: [] for m in lengths}
-        width = {b: ([], []) for b in batches}
-        for rep in range(reps + 1):  # the first round warms up and is dropped
-            for m in lengths:
-                t = _timed_rows(backend, base, 1, m)
-                if rep:
-                    verify[m].append(t)
-            for b in batches:
-                plain, wide = _timed_rows(backend, base, b, 1), _timed_rows(backend, base, b, 2)
-                if rep:
-                    width[b][0].append(plain)
-                    width[b][1].append(wide)
-            if progress is not None:
-                progress(f"round {rep} of {reps}" + (" (warm-up)" if not rep else ""))
-    finally:
-        cache.release(base)
-    return _profile_from(verify, width, backend)
-
-
-def _timed_rows(backend, base, rows: int, new: int) -> float:
-    cache = backend.cache
-    forks = [cache.fork(base) for _ in range(rows)]
-    try:
-        start = time.perf_counter()
-        backend.forward(forks, [[(5 + i) % (backend.vocab_size - 1) + 1] * new for i in range(rows)], num_logits=new)
-        return time.perf_counter() - start
-    finally:
-        for handle in forks:
-            cache.release(handle)
-
-
-def _profile_from(verify: dict, width: dict, backend) -> SpeculationProfile:
+# ---- measuring (``backends.timing.measure_profile`` times the rows) ---------------------------------
+def profile_from(verify: dict, width: dict, backend) -> SpeculationProfile:
     one = statistics.median(verify[min(verify)])
     points, running = {}, 1.0
     for m in sorted(verify):

@@ -222,7 +222,7 @@ def test_final_only_output_is_cut_after_the_stop_string_token():
     the tokens after the one completing it are dropped, as a delta-by-delta run would have stopped."""
     from types import SimpleNamespace
 
-    from decodekit.backends.vllm_engine import _cut_at_stop
+    from decodekit.integrations.vllm.engine import _cut_at_stop
     from decodekit.output import TextState
 
     tok = MockBackend(vocab_size=16).tokenizer

@@ -362,7 +362,7 @@ def test_server_and_vllm_paths_refuse_what_needs_the_checker_clearly():
     from decodekit.servers.openai.errors import APIError
     from decodekit.servers.openai.strategies import _constrained
 
-    from decodekit.backends.vllm_strategies import structured_from_constraint
+    from decodekit.integrations.vllm.strategies import structured_from_constraint
 
     with pytest.raises(APIError, match="without an automaton") as e:
         _constrained(("json", {"maxItems": 2}), {"sampler": "masked"})

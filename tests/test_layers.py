@@ -19,13 +19,13 @@ LAYERS = [
               "decodekit.profiles"]),
     ("cache", ["decodekit.cache"]),
     ("backends", ["decodekit.backends.base", "decodekit.backends.hf", "decodekit.backends.mock",
-                  "decodekit.backends.cpu_linear", "decodekit.models"]),
-    ("engine", ["decodekit.engine", "decodekit.scheduler", "decodekit.sequence", "decodekit.strategies.base"]),
+                  "decodekit.backends.cpu_linear", "decodekit.backends.timing", "decodekit.models"]),
+    ("engine", ["decodekit.engine", "decodekit.scheduler", "decodekit.sequence", "decodekit.strategies.base",
+                "decodekit.context", "decodekit.lanes", "decodekit.driver"]),
     ("algorithms", ["decodekit.constraints", "decodekit.drafting", "decodekit.rollout"]),
     ("strategies", ["decodekit.strategies"]),
     ("api", ["decodekit.api", "decodekit.cli", "decodekit"]),
-    ("integrations", ["decodekit.backends.vllm", "decodekit.backends.vllm_engine", "decodekit.backends.vllm_rollouts",
-                      "decodekit.backends.vllm_strategies", "decodekit.vllm_prep"]),
+    ("integrations", ["decodekit.integrations"]),
     ("training", ["decodekit.training"]),
     ("server", ["decodekit.servers"]),
     ("bench", ["decodekit.bench"]),
@@ -34,9 +34,11 @@ RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
 # Imports that go up a layer on purpose, with the reason.
 ALLOWED_UP = {
     # the vLLM backend is chosen by name through LLM(backend="vllm"): api -> integrations, loaded lazily
-    ("decodekit.api", "decodekit.backends.vllm"),
+    ("decodekit.api", "decodekit.integrations.vllm.backend"),
     # plain sampling is the engine's default strategy
     ("decodekit.engine", "decodekit.strategies.sample"),
+    # TreeRollout.run is the engine plus TreeStrategy (one decode loop), loaded lazily
+    ("decodekit.rollout.tree", "decodekit.strategies.tree_strategy"),
 }
 
 
@@ -121,3 +123,65 @@ def test_architecture_names_every_module():
     missing = [str(p.relative_to(ROOT)) for _, p in modules()
                if p.name != "__init__.py" and f"`{p.relative_to(ROOT)}`" not in text]
     assert not missing, f"docs/architecture.md has no line for {missing}"
+
+
+# ---- the engine owns every KV lane -----------------------------------------------------------------
+KV_VERBS = {"open", "fork", "extend", "truncate", "commit", "release"}
+# the lane keeper, the scheduler (main handles at admission), the cache manager and the backends
+KV_OWNERS = ("decodekit.engine", "decodekit.scheduler", "decodekit.lanes", "decodekit.cache", "decodekit.backends")
+ABOVE_THE_ENGINE = ("decodekit.strategies", "decodekit.drafting", "decodekit.rollout", "decodekit.constraints")
+
+
+def _owned_by(module: str, owners) -> bool:
+    return any(module == o or module.startswith(o + ".") for o in owners)
+
+
+def kv_calls(path: Path) -> list[str]:
+    """Calls of a cache manager's handle verbs (``<...>cache.fork(...)``, ``backend.open(...)``) in ``path``."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in KV_VERBS:
+            receiver = ast.unparse(node.func.value)
+            if re.search(r"(^|[._])cache$", receiver) or (node.func.attr == "open" and "backend" in receiver):
+                out.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node.func)}")
+    return out
+
+
+def test_no_kv_handle_calls_outside_the_engine():
+    """Strategies, algorithms, the API, the server and the benchmarks ask the engine (lanes) for KV."""
+    calls = [c for m, p in modules() if not _owned_by(m, KV_OWNERS) for c in kv_calls(p)]
+    assert not calls, "KV-handle calls outside the engine:\n" + "\n".join(calls)
+
+
+def test_strategies_hold_no_handles():
+    """Above the engine nothing reads a KV handle (``.handle``): strategies hold ``Lane`` records."""
+    reads = [f"{p.relative_to(ROOT)}:{n.lineno}" for m, p in modules()
+             if _owned_by(m, ABOVE_THE_ENGINE) and m != "decodekit.strategies.base"
+             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Attribute) and n.attr == "handle"]
+    assert not reads, f"KV handles read above the engine: {reads}"
+
+
+def test_no_engine_sniffing():
+    """Nothing outside the engine asks an engine object what it has (``getattr`` / ``hasattr``)."""
+    wrong = []
+    for module, path in modules():
+        if _owned_by(module, ("decodekit.engine", "decodekit.scheduler", "decodekit.lanes", "decodekit.context")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr") \
+                    and node.args and re.search(r"(^|\.)engine$", ast.unparse(node.args[0])):  # noqa: E501
+                wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
+    assert not wrong, wrong
+
+
+def test_kv_checks_see_calls():
+    """The checks above find what they look for (a check that cannot fail proves nothing)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".py", dir=ROOT / "tests", delete=False) as f:
+        f.write("engine.backend.cache.fork(h)\nself.cache.release(h)\nbackend.open(ids)\nctx.fork_lane(seq)\n")
+    path = Path(f.name)
+    try:
+        assert len(kv_calls(path)) == 3
+    finally:
+        path.unlink()

@@ -10,13 +10,13 @@ import pytest
 
 from decodekit import LLM, Speculative
 from decodekit.backends.mock import MockBackend
+from decodekit.backends.timing import measure_profile
 from decodekit.cli import main
 from decodekit.profiles import (
     CPU_PROFILE,
     CUDA_PROFILE,
     SpeculationProfile,
     load_profile,
-    measure_profile,
     profile_for,
     profile_path,
 )

@@ -322,18 +322,18 @@ class HeadDrafter(Drafter):
         target.capture_features()
 
     def propose(self, ctx, seqs, ks):
-        return [self._propose(seq, k) if k > 0 else Draft([], None, []) for seq, k in zip(seqs, ks)]
+        return [self._propose(ctx, seq, k) if k > 0 else Draft([], None, []) for seq, k in zip(seqs, ks)]
 
     @torch.inference_mode()
-    def _propose(self, seq, k: int) -> Draft:
+    def _propose(self, ctx, seq, k: int) -> Draft:
         state = seq.state_as(SpecState).drafter.setdefault("head", HeadState())
         last = len(seq.ids) - 1  # the newest entry reads the last verified token and the feature at last - 1
         if state.next_entry is None:
-            first = self.target.first_featured(seq.handle, last)
+            first = ctx.first_featured(seq, last)
             if first is None:
                 return Draft([], None, [])
             state.next_entry = first + 1
-        feats = self.target.features_at(seq.handle, state.next_entry - 1, last)
+        feats = ctx.features_at(seq, state.next_entry - 1, last)
         if feats is None:
             seq.state.drafter.pop("head")  # features missing (computed before capture): start over next step
             return Draft([], None, [])

@@ -29,7 +29,7 @@ from decodekit.drafting.drafters import (
     int8_backend,
 )
 from decodekit.drafting.state import SpecState
-from decodekit.profiles import SpeculationProfile, load_profile, profile_for
+from decodekit.profiles import SpeculationProfile, load_profile
 from decodekit.sampling import probs_from_logits
 from decodekit.strategies.base import Proposal, Row, Strategy
 from decodekit.types import SAMPLED, Provenance

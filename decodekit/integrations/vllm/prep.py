@@ -77,7 +77,7 @@ def _is_gemma(name: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m decodekit.vllm_prep [NAME ...] [--dtype D]``: build the cached directories now."""
+    """``python -m decodekit.integrations.vllm.prep [NAME ...] [--dtype D]``: build the cached directories now."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)
