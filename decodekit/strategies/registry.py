@@ -8,7 +8,8 @@ vLLM mapping read it; none of them switches on names. A new strategy is one file
 - ``"wraps"``: it becomes the strategy named by ``constrained_as`` built around the constraint
   (plain sampling -> ``constrained``, speculative -> ``constrained_speculative``);
 - ``"own"``: the strategy takes the constraint among its own options (``hint`` says where);
-- ``"is"``: it is a constrained strategy already (give it the constraint, not both).
+- ``"is"``: it is a constrained strategy already (give it the constraint, not both);
+- ``"no"``: it does not enforce constraints.
 
 ``on_vllm`` names its form on the vLLM backend, "+"-joined where it needs several: ``native`` (plain
 sampling), ``speculative_config`` (vLLM's engine-wide drafts), ``structured_outputs`` (vLLM's grammar
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from decodekit.strategies.base import Strategy
+from decodekit.strategies.best_of import BestOfN
 from decodekit.strategies.constrained import Constrained
 from decodekit.strategies.constrained_speculative import ConstrainedSpeculative
 from decodekit.strategies.entropy import EntropySwitch
@@ -37,7 +39,7 @@ CONSTRAINED_OPTIONS = ("sampler", "num_particles", "ess_threshold", "resampling"
 class Entry:
     name: str
     build: Callable[..., Strategy]
-    constraint: str  # "wraps" | "own" | "is"
+    constraint: str  # "wraps" | "own" | "is" | "no"
     on_vllm: str
     constrained_as: str | None = None
     hint: str = ""  # what to do instead, where a strategy does not take constraint=
@@ -77,6 +79,7 @@ ENTRIES = (
           hint="EntropySwitch takes the constraint itself: EntropySwitch(..., constraint=C, sampler=...)"),
     Entry("tree", TreeStrategy, "own", "segment_level",
           hint="tree rollouts take the constraint in TreeRollout(constraint=C)"),
+    Entry("best_of", BestOfN, "no", "none", hint="best_of does not enforce constraints"),
 )
 REGISTRY = {e.name: e for e in ENTRIES}
 
@@ -96,7 +99,7 @@ def entry_of(strategy: Strategy | None) -> Entry:
     known = REGISTRY.get(strategy.name)
     if known is not None and isinstance(strategy, known.build):
         return known
-    return Entry(strategy.name, type(strategy), "own", "none",
+    return Entry(strategy.name, type(strategy), "no", "none",
                  hint=f"strategy {strategy.name!r} does not take constraint=; give a Constrained(...) strategy alone")
 
 
