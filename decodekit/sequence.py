@@ -3,7 +3,8 @@
 A sequence is WAITING (queued, or preempted: its tokens are kept, its KV is not), PREFILLING
 (its handle is being filled chunk by chunk), RUNNING (its strategy advances it each step) or
 FINISHED. Everything a strategy keeps per sequence lives in ``seq.state``, an object the strategy
-creates (``Strategy.new_state``-style dataclasses), never string keys shared between modules.
+creates (a dataclass per strategy), never string keys shared between modules; a composed strategy's
+parts keep theirs side by side in ``seq.parts`` (by type: a constraint's state beside the drafts').
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class Sequence:
         self.num_forwards = 0
         self.num_preemptions = 0
         self.state: Any = None  # strategy-owned (a dataclass per strategy)
+        # states of composed parts side by side, by type (the constraint's beside the drafts' or the switch's)
+        self.parts: dict[type, Any] = {}
 
     @property
     def output_ids(self) -> list[int]:

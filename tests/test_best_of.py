@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_caches_clean
 
 from decodekit import LLM
 from decodekit.backends.mock import MockBackend
 from decodekit.strategies import BestOfN, Strategy, by_name, entry
 from decodekit.types import SamplingParams
-
-from conftest import assert_caches_clean
 
 PARAMS = dict(temperature=1.0, max_new_tokens=12, seed=3, ignore_eos=False)
 

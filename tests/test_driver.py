@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from conftest import assert_caches_clean
 
 from decodekit import LLM
 from decodekit.backends.mock import MockBackend
@@ -15,8 +16,6 @@ from decodekit.engine import Engine, StepError
 from decodekit.integrations.vllm.engine import VLLMEngine
 from decodekit.rollout.tree import TreeRollout
 from decodekit.types import TokenEvent
-
-from conftest import assert_caches_clean
 
 SAMPLING = [dict(temperature=0, max_new_tokens=16, ignore_eos=True),
             dict(temperature=0.9, max_new_tokens=16, seed=5, ignore_eos=True)]

@@ -33,4 +33,3 @@ class SpecState:
     layout: int = 0  # under a constraint: layout-guess drafts accepted
     cut_q: torch.Tensor | None = None  # under a constraint: q of a sampled draft's first forbidden token
     prompt_bytes: bytes | None = None  # under a constraint: the prompt's tail, for layout guesses
-    inner: Any = None  # under a constraint: the Constrained strategy's state

@@ -10,5 +10,5 @@ from decodekit.strategies.sample import Sample
 from decodekit.strategies.speculative import Speculative
 from decodekit.strategies.tree_strategy import TreeStrategy
 
-__all__ = ["REGISTRY", "BestOfN", "Constrained", "ConstrainedSpeculative", "EntropySwitch", "Proposal", "Sample", "Speculative",
-           "Strategy", "TreeStrategy", "by_name", "entry", "entry_of", "with_constraint"]
+__all__ = ["REGISTRY", "BestOfN", "Constrained", "ConstrainedSpeculative", "EntropySwitch", "Proposal", "Sample",
+           "Speculative", "Strategy", "TreeStrategy", "by_name", "entry", "entry_of", "with_constraint"]

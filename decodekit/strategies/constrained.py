@@ -327,10 +327,7 @@ class Constrained(Strategy):
             track = Particle(None, [], b"", fsa_state=index.initial() if index else None)
             st = ConstrainedState(TokenChecker(self.constraint, ctx.tokenizer), index, track,
                                   forced_text=forced_text(self.constraint))
-            if hasattr(seq.state, "inner"):  # composed inside another strategy (EntropySwitch)
-                seq.state.inner = st
-            else:
-                seq.state = st
+            seq.parts[ConstrainedState] = st  # beside a composing strategy's own state, never inside it
         return st
 
     def _uses_index(self) -> bool:
@@ -401,6 +398,5 @@ class Constrained(Strategy):
 
 
 def _own_state(seq) -> ConstrainedState | None:
-    """This strategy's state of ``seq``: ``seq.state``, or the ``inner`` slot of a composing strategy's."""
-    st = getattr(seq.state, "inner", seq.state)
-    return st if isinstance(st, ConstrainedState) else None
+    """This strategy's state of ``seq`` (alone or composed: always its own part, ``seq.parts``)."""
+    return seq.parts.get(ConstrainedState)

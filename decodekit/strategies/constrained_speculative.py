@@ -84,7 +84,7 @@ class ConstrainedSpeculative(Constrained):
             "target_forward_passes": spec["target_forward_passes"]}
 
     def _state(self, ctx, seq) -> ConstrainedState:
-        seq.state_as(SpecState)  # the drafters' state; the constraint's lives in its ``inner`` slot
+        seq.state_as(SpecState)  # the drafters' state; the constraint's lives beside it (``seq.parts``)
         return super()._state(ctx, seq)
 
     # ---- one particle -------------------------------------------------------------------------

@@ -66,7 +66,6 @@ class SwitchState:
     forward_tokens: dict[str, int] = field(default_factory=lambda: {SMALL: 0, LARGE: 0})
     lane: object = None  # the other model's mirror lane (``decodekit.context.Lane``)
     committed: bool = False  # the other model's prompt entered its prefix cache
-    inner: object = None  # the composed Constrained strategy's state, when a constraint is given
     switching: bool = False  # plain mode: the incoming model computes the current position next step
     decision_mean: float = 0.0  # the window's mean the current writer was chosen by
     job: tuple = ()  # this step's (model, drafts in the row, logits)
