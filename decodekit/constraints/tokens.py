@@ -14,6 +14,7 @@ from functools import lru_cache
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _ATTR = "_decodekit_token_bytes"
+_MASK_ATTR = "_decodekit_unsampleable"
 
 
 @lru_cache(maxsize=1)
@@ -40,6 +41,39 @@ def token_bytes(tokenizer) -> list[bytes | None]:
         except AttributeError:  # a tokenizer with __slots__: rebuild each time (rare)
             pass
     return cached
+
+
+def unsampleable_mask(tokenizer, vocab: int):
+    """(vocab,) bool: token ids a constraint can never accept (no bytes: special tokens other than EOS),
+    masked before any constrained draw; cached on the tokenizer object per vocabulary size."""
+    import torch
+
+    masks = getattr(tokenizer, _MASK_ATTR, None)
+    if masks is None:
+        masks = {}
+        try:
+            setattr(tokenizer, _MASK_ATTR, masks)
+        except AttributeError:  # a tokenizer that takes no attributes: build each time
+            pass
+    if vocab not in masks:
+        pieces, eos = token_bytes(tokenizer)[:vocab], set(tokenizer.eos_token_ids)
+        ok = [i for i, b in enumerate(pieces) if b is not None or i in eos]
+        mask = torch.ones(vocab, dtype=torch.bool)
+        mask[torch.tensor(ok, dtype=torch.long)] = False
+        masks[vocab] = mask
+    return masks[vocab]
+
+
+def constrained_logp(logits, params, tokenizer):
+    """Log-probabilities (V,) a constrained draw samples from: the request's processed distribution
+    (temperature, top-k / top-p / min-p), float64 on the CPU beside the per-request generator, with
+    unsampleable tokens at -inf. The one form of it for ``Constrained`` and constrained tree leaves."""
+    import torch
+
+    from decodekit.sampling import process_logits
+
+    logp = torch.log_softmax(process_logits(logits, params).double().cpu(), -1)
+    return logp.masked_fill(unsampleable_mask(tokenizer, logp.shape[-1]), float("-inf"))
 
 
 def _build(tokenizer) -> list[bytes | None]:

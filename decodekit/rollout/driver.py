@@ -19,10 +19,11 @@ import torch
 
 from decodekit.constraints.awrs import recursive_awrs
 from decodekit.constraints.base import TokenChecker
+from decodekit.constraints.tokens import constrained_logp
 from decodekit.output import StopRule, stop_index
 from decodekit.rollout.budget import branch_weights, fallback_plan, next_width, split_budget
 from decodekit.rollout.records import _Node, _Tree
-from decodekit.sampling import entropy_bits, process_logits, sample_token
+from decodekit.sampling import entropy_bits, sample_token
 
 
 class TreeDriver:
@@ -37,7 +38,6 @@ class TreeDriver:
         self.max_depth = config.max_depth or -(-params.max_new_tokens // config.segment_len)
         self.checker = TokenChecker(config.constraint, ctx.tokenizer) if config.constraint is not None else None
         self.stops = StopRule(params, ctx.tokenizer.eos_token_ids, ctx.max_context, self.max_tokens)
-        self._invalid: torch.Tensor | None = None
 
     # ---- one token per leaf -------------------------------------------------------------------
     def sample(self, leaves: list[_Node]) -> None:
@@ -64,22 +64,12 @@ class TreeDriver:
 
     def _draw(self, leaf: _Node) -> int:
         """A constrained token by AWRS (-1 at a dead end); the path's importance weight grows by log Z."""
-        logp = torch.log_softmax(process_logits(leaf.next_logits, self.params).double(), -1)
-        logp = logp.masked_fill(self._no_bytes(logp.shape[-1]), float("-inf"))
+        logp = constrained_logp(leaf.next_logits, self.params, self.tokenizer)
         text = b"".join(self.checker.token_bytes[t] or b"" for t in leaf.output_ids)
         gen = None if self.params.greedy else leaf.generator
         draw = recursive_awrs(logp=logp, accept=self.checker.accept_fn(text), generator=gen)
         leaf.log_weight += draw.logw
         return draw.token if draw.logw > float("-inf") else -1
-
-    def _no_bytes(self, vocab: int) -> torch.Tensor:
-        """Tokens a constraint can never accept (special tokens other than EOS), masked before AWRS."""
-        if self._invalid is None or self._invalid.shape[-1] != vocab:
-            pieces = self.checker.token_bytes[:vocab]
-            ok = [i for i, b in enumerate(pieces) if b is not None or i in self.checker.eos_ids]
-            self._invalid = torch.ones(vocab, dtype=torch.bool)
-            self._invalid[torch.tensor(ok, dtype=torch.long)] = False
-        return self._invalid
 
     def _stop_after(self, leaf: _Node) -> str | None:
         """The engine's stop rule after a token (stop string, then length) with the rollout's early

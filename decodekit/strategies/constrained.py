@@ -33,7 +33,7 @@ from decodekit.constraints.smc import (
     normalized_weights,
     resample,
 )
-from decodekit.sampling import process_logits
+from decodekit.constraints.tokens import constrained_logp
 from decodekit.strategies.base import Proposal, Row, Strategy, next_logits
 from decodekit.types import Provenance
 
@@ -124,7 +124,6 @@ class Constrained(Strategy):
         self.resampling = resampling
         self.critic = critic
         self.exact_weights = exact_weights
-        self._invalid: dict[tuple, torch.Tensor] = {}
 
     # ---- engine hooks ---------------------------------------------------------------------
     @property
@@ -337,19 +336,7 @@ class Constrained(Strategy):
 
     def _logp(self, ctx, seq, logits) -> torch.Tensor:
         """Log-probabilities (V,) the request samples from; tokens with no bytes (specials) get -inf."""
-        # the token-level search runs on the CPU, beside the per-request generator and the CPU masks
-        logp = torch.log_softmax(process_logits(logits, seq.params).double().cpu(), -1)
-        return logp.masked_fill(self._invalid_mask(ctx, logp.shape[-1]), NEG_INF)
-
-    def _invalid_mask(self, ctx, vocab: int) -> torch.Tensor:
-        key = (id(ctx.tokenizer), vocab)
-        if key not in self._invalid:
-            checker = TokenChecker(self.constraint, ctx.tokenizer)
-            mask = torch.ones(vocab, dtype=torch.bool)
-            ok = [i for i, b in enumerate(checker.token_bytes[:vocab]) if b is not None or i in checker.eos_ids]
-            mask[torch.tensor(ok, dtype=torch.long)] = False
-            self._invalid[key] = mask
-        return self._invalid[key]
+        return constrained_logp(logits, seq.params, ctx.tokenizer)
 
     def _draw(self, ctx, seq, st, track: Particle, logits, final: bool = False) -> TokenDraw:
         logp = self._logp(ctx, seq, logits)
