@@ -218,3 +218,33 @@ class CacheMachine(RuleBasedStateMachine):
 
 TestCacheMachine = CacheMachine.TestCase
 TestCacheMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_storage_hooks_follow_the_logical_verbs():
+    """A backend that places its own cells (llama.cpp sequences) hears of every fork, truncation and release."""
+    from decodekit.cache import KVStorage
+
+    class Recording(KVStorage):
+        def __init__(self):
+            self.log = []
+
+        def forked(self, source, handle):
+            self.log.append(("fork", source.hid, handle.hid))
+
+        def truncated(self, handle, n):
+            self.log.append(("truncate", handle.hid, n))
+
+        def released(self, handle):
+            self.log.append(("release", handle.hid))
+
+    storage = Recording()
+    cache = CacheManager(32, storage=storage)
+    a = cache.open([1, 2, 3])
+    cache.extend(a, 3)
+    b = cache.fork(a)
+    cache.truncate(b, 1)
+    cache.truncate(b, 5)  # nothing to drop: no call
+    cache.release(b)
+    cache.release(a)
+    assert storage.log == [("fork", a.hid, b.hid), ("truncate", b.hid, 1), ("release", b.hid), ("release", a.hid)]
+    cache.check_integrity()

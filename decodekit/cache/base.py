@@ -1,4 +1,5 @@
-"""The prefix-cache interface and a do-nothing stand-in for when prefix reuse is off."""
+"""The prefix-cache interface and a do-nothing stand-in for when prefix reuse is off; the physical-KV
+hooks a backend that places its own cells implements, and the do-nothing slot-pool stand-in."""
 
 from __future__ import annotations
 
@@ -68,3 +69,23 @@ class NaivePrefixCache(PrefixCache):
 
     def check_integrity(self):
         pass
+
+
+class KVStorage:
+    """What the cache manager tells a backend's physical KV about its handles' logical verbs.
+
+    The transformers and mock backends store K/V by slot (the manager's pool is the storage), so
+    these do nothing (this base class). A backend that places its own cells (llama.cpp: a handle is a
+    llama.cpp sequence) maps them: ``forked`` = copy a sequence's cells into another sequence (shared,
+    no copy in a unified KV cache), ``truncated`` = remove a sequence's cells from a position on,
+    ``released`` = remove the sequence. Each is called after the manager updated its own bookkeeping.
+    """
+
+    def forked(self, source, handle) -> None:
+        """``handle`` now shares every computed token of ``source``."""
+
+    def truncated(self, handle, n: int) -> None:
+        """``handle`` keeps its first ``n`` tokens."""
+
+    def released(self, handle) -> None:
+        """``handle`` is closed; its cells may go."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from decodekit.cache.base import NaivePrefixCache
+from decodekit.cache.base import KVStorage, NaivePrefixCache
 from decodekit.cache.pool import CacheFullError, SlotPool
 from decodekit.cache.radix import RadixTree, common_prefix_len
 
@@ -43,7 +43,8 @@ class CacheStats:
 
 
 class CacheManager:
-    def __init__(self, capacity: int, prefix_cache: bool = True):
+    def __init__(self, capacity: int, prefix_cache: bool = True, storage: KVStorage | None = None):
+        self.storage = storage or KVStorage()  # the backend's physical KV (slot-pool backends: nothing to do)
         self.pool = SlotPool(capacity)
         self.tree = RadixTree(self.pool) if prefix_cache else NaivePrefixCache()
         self.stats = CacheStats()
@@ -83,7 +84,9 @@ class CacheManager:
         """A second handle sharing every slot of ``handle`` (no copy)."""
         self.pool.incref(handle.slots)
         self.tree.lock(handle.node)
-        return self._new_handle(list(handle.slots), handle.node)
+        fork = self._new_handle(list(handle.slots), handle.node)
+        self.storage.forked(handle, fork)
+        return fork
 
     def extend(self, handle: KVHandle, n: int) -> list[int]:
         """Allocate ``n`` new slots at the end of ``handle``, evicting cold prefixes if needed."""
@@ -107,6 +110,7 @@ class CacheManager:
         if n < len(handle.slots):
             self.pool.decref(handle.slots[n:])
             del handle.slots[n:]
+            self.storage.truncated(handle, n)
         node = handle.node
         while node is not None and _path_len(node) > n:
             node = node.parent
@@ -144,6 +148,7 @@ class CacheManager:
         self.pool.decref(handle.slots)
         self.tree.unlock(handle.node)
         handle.slots = []
+        self.storage.released(handle)
 
     @property
     def num_open_handles(self) -> int:
