@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from decodekit.output import StopRule
 from decodekit.types import SamplingParams
 
 
@@ -65,6 +66,7 @@ class _VTree:
         limits = [params.max_new_tokens] + ([config.max_depth * config.segment_len] if config.max_depth else [])
         self.max_tokens = min(limits)
         self.max_depth = config.max_depth or -(-params.max_new_tokens // config.segment_len)
+        self.stops = StopRule(params, backend.tokenizer.eos_token_ids, backend.max_context, self.max_tokens)
         self.base_seed = None if params.seed is None else params.seed + 1_000_003 * index
         self.nodes = [_Leaf(0, None, 0, [], self.base_seed)]
         self.nodes[0].finish_reason = None
@@ -93,7 +95,7 @@ class _VTree:
         c = out.outputs[0]
         ids = list(c.token_ids)
         eos = c.finish_reason == "stop" and not isinstance(c.stop_reason, str)
-        if eos and ids and (ids[-1] in self.backend.tokenizer.eos_token_ids or ids[-1] in self.params.stop_token_ids):
+        if eos and ids and self.stops.before(ids[-1]) is not None:  # the one stop rule: a stop token is not output
             ids.pop()
         leaf.tokens = tuple(ids)
         leaf.logprobs = tuple(float(c.logprobs[i][t].logprob) for i, t in enumerate(ids)) if c.logprobs else ()
@@ -113,9 +115,7 @@ class _VTree:
             if reason is not None:
                 return reason
         num_out = len(leaf.prefix) + len(leaf.tokens)
-        if num_out >= self.max_tokens or len(self.prompt) + num_out >= self.backend.max_context:
-            return "length"
-        if leaf.depth >= self.max_depth:
+        if self.stops.length(num_out, len(self.prompt) + num_out) is not None or leaf.depth >= self.max_depth:
             return "length"
         return None
 
