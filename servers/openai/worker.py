@@ -168,8 +168,9 @@ class EngineWorker:
         try:
             ids = sub.prompt_ids
             params = sub.make_params(len(ids))
-            sub.request = self.engine.add_request(ids, params, sub.strategy, prompt=sub.prompt_text,
-                                                  request_id=sub.request_id, stream=sub.stream)
+            with self.llm.driver.lock:  # the engine is shared with Python calls on the same LLM
+                sub.request = self.engine.add_request(ids, params, sub.strategy, prompt=sub.prompt_text,
+                                                      request_id=sub.request_id, stream=sub.stream)
         except APIError as e:
             self._reject(sub, e)
             return
@@ -196,7 +197,8 @@ class EngineWorker:
         self.stats.num_aborted += 1
 
     def _engine_abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
+        with self.llm.driver.lock:
+            self.engine.abort(request_id)
 
     def _leave_waiting(self, sub: Submission) -> None:
         if sub.waiting:
