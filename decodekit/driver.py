@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
 from decodekit.types import Completion, SamplingParams, TokenEvent
@@ -77,6 +77,8 @@ class Driver:
         self.max_buffered = max_buffered
         self.lock = threading.RLock()
         self._inboxes: dict[str, _Inbox] = {}
+        # events of requests this driver does not route (another router's, e.g. the server's worker)
+        self.foreign: Callable[[list[TokenEvent]], None] | None = None
 
     def add(self, items: list[tuple[str, list[int]]], params: SamplingParams, strategy, *, stream: bool = False):
         """Queue one request per ``(text, ids)``; all or none (a bad one aborts those added before it)."""
@@ -116,21 +118,31 @@ class Driver:
             self.discard([request_id])
 
     def drive(self, request_ids: list[str]) -> None:
-        """One engine step unless every one of ``request_ids`` has what it waits for."""
+        """One engine step unless every one of ``request_ids`` has what it waits for; a failure is kept
+        for the callers whose requests it ended (all of them, for a failure outside a strategy)."""
         with self.lock:
             if all(self._ready(i) for i in request_ids):
                 return
             try:
+                self.step()
+            except Exception:
+                pass  # step() left the error in the inboxes of the requests it ended
+
+    def step(self) -> list[TokenEvent]:
+        """One engine step: events of this driver's requests go to their inboxes; the others go to
+        ``foreign`` (another router of the same engine, e.g. the server's worker) and are returned.
+        A step failure is left in the inboxes of the requests it ended and re-raised."""
+        with self.lock:
+            try:
                 events = self.engine.step()
             except Exception as e:
-                failed = set(getattr(e, "request_ids", ()) or ())
-                self._deliver(getattr(e, "events", []))
-                if not failed:  # not a strategy's failure (the backend itself): every waiting caller sees it
-                    failed = set(self._inboxes)
+                failed = set(getattr(e, "request_ids", ()) or ()) or set(self._inboxes)
                 for rid in failed & set(self._inboxes):
                     self._inboxes[rid].error = e
-                return
-            self._deliver(events)
+                if hasattr(e, "events"):
+                    e.events = self._route(e.events)
+                raise
+            return self._route(events)
 
     def discard(self, request_ids: list[str]) -> None:
         """Forget the requests: aborted if unfinished; nothing of them stays in the engine."""
@@ -168,14 +180,19 @@ class Driver:
         request = self.engine.get_request(request_id)
         return request is None or request.finished
 
-    def _deliver(self, events: list[TokenEvent]) -> None:
+    def _route(self, events: list[TokenEvent]) -> list[TokenEvent]:
+        others = []
         for event in events:
             inbox = self._inboxes.get(event.request_id)
-            if inbox is None or not inbox.keep:
-                continue  # a request forgotten, or one whose caller reads only its completion
-            inbox.events.append(event)
-            if len(inbox.events) > self.max_buffered:
-                inbox.events = coalesce(inbox.events)
+            if inbox is None:
+                others.append(event)
+            elif inbox.keep:  # else the caller reads only the completion
+                inbox.events.append(event)
+                if len(inbox.events) > self.max_buffered:
+                    inbox.events = coalesce(inbox.events)
+        if others and self.foreign is not None:
+            self.foreign(others)
+        return others
 
 
 def coalesce(events) -> deque[TokenEvent]:

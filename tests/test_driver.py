@@ -15,7 +15,7 @@ from decodekit.driver import Driver, EngineProtocol, coalesce
 from decodekit.engine import Engine, StepError
 from decodekit.integrations.vllm.engine import VLLMEngine
 from decodekit.rollout.tree import TreeRollout
-from decodekit.types import TokenEvent
+from decodekit.types import SamplingParams, TokenEvent
 
 SAMPLING = [dict(temperature=0, max_new_tokens=16, ignore_eos=True),
             dict(temperature=0.9, max_new_tokens=16, seed=5, ignore_eos=True)]
@@ -130,3 +130,18 @@ def test_engines_implement_the_protocol():
     assert VLLMEngine.token_level is False and Engine.token_level is True
     with pytest.raises(ValueError, match="max_buffered"):
         Driver(Engine(MockBackend(cache_tokens=64)), max_buffered=0)
+
+
+def test_events_of_another_router_reach_it_whoever_steps():
+    """The server's worker routes its own requests' events: a Python call stepping the same engine
+    hands them over (``Driver.foreign``) instead of dropping them."""
+    llm = _llm()
+    seen = []
+    llm.driver.foreign = seen.extend
+    served = llm.engine.add_request(llm.tokenizer.encode("gonk"), SamplingParams(**SAMPLING[0]))
+    mine = llm.generate("abc", **SAMPLING[0])
+    while llm.engine.has_unfinished():
+        llm.driver.step()
+    assert mine.text == _llm().generate("abc", **SAMPLING[0]).text
+    text = "".join(e.text for e in seen if e.request_id == served.request_id)
+    assert text == _llm().generate("gonk", **SAMPLING[0]).text

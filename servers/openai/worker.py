@@ -86,6 +86,8 @@ class EngineWorker:
         self.last_step_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="decodekit-engine", daemon=True)
+        # whoever steps the engine (this thread, or a Python call on the same LLM), server events come here
+        llm.driver.foreign = self._send_events
 
     # ---- called from the HTTP side ------------------------------------------------------
     def start(self) -> None:
@@ -219,13 +221,11 @@ class EngineWorker:
     def _step(self) -> None:
         self.step_started = time.perf_counter()
         try:
-            with self.llm.driver.lock:  # Python calls on the same LLM may step it too
-                events = self.engine.step()
+            self.llm.driver.step()  # one stepper at a time; this step's events reach ``_send_events``
         except StepError as e:  # one strategy failed: its requests end with a 500, the others go on
             log.error("%s (requests %s)", e, e.request_ids, exc_info=e.__cause__)
             self.stats.num_failed_steps += 1
             self._fail(e.request_ids, APIError(500, "the request failed inside the engine (see the server log)"))
-            events = e.events
         except Exception:
             log.exception("engine step failed; failing the running requests")
             self.stats.num_failed_steps += 1
@@ -238,16 +238,21 @@ class EngineWorker:
         self.stats.num_steps += 1
         self.stats.num_step_seqs += running
         self.stats.max_running_seqs = max(self.stats.max_running_seqs, running)
+        self._collect()
+
+    def _send_events(self, events) -> None:
         for event in events:
             sub = self._active.get(event.request_id)
             if sub is not None:
                 sub.send("event", event)
-        self._collect()
 
     def _collect(self) -> None:
         for request_id, sub in list(self._active.items()):
             if sub.waiting and sub.request.seqs:
                 self._leave_waiting(sub)
+            if self.engine.get_request(request_id) is None:  # ended by a step another caller drove
+                self._fail([request_id], APIError(500, "the request failed inside the engine (see the server log)"))
+                continue
             if sub.request.finished:
                 self._left(sub)
                 del self._active[request_id]
