@@ -121,7 +121,7 @@ class Engine:
                 f"request needs up to {need} KV slots (prompt + n * max_new_tokens), the cache budget is "
                 f"{self.backend.cache.capacity} tokens: lower max_new_tokens or n, or raise cache_tokens")
         self.requests[request_id] = request
-        self.scheduler.waiting.append(request)
+        self.scheduler.add(request)
         return request
 
     def abort(self, request_id: str) -> None:
@@ -129,14 +129,12 @@ class Engine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return
-        if request in self.scheduler.waiting:
-            self.scheduler.waiting.remove(request)
+        self.scheduler.forget(request)
         for seq in request.live_seqs:
             self._finish(seq, "abort")
-        self.scheduler.active = [r for r in self.scheduler.active if r is not request]
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.live_seqs())
+        return self.scheduler.has_work()
 
     def get_request(self, request_id: str) -> Request | None:
         return self.requests.get(request_id)

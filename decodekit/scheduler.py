@@ -49,6 +49,19 @@ class Scheduler:
     def watermark(self) -> int:
         return max(MIN_WATERMARK, int(self.cache.capacity * WATERMARK_FRACTION))
 
+    # ---- the queues (the engine asks; only the scheduler changes them) -----------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def forget(self, request: Request) -> None:
+        """Drop ``request`` from the queue and the running set (an abort)."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self.active = [r for r in self.active if r is not request]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.live_seqs())
+
     # ---- the schedule -----------------------------------------------------------------------
     def schedule(self) -> None:
         """Drop finished requests, preempt until the next step fits, then admit what fits."""
