@@ -11,11 +11,12 @@ from decodekit import SamplingParams
 class FakeEngine:
     """Each step runs every request one token further in two backend forward calls."""
 
-    def __init__(self, backend, with_stats: bool):
+    def __init__(self, backend):
         self.backend, self.live, self.steps = backend, {}, 0
-        if with_stats:
-            self.stats = lambda: {"steps": self.steps, "main_forwards": 2 * self.steps, "side_forwards": 0,
-                                  "peak_running": 3 if self.steps else 0, "preemptions": 0}
+
+    def stats(self):
+        return {"steps": self.steps, "main_forwards": 2 * self.steps, "side_forwards": 0,
+                "peak_running": 3 if self.steps else 0, "preemptions": 0}
 
     @property
     def running(self):
@@ -44,17 +45,15 @@ def jobs(lengths):
     return [Job("sample", "q", [1, 2], SamplingParams(max_new_tokens=n), None) for n in lengths]
 
 
-def test_meter_counts_steps_and_forwards_with_or_without_engine_stats():
-    for with_stats in (False, True):
-        backend = SimpleNamespace(num_forward_calls=0)
-        meter = Meter(SimpleNamespace(engine=FakeEngine(backend, with_stats), backend=backend))
-        run = meter.run(jobs([4, 2, 3]))
-        assert run["steps"] == 4 and run["main_forwards"] == 8 and run["tokens"] == [4, 4, 4]
-        assert run["peak_running"] == 3 and run["peak_running_seen"] == 3  # after step 1 all three still run
-        assert (run["side_forwards"] is None) is not with_stats
-        assert meter.source.startswith("engine.stats()") is with_stats
-        single = meter.run(jobs([2]))  # the engine's peak so far stays 3: this run's own peak is 1
-        assert single["peak_running"] == 1 and single["steps"] == 2
+def test_meter_counts_steps_and_forwards_from_engine_stats():
+    backend = SimpleNamespace(num_forward_calls=0)
+    meter = Meter(SimpleNamespace(engine=FakeEngine(backend), backend=backend))
+    run = meter.run(jobs([4, 2, 3]))
+    assert run["steps"] == 4 and run["main_forwards"] == 8 and run["tokens"] == [4, 4, 4]
+    assert run["peak_running"] == 3 and run["peak_running_seen"] == 3  # after step 1 all three still run
+    assert run["side_forwards"] is not None and meter.source == "engine.stats()"
+    single = meter.run(jobs([2]))  # the engine's peak so far stays 3: this run's own peak is 1
+    assert single["peak_running"] == 1 and single["steps"] == 2
 
 
 def test_plain_jobs_reproduce_lengths_and_ignore_eos():
