@@ -129,8 +129,8 @@ def test_head_sampled_drafts_report_their_distribution():
     seen = []
     original = drafter.propose
 
-    def spy(seqs, ks):
-        drafts = original(seqs, ks)
+    def spy(ctx, seqs, ks):
+        drafts = original(ctx, seqs, ks)
         seen.extend(d for d in drafts if d.tokens)
         return drafts
 

@@ -271,7 +271,9 @@ def _parse_schema(schema) -> dict:
     return schema
 
 
-def _constrained(spec: tuple[str, object], options: dict, found, limits: Limits | None = None):
+def _constrained(spec: tuple[str, object], options: dict, found=None, limits: Limits | None = None):
+    """The constrained strategy for ``spec``: ``found`` (a registry entry; default plain sampling) wrapped."""
+    found = found or entry("sample")
     if not json_constraint_available():
         raise APIError(400, "constrained output (response_format json, guided_*) needs decodekit.constraints, "
                             "which this build lacks", param="response_format", code="unsupported")

@@ -45,8 +45,8 @@ class _Sample:
 class VLLMRequest(Request):
     """The engine's ``Request`` whose samples are vLLM requests (``_Sample``)."""
 
-    def __init__(self, request_id, prompt, prompt_ids, params, strategy, tokenizer):
-        super().__init__(request_id, prompt, prompt_ids, params, strategy, tokenizer)
+    def __init__(self, request_id, prompt, prompt_ids, params, strategy, tokenizer, max_context=None):
+        super().__init__(request_id, prompt, prompt_ids, params, strategy, tokenizer, max_context)
         self.metrics_before: dict[str, float] = {}
 
     def completion(self, extra: dict) -> Completion:
