@@ -24,6 +24,7 @@ import torch
 from decodekit.constraints.awrs import NEG_INF, TokenDraw, check_all, masked_sample, recursive_awrs
 from decodekit.constraints.base import Constraint, ConstraintTimeout, TokenChecker
 from decodekit.constraints.forced import ForcedText, forced_text
+from decodekit.constraints.masking import mask_draws, masked_draw
 from decodekit.constraints.smc import (
     RESAMPLERS,
     Particle,
@@ -343,7 +344,7 @@ class Constrained(Strategy):
         return st
 
     def _uses_index(self) -> bool:
-        if self.sampler == "masked":
+        if self.sampler == "masked" or self.constraint.mask_grammar() is not None:  # llguidance: always mask
             return True
         return self.exact_weights is True or (self.exact_weights == "auto" and self.num_particles > 1)
 
@@ -369,6 +370,9 @@ class Constrained(Strategy):
         accept = checker.accept_fn(track.text, final=final)
         gen = None if seq.params.greedy else seq.generator
         st.draws += 1
+        if mask_draws(st.index, track.fsa_state):  # an exact mask engine: no walk over the vocabulary
+            return masked_draw(logp=logp, allowed=self._exact_mask(st, track, logp), accept=accept, final=final,
+                               generator=gen, max_checks=FINAL_CHECKS)
         index = None if final else st.index
         if self.sampler == "masked":
             allowed = self._exact_mask(st, track, logp) if index else check_all(logp=logp, accept=accept)

@@ -34,6 +34,7 @@ import torch
 from decodekit.constraints.awrs import NEG_INF, check_all
 from decodekit.constraints.base import ConstraintTimeout
 from decodekit.constraints.forced import forced_tokens
+from decodekit.constraints.masking import mask_draws
 from decodekit.drafting.drafters import MAX_CONFIDENCE, Draft, ngram_lookup
 from decodekit.drafting.state import SpecState
 from decodekit.sampling import draw
@@ -160,7 +161,7 @@ class ConstrainedSpeculative(Constrained):
         room = min(MAX_DRAFT_TOKENS - kept, seq.params.max_new_tokens - len(seq.output_ids) - 1 - kept,
                    engine.backend.max_context - len(seq.ids) - 1 - kept)
         ended = any(t in stop_ids(engine, seq) for t in draft.tokens)
-        extra, seq.state.num_forced = ([], 0) if ended else self._forced(engine, seq, text, room)
+        extra, seq.state.num_forced = ([], 0) if ended else self._forced(engine, seq, text, room, fsa)
         return _extend(draft, extra)
 
     def _admissible(self, st, text: bytes, fsa, tokens: list[int], seq) -> tuple[int, bytes, object]:
@@ -182,9 +183,13 @@ class ConstrainedSpeculative(Constrained):
             kept += 1
         return kept, text, fsa
 
-    def _forced(self, engine, seq, text: bytes, limit: int) -> tuple[list[int], int]:
+    def _forced(self, engine, seq, text: bytes, limit: int, fsa=None) -> tuple[list[int], int]:
         """(tokens, how many are strictly forced): the forced text after ``text``, then layout guesses
-        (learnt from the prompt's and the text's own layout)."""
+        (learnt from the prompt's and the text's own layout); with llguidance, its forced tokens."""
+        index = _own_state(seq).index
+        if mask_draws(index, fsa):
+            tokens = index.forced(fsa, limit)
+            return tokens, len(tokens)
         forced = forced_tokens(self.constraint, engine.tokenizer)
         if forced is None or limit <= 0:
             return [], 0
@@ -290,11 +295,11 @@ class ConstrainedSpeculative(Constrained):
         if self.spec.draft == "ngram":
             tokens = ngram_lookup(ids, num_tokens=room, max_ngram=self.spec.max_ngram, min_ngram=self.spec.min_ngram,
                                   match_caps=self.spec.lookup_caps(engine))[1]
-        kept, text, _ = self._admissible(st, p.text, p.fsa_state, tokens, seq)
+        kept, text, fsa = self._admissible(st, p.text, p.fsa_state, tokens, seq)
         tokens = tokens[:kept]
         if any(t in st.checker.eos_ids for t in tokens):
             return tokens
-        return tokens + self._forced(engine, seq, text, room - kept)[0]
+        return tokens + self._forced(engine, seq, text, room - kept, fsa)[0]
 
     def _update_particles(self, engine, seqs, rows):
         for row in rows:
