@@ -185,12 +185,13 @@ class ConstrainedSpeculative(Constrained):
 
     def _forced(self, engine, seq, text: bytes, limit: int, fsa=None) -> tuple[list[int], int]:
         """(tokens, how many are strictly forced): the forced text after ``text``, then layout guesses
-        (learnt from the prompt's and the text's own layout); with llguidance, its forced tokens."""
+        (learnt from the prompt's and the text's own layout); with no byte automaton (a JSON schema on
+        llguidance), llguidance's forced tokens."""
+        forced = forced_tokens(self.constraint, engine.tokenizer)
         index = _own_state(seq).index
-        if mask_draws(index, fsa):
+        if forced is None and mask_draws(index, fsa):
             tokens = index.forced(fsa, limit)
             return tokens, len(tokens)
-        forced = forced_tokens(self.constraint, engine.tokenizer)
         if forced is None or limit <= 0:
             return [], 0
         state = seq.state
