@@ -71,19 +71,33 @@ def route(schema, whitespace: str | None = None) -> tuple[str, str | None, str]:
 
 
 def canonical_json(doc, schema) -> str:
-    """``doc`` in llguidance's generation layout: compact, properties in the schema's ``properties``
+    """``doc`` in llguidance's generation layout: compact; properties in the schema's ``properties``
     order (through ``$ref`` / ``allOf``, and the ``anyOf`` / ``oneOf`` alternative ``doc`` is valid
-    under) then the rest in their own order, integral floats as integers."""
-    import json
-
+    under), then the rest in their own order; numbers in plain decimal notation (no exponent, no
+    ``-0``: llguidance's number ranges take no exponent), integral floats as integers."""
     import jsonschema
 
     validator = jsonschema.validators.validator_for(schema)(schema)
-    return json.dumps(_canonical(doc, schema, validator, 0), ensure_ascii=False, separators=(",", ":"))
+    return _dump(_canonical(doc, schema, validator, 0))
+
+
+def _dump(value) -> str:
+    import json
+
+    if isinstance(value, dict):
+        return "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + _dump(v) for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_dump(v) for v in value) + "]"
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        from decimal import Decimal
+
+        text = format(Decimal(repr(value)), "f")
+        return "0" if text in ("-0", "0") else text
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _canonical(doc, sub, validator, depth: int):
-    if isinstance(doc, float) and doc.is_integer() and abs(doc) < 2**53:
+    if isinstance(doc, float) and doc.is_integer():
         return int(doc)
     if not isinstance(doc, (list, dict)) or depth > 64:
         return doc
