@@ -38,7 +38,8 @@ def test_routing_by_what_llguidance_reports():
         c = JsonSchema(schema)
         assert c.engine == "checker" and c.route and c.mask_grammar() is None, schema
     assert JsonSchema({"type": "integer"}, engine="checker").engine == "checker"
-    assert keywords({"properties": {"enum": {"type": "string"}}, "enum": [{"not": 1}]}) == {"properties", "type", "enum"}
+    used = keywords({"properties": {"enum": {"type": "string"}}, "enum": [{"not": 1}]})
+    assert used == {"properties", "type", "enum"}
     with pytest.raises(ValueError, match="engine must be one of"):
         Regex("a", engine="xgrammar")
     assert Regex("[a-c]+").engine == "llguidance" and Regex(r"(\w)\1").engine == "checker"
@@ -156,8 +157,8 @@ def test_several_eos_ids_end_a_constrained_answer():
     c = LLM(backend=backend).generate("ab", strategy=strategy, max_new_tokens=8, temperature=0)
     assert constraint.complete_ok(c.text) and len(c.text) == 3 and c.finish_reason == "stop"
     st_mask = strategy._exact_mask  # the mask after a complete text allows every EOS id
-    from decodekit.strategies.constrained import ConstrainedState, Particle
     from decodekit.constraints.base import TokenChecker
+    from decodekit.strategies.constrained import ConstrainedState, Particle
 
     index = constraint.index(tok)
     track = Particle(None, [], b"abc", fsa_state=index.advance(index.initial(), tok.encode("abc"))[1])

@@ -284,7 +284,7 @@ def _constrained(spec: tuple[str, object], options: dict, speculative: bool = Fa
         constraint = builders[kind](value)
         if options["sampler"] == "masked" and not constraint.has_mask:
             raise bad_value(f"sampler 'masked' checks every token of the vocabulary per step; a {kind} constraint "
-                            "without a mask engine (an automaton) would stall the server: use sampler 'awrs'", "decodekit.sampler")
+                            "without a mask engine would stall the server: use sampler 'awrs'", "decodekit.sampler")
         if speculative:  # the constraint's options to it, the rest to the draft source
             from decodekit.strategies.constrained_speculative import ConstrainedSpeculative
             from decodekit.strategies.speculative import Speculative
