@@ -205,6 +205,10 @@ TARGETS = [
            _at_most(0, "maskbench", "valid_prefixes_rejected")),
     Target("json_schema_coverage", "MaskBench invalid instances accepted", "0",
            _at_most(0, "maskbench", "invalid_accepted")),
+    Target("json_schema_coverage", "MaskBench, default generation mask: canonical valid instances refused", "0",
+           _at_most(0, "maskbench", "default_mask", "valid_rejected")),
+    Target("json_schema_coverage", "MaskBench, default path: invalid instances ended as complete", "0",
+           _at_most(0, "maskbench", "default_mask", "invalid_accepted")),
     Target("json_schema_coverage", "JSON-Schema-Test-Suite schemas accepted", ">= 95%",
            _at_least(0.95, "test_suite", "accepted_share")),
     Target("json_schema_coverage", "JSON-Schema-Test-Suite instances judged as the suite says (format asserted "

@@ -59,6 +59,9 @@ def structured_from_constraint(constraint) -> Structured:
     """A decodekit constraint as vLLM structured outputs; ``ValueError`` for one vLLM cannot mask."""
     kind = type(constraint).__name__
     if kind == "Regex":
+        if getattr(constraint, "engine", None) == "checker":  # look-around, back-references: no mask engine
+            raise ValueError(f"regex {constraint.pattern!r} needs decodekit's checker (token-level control): use "
+                             f"the transformers backend; llguidance: {getattr(constraint, 'engine_error', None)}")
         return Structured(regex=constraint.pattern)
     if kind == "JsonSchema":
         if not constraint.has_mask:  # vLLM's `guidance` backend is llguidance: the schemas it models exactly
