@@ -193,8 +193,8 @@ def constraint_times(llm, details: dict, tasks: dict) -> dict:
                     if tok in llm.tokenizer.eos_token_ids:
                         break
                     t0 = time.perf_counter()
-                    state._mask = None  # computed afresh, as decoding did
-                    index.allowed(state)
+                    state._ids = None  # computed afresh, as decoding did
+                    index.allowed_ids(state)
                     constraint.complete_ok(text)
                     nxt = index.next(state, tok)
                     times.append((time.perf_counter() - t0) * 1e6)

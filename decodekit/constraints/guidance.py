@@ -113,12 +113,12 @@ class MatcherState:
     """One sequence's matcher after its committed tokens. Treat as immutable: advance with
     ``GuidanceIndex.next`` (a copy); the mask and forced tokens are computed once, on demand."""
 
-    __slots__ = ("matcher", "num_tokens", "_mask", "__weakref__")
+    __slots__ = ("matcher", "num_tokens", "_ids", "__weakref__")
 
     def __init__(self, matcher, num_tokens: int = 0):
         self.matcher = matcher
         self.num_tokens = num_tokens
-        self._mask: torch.Tensor | None = None
+        self._ids: torch.Tensor | None = None
 
     def accepting(self) -> bool:
         return self.matcher.is_accepting()
@@ -144,6 +144,7 @@ class GuidanceIndex:
         if matcher.is_error():
             raise ValueError(f"llguidance refuses the grammar: {matcher.get_error()[:300]}")
         self._initial = MatcherState(matcher)
+        self._eos = [e for e in self._lltok.eos_tokens if e < self.vocab_size]
         self._words = (self._lltok.vocab_size + 31) // 32
         self._buffer = torch.empty((1, self._words), dtype=torch.int32)
         self.mask_us: list[float] = []
@@ -184,18 +185,34 @@ class GuidanceIndex:
 
     def allowed(self, state: MatcherState | None) -> torch.Tensor:
         """Bool mask (V,) of tokens the grammar allows in ``state`` (EOS included where the grammar
-        accepts; callers decide EOS themselves). Computed once per state; a copy each call."""
-        if state is None:
-            return torch.zeros(self.vocab_size, dtype=torch.bool)
-        if state._mask is None:
-            state._mask = unpack_bitmask(self.bitmask(state), self.vocab_size)
-        return state._mask.clone()
+        accepts; callers decide EOS themselves). A new tensor each call."""
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        if state is not None:
+            mask[self.allowed_ids(state)] = True
+        return mask
+
+    def allowed_ids(self, state: MatcherState) -> torch.Tensor:
+        """Ids (K,) int64 of the non-EOS tokens allowed in ``state``, ascending; computed once per state
+        (the draw then works on these K tokens, not on the vocabulary). Callers must not modify it."""
+        if state._ids is None:
+            state._ids = bitmask_ids(self.bitmask(state), self.vocab_size, drop=self._eos)
+        return state._ids
 
     def forced(self, state: MatcherState | None, limit: int) -> list[int]:
         """Tokens the grammar forces next (llguidance's fast-forward tokens), at most ``limit``."""
         if state is None or limit <= 0:
             return []
         return list(state.matcher.compute_ff_tokens())[:limit]
+
+
+def bitmask_ids(words: torch.Tensor, vocab: int, drop=()) -> torch.Tensor:
+    """Packed int32 words (W,) on the CPU -> ascending ids (K,) int64 of the set bits below ``vocab``,
+    except the ids in ``drop``."""
+    import numpy as np
+
+    bits = np.unpackbits(words.numpy().view(np.uint8), bitorder="little")[:vocab]  # little-endian words
+    bits[list(drop)] = 0
+    return torch.from_numpy(np.flatnonzero(bits))
 
 
 def unpack_bitmask(words: torch.Tensor, vocab: int) -> torch.Tensor:

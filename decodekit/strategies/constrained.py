@@ -24,7 +24,7 @@ import torch
 from decodekit.constraints.awrs import NEG_INF, TokenDraw, check_all, masked_sample, recursive_awrs
 from decodekit.constraints.base import Constraint, ConstraintTimeout, TokenChecker
 from decodekit.constraints.forced import ForcedText, forced_text
-from decodekit.constraints.masking import mask_draws, masked_draw
+from decodekit.constraints.masking import allowed_ids, mask_draws, masked_draw
 from decodekit.constraints.smc import (
     RESAMPLERS,
     Particle,
@@ -365,14 +365,13 @@ class Constrained(Strategy):
         return self._invalid[key]
 
     def _draw(self, engine, seq, st, track: Particle, logits, final: bool = False) -> TokenDraw:
-        logp = self._logp(engine, seq, logits)
         checker = st.checker
         accept = checker.accept_fn(track.text, final=final)
         gen = None if seq.params.greedy else seq.generator
         st.draws += 1
         if mask_draws(st.index, track.fsa_state):  # an exact mask engine: no walk over the vocabulary
-            return masked_draw(logp=logp, allowed=self._exact_mask(st, track, logp), accept=accept, final=final,
-                               generator=gen, max_checks=FINAL_CHECKS)
+            return self._mask_draw(seq, st, track, logits, accept, final, gen)
+        logp = self._logp(engine, seq, logits)
         index = None if final else st.index
         if self.sampler == "masked":
             allowed = self._exact_mask(st, track, logp) if index else check_all(logp=logp, accept=accept)
@@ -384,6 +383,15 @@ class Constrained(Strategy):
             log_z = float(torch.logsumexp(logp.masked_fill(~self._exact_mask(st, track, logp), NEG_INF), 0))
             draw = TokenDraw(draw.token, log_z, draw.num_checks)
         return draw
+
+    def _mask_draw(self, seq, st, track: Particle, logits, accept, final: bool, gen) -> TokenDraw:
+        """A draw on llguidance's mask: over the K allowed tokens only (EOS where the text is complete)."""
+        st.checker.num_checks += 1  # the EOS decision
+        ids = allowed_ids(st.index, track.fsa_state, complete=self.constraint.complete_ok(track.text),
+                          eos_ids=st.checker.eos_ids, vocab=logits.shape[-1])
+        st.num_allowed = int(ids.numel())
+        return masked_draw(logits=process_logits(logits, seq.params), ids=ids, accept=accept, final=final,
+                           generator=gen, max_checks=FINAL_CHECKS)
 
     def _exact_mask(self, st, track: Particle, logp) -> torch.Tensor:
         allowed = st.index.allowed(track.fsa_state)[: logp.shape[-1]]
