@@ -309,7 +309,8 @@ def main() -> None:
     outputs = [(items[i][1], text, fin) for key, rows in details.items() for r in rows
                for items in [tasks[key.split("/")[0]]] for i, (text, fin) in
                enumerate(zip(r["constrained"]["texts"], r["constrained"]["finish"]))]
-    valid = [c.complete_ok(text) and fin != "constraint_failed" for c, text, fin in outputs]
+    returned = [(c, text) for c, text, fin in outputs if fin != "constraint_failed"]
+    valid = [c.complete_ok(text) for c, text in returned]
     result = {
         "bench": "constrained_batch",
         "vs_plain": {key: ratios[f"{key}/greedy"] for key in BATCHES},
@@ -320,6 +321,7 @@ def main() -> None:
         "vs_outlines_bs1": outlines_peer(),
         "valid_rate": round(sum(valid) / max(len(valid), 1), 3),
         "completed_rate": round(sum(f == "stop" for _, _, f in outputs) / max(len(outputs), 1), 3),
+        "constraint_failed_rate": round(1 - len(returned) / max(len(outputs), 1), 3),
         "fields_filled": fields_filled(tasks, details),
         "quick": quick,
         "max_new_tokens": max_new,

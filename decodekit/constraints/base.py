@@ -110,7 +110,9 @@ class Constraint(ABC):
     @property
     def has_mask(self) -> bool:
         """Whether an exact token mask exists (llguidance, or an explicitly chosen outlines automaton)."""
-        return self.mask_grammar() is not None or self.automaton() is not None
+        if self.mask_grammar() is not None:
+            return True
+        return getattr(self, "engine", "outlines") == "outlines" and self.automaton() is not None
 
     def generation_prefix_ok(self, text: bytes | str) -> bool:
         """``prefix_ok`` plus the layout generation keeps to (compact JSON, say); samplers use this,
