@@ -16,8 +16,9 @@ the exact descending walk, greedy, number prompts: its mean and p99); llguidance
 time (p50 / p99 over every mask computed) and the full per-token constraint CPU time (mask, EOS
 check, advance: replayed on the outputs); compile time over the MaskBench sample; decodekit on
 outlines-core's automaton (``engine="outlines"``, same backend, compile excluded) at batch 1; outlines
-1.3.3 itself where ``.venv-peers`` exists. ``valid_rate``: share of constrained outputs valid under
-the constraint's exact check; ``completed_rate``: share ended by EOS within the token limit;
+1.3.3 itself where ``.venv-peers`` exists. ``valid_rate``: share of returned constrained outputs
+(``constraint_failed`` aside: no text is returned as valid there) valid under the constraint's exact
+check; ``completed_rate``: share of all constrained requests ended by EOS within the token limit;
 ``fields_filled``: share of optional top-level properties present in the JSON outputs.
 
     python -m decodekit.bench.constrained_batch [--quick]
