@@ -109,6 +109,7 @@ def run_batch(llm, items, temperature: float, max_new, constrained: bool, seed: 
     return {"wall_s": end - t0, "decode_s": decode_s, "decode_tokens": decode_tokens,
             "tokens": [len(c.token_ids) for c in done], "texts": [c.text for c in done],
             "finish": [c.finish_reason for c in done], "token_ids": [list(c.token_ids) for c in done],
+            "errors": [c.stats.extra.get("constraint_error") for c in done],
             "checks": [[p.detail.get("checks", 0) for p in c.choices[0].provenance] for c in done]}
 
 
@@ -157,7 +158,7 @@ def _decode_rate(run: dict) -> float:
 
 
 def _slim(run: dict) -> dict:
-    keys = ("wall_s", "decode_s", "decode_tokens", "tokens", "texts", "finish")
+    keys = ("wall_s", "decode_s", "decode_tokens", "tokens", "texts", "finish", "errors")
     return {k: run[k] for k in keys} | {"token_ids": run["token_ids"]}
 
 
@@ -323,6 +324,8 @@ def main() -> None:
         "valid_rate": round(sum(valid) / max(len(valid), 1), 3),
         "completed_rate": round(sum(f == "stop" for _, _, f in outputs) / max(len(outputs), 1), 3),
         "constraint_failed_rate": round(1 - len(returned) / max(len(outputs), 1), 3),
+        "dead_ends": sum(bool(e) and "dead end" in e for rows in details.values() for r in rows
+                         for e in r["constrained"]["errors"]),
         "fields_filled": fields_filled(tasks, details),
         "quick": quick,
         "max_new_tokens": max_new,

@@ -79,7 +79,13 @@ class Regex(Constraint):
         self.pattern = pattern
         self.timeout = timeout
         self._automaton = engine != "checker"
-        self.engine, self._grammar, self.engine_error = mask_engine(engine, regex_grammar_of, pattern)
+        inexact = _rust_reads_differently(pattern) if engine in ("auto", "llguidance") else None
+        if inexact and engine == "auto":
+            self.engine, self._grammar, self.engine_error = "checker", None, inexact
+        elif inexact:
+            raise ValueError(f"llguidance cannot model this constraint exactly: {inexact}")
+        else:
+            self.engine, self._grammar, self.engine_error = mask_engine(engine, regex_grammar_of, pattern)
 
     def mask_grammar(self) -> str | None:
         return self._grammar if self.engine == "llguidance" else None
@@ -92,6 +98,26 @@ class Regex(Constraint):
 
     def automaton(self) -> str | None:
         return self.pattern if self._automaton else None
+
+
+_SET_OPERATIONS = re.compile(r"(?<!\\)(?:&&|--|~~|\|\|)")
+_POSSESSIVE = re.compile(r"(?<!\\)[*+?}]\+")
+_RECURSION = re.compile(r"\(\?(?:R|[0-9]|[+-][0-9]|&|P>|>)")
+
+
+def _rust_reads_differently(pattern: str) -> str | None:
+    """Why Rust's regex syntax (llguidance) would read ``pattern`` otherwise than Python's ``regex``
+    (its default V0 mode), or None. Character-class set operations (``[\\w--\\d]``, ``[a-z&&[^c]]``)
+    are intersections and differences in Rust but literal characters in V0: 38 of the 132
+    pattern-matching patterns llguidance compiles disagreed with ``regex.fullmatch`` this way, 3 more
+    through possessive quantifiers and recursion (random token walks on SmolLM2's vocabulary)."""
+    if _SET_OPERATIONS.search(pattern):
+        return "character-class set operations (&&, --, ~~, ||) mean another set in Rust's syntax"
+    if _POSSESSIVE.search(pattern):
+        return "possessive quantifiers (a++, a?+, a{3}+) are repetitions of repetitions in Rust's syntax"
+    if _RECURSION.search(pattern):
+        return "recursion and atomic groups ((?R), (?1), (?&name), (?>...)) are Python regex only"
+    return None
 
 
 def regex_grammar_of(pattern: str) -> str:
