@@ -176,3 +176,22 @@ def test_json_compact_layout_on_both_paths():
     checker = JsonSchema(schema, engine="checker")
     assert checker.generation_prefix_ok('{"a":1,"b":"x y') and not checker.generation_prefix_ok('{"a": 1')
     assert checker.prefix_ok('{"a": 1')  # validation stays layout-free
+
+
+def test_json_numbers_are_written_in_plain_decimal():
+    from decodekit.constraints.tokens import token_bytes
+
+    backend = MockBackend(vocab_size=50, seed=5, cache_tokens=2048)
+    tok = backend.tokenizer
+    pieces = token_bytes(tok)
+    c = JsonSchema({"type": "number"})
+    ids = torch.arange(50)
+    kept = set(c.mask_filter(b"12", ids, pieces).tolist())
+    e, big_e = tok.encode("e")[0], tok.encode("E")[0]
+    assert e not in kept and big_e not in kept and len(kept) == 48
+    assert set(c.mask_filter(b'"1', ids, pieces).tolist()) == set(range(50))  # in a string: anything
+    llm = LLM(backend=backend)
+    for seed in range(6):
+        out = llm.generate("1", strategy=Constrained(c), max_new_tokens=8, seed=seed, temperature=1.5)
+        assert out.finish_reason != "constraint_failed" and "e" not in out.text.lower(), out.text
+        assert c.complete_ok(out.text)

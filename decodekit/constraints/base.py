@@ -114,6 +114,10 @@ class Constraint(ABC):
             return True
         return getattr(self, "engine", "outlines") == "outlines" and self.automaton() is not None
 
+    def mask_filter(self, text: bytes, ids, pieces):
+        """The mask's allowed ids (K,) after ``text``, narrowed to the generation layout (identity here)."""
+        return ids
+
     def generation_prefix_ok(self, text: bytes | str) -> bool:
         """``prefix_ok`` plus the layout generation keeps to (compact JSON, say); samplers use this,
         validation uses ``prefix_ok`` / ``complete_ok``."""

@@ -211,6 +211,7 @@ class JsonSchema(Constraint):
         self._dfa: ByteDFA | None = None  # built on first check: large schemas take seconds
         self._checker: JsonPrefixChecker | None = None if self.regex is not None else self._new_checker()
         self._layout: dict[bytes, int] = {}  # text -> scan state (generation layout), bounded
+        self._strings: dict[bytes, int] = {}  # text -> string scan state (the exponent filter), bounded
 
     def _new_checker(self) -> JsonPrefixChecker:
         return JsonPrefixChecker(self.schema, self._format_checker)
@@ -232,6 +233,48 @@ class JsonSchema(Constraint):
 
     def mask_grammar(self) -> str | None:
         return self._grammar
+
+    def mask_filter(self, text: bytes, ids, pieces):
+        """The mask's ids without tokens that write a number exponent (``1e5``): the canonical layout
+        writes numbers in plain decimal, and llguidance's unbounded numbers would reach exponents past
+        a double (``1e999``), which strict JSON refuses only once the document is complete (a dead end)."""
+        import torch
+
+        risky = self._exponent_tokens(pieces)
+        state = self._string_state(text)
+        after_digit = state == 0 and text[-1:] in _NUMBER_TAIL
+        cand = ids[risky[ids] if not after_digit else (risky | self._e_tokens)[ids]]
+        if cand.numel() == 0:
+            return ids
+        drop = [t for t in cand.tolist() if _writes_exponent(state, text[-1:], pieces[t] or b"")]
+        return ids[~torch.isin(ids, torch.tensor(drop, dtype=ids.dtype))] if drop else ids
+
+    def _exponent_tokens(self, pieces):
+        """(V,) bool: tokens with a digit or '.' then e / E inside (``1e``, ``.5E``); and, apart,
+        tokens starting with e / E (an exponent only right after a number's digit)."""
+        import torch
+
+        if getattr(self, "_risky_for", None) is not pieces:
+            inner = [bool(p) and _INNER_EXPONENT.search(p) is not None for p in pieces]
+            self._risky = torch.tensor(inner, dtype=torch.bool)
+            self._e_tokens = torch.tensor([bool(p) and p[:1] in (b"e", b"E") for p in pieces], dtype=torch.bool)
+            self._risky_for = pieces
+        return self._risky
+
+    def _string_state(self, text: bytes) -> int:
+        """0 outside strings, 1 in a string, 2 after a backslash in one; memoised by prefix."""
+        memo = self._strings
+        cut = len(text)
+        while cut > 0 and len(text) - cut <= 64 and text[:cut] not in memo:
+            cut -= 1
+        if cut > 0 and text[:cut] in memo:
+            state = string_scan(memo[text[:cut]], text[cut:])
+        else:
+            state = string_scan(0, text)
+        if len(memo) > 50_000:
+            memo.clear()
+        memo[text] = state
+        return state
 
     # the automaton checks work on bytes directly: it is over bytes
     def prefix_ok(self, text) -> bool:
@@ -288,6 +331,37 @@ class JsonSchema(Constraint):
 
 
 _WS = frozenset(b" \t\n\r")
+_NUMBER_TAIL = tuple(bytes([b]) for b in b"0123456789.")
+_INNER_EXPONENT = re.compile(rb"[0-9.][eE]")
+
+
+def string_scan(state: int, data: bytes) -> int:
+    """``compact_scan`` without the layout rule: where ``data`` leaves the string state."""
+    for b in data:
+        if state == 0:
+            state = 1 if b == 0x22 else 0
+        elif state == 1:
+            state = 2 if b == 0x5C else (0 if b == 0x22 else 1)
+        else:
+            state = 1
+    return state
+
+
+def _writes_exponent(state: int, last: bytes, piece: bytes) -> bool:
+    """Whether ``piece`` after text ending in ``last`` (string state ``state``) writes e / E right after a
+    digit or '.' outside strings."""
+    prev = last[0] if last else 0
+    for b in piece:
+        if state == 0:
+            if b in b"eE" and prev in b"0123456789.":
+                return True
+            state = 1 if b == 0x22 else 0
+        elif state == 1:
+            state = 2 if b == 0x5C else (0 if b == 0x22 else 1)
+        else:
+            state = 1
+        prev = b
+    return False
 
 
 def compact_scan(state: int, data: bytes) -> int:

@@ -389,6 +389,7 @@ class Constrained(Strategy):
         st.checker.num_checks += 1  # the EOS decision
         ids = allowed_ids(st.index, track.fsa_state, complete=self.constraint.complete_ok(track.text),
                           eos_ids=st.checker.eos_ids, vocab=logits.shape[-1])
+        ids = self.constraint.mask_filter(track.text, ids, st.checker.token_bytes)
         st.num_allowed = int(ids.numel())
         return masked_draw(logits=process_logits(logits, seq.params), ids=ids, accept=accept, final=final,
                            generator=gen, max_checks=FINAL_CHECKS)
