@@ -171,7 +171,7 @@ def main() -> None:
     quick = args.quick
     llm = LLM(args.model, device=args.device or "cpu")
     plan = {"pattern_matching": (pattern_task(2 if quick else 4), 10 if quick else 16),
-            "json": (json_task(1 if quick else 2), 24 if quick else 64),
+            "json": (json_task(1 if quick else 2, engine="outlines"), 24 if quick else 64),
             "grammar": (grammar_task(1 if quick else 2), 8 if quick else 14)}
     runners = contenders(llm, args.model)
     details = {task: {name: [] for name in CONTENDERS} for task in plan}

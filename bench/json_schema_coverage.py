@@ -6,9 +6,12 @@ Sections:
    accepted as constraints; for every valid instance, every byte prefix accepted (``prefix_ok``)
    and the whole accepted (``complete_ok``); every invalid instance refused by ``complete_ok``.
    Rows: decodekit's prefix checker on every schema (``JsonSchema(s, automaton=False)``, three
-   layouts per instance: ``json.dumps`` default, indent 2, compact); decodekit's default
-   (outlines-core's automaton where it compiles: its regex fixes property order and whitespace,
-   so instances written in another order count as rejected prefixes there); outlines-core alone;
+   layouts per instance: ``json.dumps`` default, indent 2, compact); decodekit's default as
+   validation (three layouts) and, where the schema routes to llguidance, as its generation mask on
+   every instance re-serialized in the canonical layout (``json_route.canonical_json``), with the
+   routing's dev half (even positions) and held-out half counted apart; decodekit on outlines-core's
+   automaton (``engine="outlines"``: its regex fixes property order and whitespace, so instances
+   written in another order count as rejected prefixes there); outlines-core alone;
    and the peers llguidance and XGrammar (``.venv-peers``, run by ``bench/json_schema_peers.py``:
    compile time, per-token mask time with the SmolLM2 tokenizer).
 2. JSON-Schema-Test-Suite (shipped in the ``jsonschema`` sdist, downloaded once into
@@ -16,10 +19,11 @@ Sections:
    groups whose schema needs the suite's remote server are counted apart. Each instance is judged
    by ``complete_ok`` (and every prefix of a valid one by ``prefix_ok``); decodekit asserts
    ``format``, which the suite treats as an annotation, so those disagreements are counted apart.
-3. Generation with SmolLM2 on 40 JSONSchemaBench schemas (half refused by outlines-core), AWRS,
-   at most 128 new tokens: validity of every returned output, completion rate, tokens/s; and on
-   schemas both paths support, the checker path (``automaton=False``) vs the automaton path,
-   interleaved per schema, the median of per-schema tokens/s ratios.
+3. Generation with SmolLM2 on 40 JSONSchemaBench schemas (half refused by outlines-core), the
+   default engine (llguidance's mask or the checker with AWRS, compact layout), at most 128 new
+   tokens: validity of every returned output, completion rate, tokens/s; and on schemas routed to
+   the mask, the checker path (``engine="checker"``) vs the mask, interleaved per schema, the
+   median of per-schema tokens/s ratios (``checker_vs_automaton``).
 
     python -m decodekit.bench.json_schema_coverage [--quick]
 """
@@ -166,31 +170,68 @@ def _add(total: dict, part: dict) -> None:
 
 
 def maskbench_section(items) -> tuple[dict, list]:
-    """decodekit's checker on every schema, decodekit's default constraint, outlines-core's automaton alone."""
+    """decodekit's checker on every schema; decodekit's default (validation, and llguidance's generation
+    mask on canonical instances where the schema routes to it); decodekit on outlines-core's automaton
+    (``engine="outlines"``) and that automaton alone."""
     from decodekit.constraints import JsonSchema
 
     rows = {name: {"schemas_accepted": 0, "of": len(items), "seconds": 0.0}
-            for name in ("decodekit_checker", "decodekit_default", "outlines_core")}
+            for name in ("decodekit_checker", "decodekit_default", "decodekit_default_mask", "decodekit_outlines",
+                         "outlines_core")}
     failures = []
-    for stem, d in items:
+    for position, (stem, d) in enumerate(items):
         t0 = time.perf_counter()
         checker = JsonSchema(d["schema"], automaton=False)
         _add(rows["decodekit_checker"], {"schemas_accepted": 1, **judge_instances(
             checker.prefix_ok, checker.complete_ok, d["tests"], list(LAYOUTS))})
         rows["decodekit_checker"]["seconds"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        default = JsonSchema(d["schema"])  # the automaton's regex allows one space: the default layout only
-        counts = judge_instances(default.prefix_ok, default.complete_ok, d["tests"], ["default"])
+        default = JsonSchema(d["schema"])  # validation: exact in any layout
+        counts = judge_instances(default.prefix_ok, default.complete_ok, d["tests"], list(LAYOUTS))
         _add(rows["decodekit_default"], {"schemas_accepted": 1, **counts})
+        if default.engine == "llguidance":  # generation: the mask on canonical instances
+            mask = judge_mask(default, d["schema"], d["tests"])
+            _add(rows["decodekit_default_mask"], {"schemas_accepted": 1, **mask})
+            half = "dev" if position % 2 == 0 else "held_out"
+            _add(rows["decodekit_default_mask"], {f"{half}_schemas": 1, f"{half}_disagreements":
+                                                  mask["valid_rejected"] + mask["invalid_accepted"]})
         rows["decodekit_default"]["seconds"] += time.perf_counter() - t0
-        dfa = default.byte_dfa()
-        if dfa is not None:  # outlines-core alone: its automaton, no jsonschema check at the end
-            _add(rows["outlines_core"], {"schemas_accepted": 1, **judge_instances(
+        rows["decodekit_default"][f"engine_{default.engine}"] = rows["decodekit_default"].get(
+            f"engine_{default.engine}", 0) + 1
+        outlines = JsonSchema(d["schema"], engine="outlines", whitespace=r"[ ]?")
+        dfa = outlines.byte_dfa()
+        if dfa is not None:  # the automaton's regex allows one space: the default layout only
+            _add(rows["decodekit_outlines"], {"schemas_accepted": 1, **judge_instances(
+                outlines.prefix_ok, outlines.complete_ok, d["tests"], ["default"])})
+            _add(rows["outlines_core"], {"schemas_accepted": 1, **judge_instances(  # no jsonschema at the end
                 dfa.prefix_ok, dfa.complete_ok, d["tests"], ["default"])})
         failures += [stem] if counts["valid_prefix_rejected"] or counts["invalid_accepted"] else []
     for r in rows.values():
         r["seconds"] = round(r["seconds"], 1)
     return rows, failures
+
+
+def judge_mask(constraint, schema, tests) -> dict:
+    """llguidance's byte-level decisions on canonical instances: a valid one refused on the way or at
+    the end; an invalid one the engine would end (mask complete and ``complete_ok``), or the mask alone."""
+    from decodekit.constraints.guidance import ByteMatcher
+    from decodekit.constraints.json_route import canonical_json
+
+    matcher = ByteMatcher(constraint.mask_grammar())
+    out = {"valid": 0, "valid_prefix_rejected": 0, "valid_rejected": 0, "invalid": 0, "invalid_accepted": 0,
+           "invalid_mask_complete": 0}
+    for t in tests:
+        raw = canonical_json(t["data"], schema).encode()
+        taken, complete = matcher.accepts(raw)
+        if t["valid"]:
+            out["valid"] += 1
+            out["valid_prefix_rejected"] += taken < len(raw)
+            out["valid_rejected"] += not complete
+        else:
+            out["invalid"] += 1
+            out["invalid_mask_complete"] += complete
+            out["invalid_accepted"] += complete and constraint.complete_ok(raw)
+    return out
 
 
 def peers_section(quick: bool) -> dict:
@@ -235,7 +276,7 @@ def _sort_schema(text: str, name: str, max_chars: int, compiled: list, refused: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            c = JsonSchema(schema)
+            c = JsonSchema(schema, engine="outlines")  # the same 40 schemas as before the engine change
         except ValueError:
             return
     if c.byte_dfa() is not None and len(compiled) < k // 2:
@@ -266,33 +307,36 @@ def generation_section(llm, quick: bool) -> tuple[dict, list]:
     rows = []
     for i, (name, text, schema) in enumerate(compiled + refused):
         auto = JsonSchema(schema)
-        path = "automaton" if auto.byte_dfa() is not None else "checker"
+        path = "mask" if auto.engine == "llguidance" else "checker"
         runs = {path: auto}
-        if path == "automaton":  # the same schema through the checker, interleaved (ABBA over schemas)
-            runs["checker"] = JsonSchema(schema, automaton=False)
+        if path == "mask":  # the same schema through the checker, interleaved (ABBA over schemas)
+            runs["checker"] = JsonSchema(schema, engine="checker")
         order = list(runs) if i % 2 == 0 else list(runs)[::-1]
         for which in order:
             row = generate_one(llm, text, runs[which], max_new, seed=i)
-            rows.append({"schema": name, "path": which, "outlines_compiles": path == "automaton", **row})
+            rows.append({"schema": name, "path": which, "default": which == path,
+                         "outlines_compiles": i < len(compiled), **row})
             print(name[:50], which, row["finish"], f"{row['tokens_per_s']:.1f} tok/s", repr(row["text"][:70]),
                   flush=True)
-    main_rows = [r for r in rows if r["path"] == "automaton" or not r["outlines_compiles"]]
+    main_rows = [r for r in rows if r["default"]]
     pairs = {}
     for r in rows:
-        if r["outlines_compiles"]:
+        if r["path"] == "mask" or not r["default"]:
             pairs.setdefault(r["schema"], {})[r["path"]] = r["tokens_per_s"]
-    ratios = [p["checker"] / p["automaton"] for p in pairs.values() if p.get("automaton")]
+    pairs = {k: v for k, v in pairs.items() if "mask" in v and "checker" in v}
+    ratios = [p["checker"] / p["mask"] for p in pairs.values() if p.get("mask")]
     summary = {"schemas": len(main_rows), "outlines_refused": len(refused), "max_new_tokens": max_new,
                "valid_rate": round(sum(r["returned_valid"] for r in main_rows) / max(len(main_rows), 1), 4),
                "completed": sum(r["completed"] for r in main_rows),
                "completed_rate": round(sum(r["completed"] for r in main_rows) / max(len(main_rows), 1), 4),
                "tokens_per_s": round(sum(r["tokens"] for r in main_rows) / max(sum(r["wall_s"] for r in main_rows),
                                                                                  1e-9), 2),
+               "mask_schemas": sum(r["path"] == "mask" for r in main_rows),
                "checker_tokens_per_s_median": round(median([p["checker"] for p in pairs.values()]), 2) if pairs
                else None,
-               "automaton_tokens_per_s_median": round(median([p["automaton"] for p in pairs.values()]), 2) if pairs
+               "mask_tokens_per_s_median": round(median([p["mask"] for p in pairs.values()]), 2) if pairs
                else None,
-               "checker_vs_automaton": round(median(ratios), 3) if ratios else None,
+               "checker_vs_automaton": round(median(ratios), 3) if ratios else None,  # the mask is the automaton
                "checker_path_valid_rate": round(sum(r["returned_valid"] for r in rows if r["path"] == "checker")
                                                 / max(sum(r["path"] == "checker" for r in rows), 1), 4)}
     return summary, rows
@@ -318,6 +362,10 @@ def main():
                             "valid_prefixes_rejected": checker["valid_prefix_rejected"],
                             "invalid_accepted": checker["invalid_accepted"],
                             "valid_instances_judged": checker["valid"], "invalid_instances": checker["invalid"],
+                            "default_mask": {k: mb_rows["decodekit_default_mask"].get(k, 0) for k in (
+                                "schemas_accepted", "valid", "valid_rejected", "invalid", "invalid_accepted",
+                                "invalid_mask_complete", "dev_schemas", "dev_disagreements", "held_out_schemas",
+                                "held_out_disagreements")},
                             "rows": mb_rows, "default_constraint_failures": mb_failures[:20]},
               "test_suite": {k: v for k, v in suite.items() if k != "examples_wrong"},
               "generation": gen, "peers": peers, "seconds": round(time.perf_counter() - t0, 1)}

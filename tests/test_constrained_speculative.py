@@ -155,8 +155,9 @@ def test_smc_with_drafts_unbiased(draft):
 
 
 def test_forced_text_of_a_json_schema(smollm):
-    schema = JsonSchema({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
-                         "additionalProperties": False})
+    spec = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+            "additionalProperties": False}
+    schema = JsonSchema(spec, engine="outlines", whitespace=r"[ ]?")  # the byte automaton's forced text
     forced = forced_tokens(schema, smollm.tokenizer)
     assert forced.forced.after(b"") == b"{"
     assert forced.forced.after(b'{"') == b'name"'
@@ -165,6 +166,12 @@ def test_forced_text_of_a_json_schema(smollm):
     assert forced.after(b'{"', 1) == ids[:1]
     assert forced.forced.after(b'{"name": "x') == b""  # free text: nothing forced
     assert forced_tokens(Regex("(?=a)a+", automaton=False), smollm.tokenizer) is None
+    default = JsonSchema(spec)  # llguidance: its own forced tokens, in the compact layout
+    index = default.index(smollm.tokenizer)
+    assert forced_tokens(default, smollm.tokenizer) is None and default.engine == "llguidance"
+    pieces = token_bytes(smollm.tokenizer)
+    assert b"".join(pieces[i] for i in index.forced(index.initial(), 16)) == b'{"name'  # tokens it is sure of
+    assert index.initial().matcher.compute_ff_bytes() == b'{"name":"'
 
 
 def test_real_model_greedy_identical(smollm):

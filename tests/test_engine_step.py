@@ -130,8 +130,8 @@ def test_preemption_in_a_tiny_pool_gives_identical_outputs(cache_tokens):
 
 def test_preempted_smc_and_constrained_requests_finish_identically():
     jobs = [(p, SamplingParams(max_new_tokens=10, temperature=1.0, seed=i), make)
-            for i, (p, make) in enumerate([("ab", lambda: Constrained(Regex("[a-d]{4,9}"), num_particles=3)),
-                                           ("cd", lambda: Constrained(Regex("[a-d]{4,9}"))),
+            for i, (p, make) in enumerate([("ab", lambda: Constrained(Regex("[a-d]{6,9}"), num_particles=3)),
+                                           ("cd", lambda: Constrained(Regex("[a-d]{6,9}"))),
                                            ("ef", lambda: None), ("gh", lambda: None)])]
     big = run_engine(Engine(mock()), jobs)
     small_backend = mock(40)

@@ -285,14 +285,22 @@ def test_min_integer_of_a_significand():
 
 
 # ---- the constraint ----------------------------------------------------------------------------
-def test_automaton_where_outlines_compiles_checker_elsewhere():
+def test_engines_llguidance_by_default_outlines_only_when_asked():
     fast = JsonSchema({"type": "object", "properties": {"a": {"type": "integer"}}})
-    assert fast.automaton() is not None and fast.byte_dfa() is not None
-    slow = JsonSchema({"type": "array", "maxItems": 2, "items": {"minimum": 2}})
+    assert fast.engine == "llguidance" and fast.mask_grammar() and fast.automaton() is None  # no silent outlines
+    outlines = JsonSchema({"type": "object", "properties": {"a": {"type": "integer"}}}, engine="outlines")
+    assert outlines.engine == "outlines" and outlines.automaton() is not None and outlines.byte_dfa() is not None
+    slow = JsonSchema({"type": "array", "maxItems": 2, "items": {"minimum": 2}}, engine="outlines")
     assert slow.automaton() is None and slow.byte_dfa() is None and "outlines-core" in slow.automaton_error
     assert slow.prefix_ok(b"[3, ") and not slow.prefix_ok(b"[3, 4,") and slow.complete_ok(b"[3,\n 4]")
+    unique = JsonSchema({"type": "array", "uniqueItems": True})  # llguidance ignores uniqueItems: the checker
+    assert unique.engine == "checker" and "uniqueItems" in unique.route and not unique.has_mask
     forced = JsonSchema({"type": "object", "properties": {"a": {"type": "integer"}}}, automaton=False)
-    assert forced.automaton() is None and forced.complete_ok('{ "a" :\t1 }')
+    assert forced.engine == "checker" and forced.automaton() is None and forced.complete_ok('{ "a" :\t1 }')
+    assert not forced.generation_prefix_ok('{ "a"') and forced.generation_prefix_ok('{"a":1')  # compact layout
+    assert JsonSchema({"type": "object"}, automaton=False, whitespace="flexible").generation_prefix_ok('{ ')
+    with pytest.raises(ValueError, match="llguidance cannot model"):
+        JsonSchema({"type": "array", "uniqueItems": True}, engine="llguidance")
 
 
 def test_schema_errors_name_keyword_and_path():
@@ -364,10 +372,10 @@ def test_server_and_vllm_paths_refuse_what_needs_the_checker_clearly():
 
     from decodekit.integrations.vllm.strategies import structured_from_constraint
 
-    with pytest.raises(APIError, match="without an automaton") as e:
-        _constrained(("json", {"maxItems": 2}), {"sampler": "masked"})
+    with pytest.raises(APIError, match="without a mask engine") as e:
+        _constrained(("json", {"uniqueItems": True}), {"sampler": "masked"})
     assert e.value.status == 400
-    assert _constrained(("json", {"maxItems": 2}), {}).constraint.automaton() is None  # AWRS: served
+    assert not _constrained(("json", {"uniqueItems": True}), {}).constraint.has_mask  # AWRS: served
     with pytest.raises(ValueError, match="transformers backend"):
-        structured_from_constraint(JsonSchema({"maxItems": 2}))
+        structured_from_constraint(JsonSchema({"uniqueItems": True}))
     assert structured_from_constraint(JsonSchema({"type": "integer"})).json_schema == {"type": "integer"}

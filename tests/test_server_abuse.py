@@ -111,7 +111,7 @@ def test_distinct_option_sets_do_not_grow_memory(srv):
     ({"guided_choice": [f"option {i}" for i in range(20_000)]}, 400, "limit is 10000"),
     ({"guided_regex": "[ab]*a[ab]{6}", "decodekit": {"sampler": "masked", "strategy": "constrained"},
       "guided_grammar": None}, 200, ""),
-    ({"guided_grammar": 'start: "a"+', "decodekit": {"sampler": "masked"}}, 400, "sampler 'masked'"),
+    ({"guided_regex": r"(a)\1+", "decodekit": {"sampler": "masked"}}, 400, "sampler 'masked'"),  # no mask engine
     ({"decodekit": {"strategy": "constrained", "num_particles": 1000}, "guided_regex": "a+"}, 400, "num_particles"),
     ({"stop": [f"s{i}" for i in range(1000)]}, 400, "stop"),
     ({"guided_regex": "x" * 6000}, 400, "limit is 5000"),

@@ -102,6 +102,27 @@ class Constraint(ABC):
         """A regular expression (outlines-core syntax) whose language equals ``prefix_ok``'s, or None."""
         return None
 
+    def mask_grammar(self) -> str | None:
+        """The llguidance grammar of this constraint where llguidance models it exactly (the default
+        mask engine, ``constraints.guidance``), or None (checks, AWRS)."""
+        return None
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether an exact token mask exists (llguidance, or an explicitly chosen outlines automaton)."""
+        if self.mask_grammar() is not None:
+            return True
+        return getattr(self, "engine", "outlines") == "outlines" and self.automaton() is not None
+
+    def mask_filter(self, text: bytes, ids, pieces):
+        """The mask's allowed ids (K,) after ``text``, narrowed to the generation layout (identity here)."""
+        return ids
+
+    def generation_prefix_ok(self, text: bytes | str) -> bool:
+        """``prefix_ok`` plus the layout generation keeps to (compact JSON, say); samplers use this,
+        validation uses ``prefix_ok`` / ``complete_ok``."""
+        return self.prefix_ok(text)
+
     def byte_dfa(self):
         """The byte automaton of ``automaton()`` (forced-text drafting), or None; built once."""
         if "_byte_dfa" not in self.__dict__:
@@ -118,15 +139,24 @@ class Constraint(ABC):
         return self._byte_dfa
 
     def index(self, tokenizer):
-        """The exact token mask (an ``AutomatonIndex``) for ``tokenizer``, or None; built once."""
-        pattern = self.automaton()
-        if pattern is None:
-            return None
+        """The exact token mask for ``tokenizer``, or None; built once per tokenizer: llguidance's
+        ``GuidanceIndex`` where ``mask_grammar`` exists, else outlines-core's ``AutomatonIndex``."""
         if tokenizer not in self._indexes:
-            from decodekit.constraints.regex import AutomatonIndex
-
-            self._indexes[tokenizer] = AutomatonIndex.build(pattern, tokenizer)
+            self._indexes[tokenizer] = self._build_index(tokenizer)
         return self._indexes[tokenizer]
+
+    def _build_index(self, tokenizer):
+        grammar = self.mask_grammar()
+        if grammar is not None:
+            from decodekit.constraints.guidance import GuidanceIndex
+
+            return GuidanceIndex(grammar, tokenizer)
+        pattern = self.automaton()
+        if pattern is None or getattr(self, "engine", "outlines") != "outlines":  # outlines: an explicit choice
+            return None
+        from decodekit.constraints.regex import AutomatonIndex
+
+        return AutomatonIndex.build(pattern, tokenizer)
 
 
 class TokenChecker:
@@ -143,7 +173,7 @@ class TokenChecker:
 
     def accept_fn(self, text: bytes, *, final: bool = False) -> Callable[[int], bool]:
         """``accept(token)`` after ``text``; with ``final`` a non-EOS token must complete the text."""
-        check = self.constraint.complete_ok if final else self.constraint.prefix_ok
+        check = self.constraint.complete_ok if final else self.constraint.generation_prefix_ok
 
         def accept(token: int) -> bool:
             self.num_checks += 1

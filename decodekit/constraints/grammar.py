@@ -25,13 +25,25 @@ class Grammar(Constraint):
     The grammar must be LALR(1) with Lark's basic lexer; ``ValueError`` otherwise. Terminals are
     matched with the ``regex`` module under ``timeout`` seconds per match (a terminal such as
     ``/(a|a)+b/`` backtracks exponentially): past it a check raises ``ConstraintTimeout``.
+
+    ``engine="auto"``: llguidance masks generation where it compiles the grammar with no warning (its
+    Lark dialect; its lexer is lazy where Lark's basic lexer is greedy, so where they differ the mask
+    may allow text Lark refuses: the final Lark parse still decides EOS); ``"checker"``: checks only.
     """
 
     name = "grammar"
 
-    def __init__(self, lark_text: str, *, start: str = "start", timeout: float | None = CHECK_TIMEOUT):
+    def __init__(self, lark_text: str, *, start: str = "start", timeout: float | None = CHECK_TIMEOUT,
+                 engine: str = "auto"):
         super().__init__()
         import lark
+
+        from decodekit.constraints.guidance import check_engine, lark_grammar
+        from decodekit.constraints.regex import mask_engine
+
+        engine = check_engine(engine)
+        if engine == "outlines":
+            raise ValueError("outlines-core has no grammar engine: engine 'auto', 'llguidance' or 'checker'")
 
         if not isinstance(lark_text, str) or not lark_text.strip():
             raise ValueError("lark_text must be a non-empty Lark grammar string")
@@ -50,6 +62,11 @@ class Grammar(Constraint):
         self._parsers: OrderedDict[tuple, object] = OrderedDict()
         self._complete: OrderedDict[str, bool] = OrderedDict()
         self._accepts: OrderedDict[tuple, frozenset] = OrderedDict()
+        source = lark_text if start == "start" else f"start: {start}\n{lark_text}"
+        self.engine, self._grammar, self.engine_error = mask_engine(engine, lark_grammar, source)
+
+    def mask_grammar(self) -> str | None:
+        return self._grammar if self.engine == "llguidance" else None
 
     def prefix_ok_text(self, text: str) -> bool:
         tokens, stop = self._lex(text)

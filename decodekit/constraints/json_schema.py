@@ -1,13 +1,18 @@
-"""JSON-schema constraint: an exact automaton where outlines-core compiles the schema, a prefix checker
-for every other schema ``jsonschema`` accepts; ``jsonschema`` validates every output.
+"""JSON-schema constraint: llguidance's exact mask where it models the schema, decodekit's JSON prefix
+checker elsewhere; ``jsonschema`` validates every output.
 
-Fast path: outlines-core compiles the schema to a regex, so generation follows it (property order
-as in the schema, at most one space between tokens) and the ``masked`` sampler and vLLM get exact
-token masks; keywords the regex cannot express, such as ``uniqueItems``, are enforced by the final
-check (EOS is refused until they hold). Where outlines-core refuses the schema (no ``type``,
-``maxItems``, ``anyOf`` without types, ...) or ``automaton=False``, ``json_prefix.JsonPrefixChecker``
-checks prefixes of any layout against the whole schema; there is then no automaton (``automaton()``
-is None: the AWRS and SMC samplers work, ``masked`` does not).
+Engines (``engine=``): ``"auto"`` (default) routes each schema (``json_route.route``): llguidance
+where it compiles the schema with no warning and the schema has none of the keywords llguidance was
+found to model inexactly, the prefix checker (``json_prefix.JsonPrefixChecker``, any schema
+``jsonschema`` accepts) elsewhere; ``"llguidance"`` / ``"checker"`` force one; ``"outlines"`` is
+outlines-core's regex automaton (the older default; it fixes property order and whitespace and is
+unsound on some schemas, so it is only an explicit choice).
+
+Two questions, answered apart. *Validation* (``valid``, ``prefix_ok``, ``complete_ok``) is exact in
+any layout and property order. *Generation* keeps a canonical layout: compact (no whitespace
+outside strings) unless ``whitespace=`` loosens it, on both paths; llguidance's mask also writes
+properties in the schema's order (``properties`` first, in order, then the others). EOS is allowed
+only where ``complete_ok`` holds, so the mask never makes an invalid document final.
 """
 
 from __future__ import annotations
@@ -161,31 +166,52 @@ class JsonSchema(Constraint):
     """``JsonSchema(schema)``: the output is one JSON document valid under ``schema``.
 
     Any schema ``jsonschema`` accepts works; ``ValueError`` names the keyword and path of one it
-    rejects. ``automaton=True`` (default) uses outlines-core's automaton where it compiles the schema
-    (``whitespace``: its regex for optional whitespace between tokens); otherwise, or with
-    ``automaton=False``, the JSON prefix checker serves (``automaton()`` None, why in ``automaton_error``).
+    rejects. ``engine``: ``"auto"`` | ``"llguidance"`` | ``"checker"`` | ``"outlines"`` (module doc);
+    ``automaton=False`` means ``"checker"``. ``whitespace``: the generation layout: None (default)
+    compact, ``"flexible"`` any JSON whitespace, or a regex for the whitespace between tokens
+    (llguidance and outlines-core; the checker then allows any whitespace). ``self.engine`` is the
+    engine chosen, ``self.route`` why.
     """
 
     name = "json_schema"
 
-    def __init__(self, schema, *, whitespace: str | None = r"[ ]?", max_recursion_depth: int = 3,
-                 automaton: bool = True):
+    def __init__(self, schema, *, whitespace: str | None = None, max_recursion_depth: int = 3,
+                 automaton: bool = True, engine: str = "auto"):
         super().__init__()
+        from decodekit.constraints.guidance import check_engine
+        from decodekit.constraints.json_route import route
+
+        engine = check_engine(engine, automaton)
+        if whitespace is not None and not isinstance(whitespace, str):
+            raise ValueError(f"whitespace must be None (compact), 'flexible' or a regex, got {whitespace!r}")
         self.schema = _schema_dict(schema)
         format_checker = _format_checker()  # "format" is asserted, not noted
         cls = _validator_class(self.schema)
         _check_local_refs(self.schema, cls)
         self._validator = cls(self.schema, format_checker=format_checker)
+        self._format_checker = format_checker
+        self.whitespace = whitespace
         self.regex: str | None = None
-        self.automaton_error: str | None = "automaton=False" if not automaton else None
-        if automaton:
+        self._grammar: str | None = None
+        self.automaton_error: str | None = f"engine={engine!r}" if engine != "outlines" else None
+        if engine == "outlines":
+            self.engine, self.route = "checker", "outlines-core refused the schema"
             try:
-                self.regex = _compile(self.schema, whitespace, max_recursion_depth)
+                outlines_ws = {None: "", "flexible": None}.get(whitespace, whitespace)
+                self.regex = _compile(self.schema, outlines_ws, max_recursion_depth)
+                self.engine, self.route = "outlines", "engine='outlines'"
             except ValueError as e:
                 self.automaton_error = str(e)
-        self._format_checker = format_checker
+        elif engine == "checker":
+            self.engine, self.route = "checker", "engine='checker'"
+        else:
+            self.engine, self._grammar, self.route = route(self.schema, whitespace)
+            if engine == "llguidance" and self._grammar is None:
+                raise ValueError(f"llguidance cannot model this schema exactly: {self.route}")
         self._dfa: ByteDFA | None = None  # built on first check: large schemas take seconds
         self._checker: JsonPrefixChecker | None = None if self.regex is not None else self._new_checker()
+        self._layout: dict[bytes, int] = {}  # text -> scan state (generation layout), bounded
+        self._strings: dict[bytes, int] = {}  # text -> string scan state (the exponent filter), bounded
 
     def _new_checker(self) -> JsonPrefixChecker:
         return JsonPrefixChecker(self.schema, self._format_checker)
@@ -197,17 +223,86 @@ class JsonSchema(Constraint):
                 self._dfa = ByteDFA(self.regex)
             except ValueError as e:  # the regex compiled but its automaton does not: the checker serves
                 self.regex, self.automaton_error, self._checker = None, str(e), self._new_checker()
+                self.engine = "checker"
         return self._dfa
 
     @property
     def uses_automaton(self) -> bool:
+        """outlines-core's automaton checks prefixes (``engine="outlines"`` only)."""
         return self.dfa is not None
+
+    def mask_grammar(self) -> str | None:
+        return self._grammar
+
+    def mask_filter(self, text: bytes, ids, pieces):
+        """The mask's ids without tokens that write a number exponent (``1e5``): the canonical layout
+        writes numbers in plain decimal, and llguidance's unbounded numbers would reach exponents past
+        a double (``1e999``), which strict JSON refuses only once the document is complete (a dead end)."""
+        import torch
+
+        risky = self._exponent_tokens(pieces)
+        state = self._string_state(text)
+        after_digit = state == 0 and text[-1:] in _NUMBER_TAIL
+        cand = ids[risky[ids] if not after_digit else (risky | self._e_tokens)[ids]]
+        if cand.numel() == 0:
+            return ids
+        drop = [t for t in cand.tolist() if _writes_exponent(state, text[-1:], pieces[t] or b"")]
+        return ids[~torch.isin(ids, torch.tensor(drop, dtype=ids.dtype))] if drop else ids
+
+    def _exponent_tokens(self, pieces):
+        """(V,) bool: tokens with a digit or '.' then e / E inside (``1e``, ``.5E``); and, apart,
+        tokens starting with e / E (an exponent only right after a number's digit)."""
+        import torch
+
+        if getattr(self, "_risky_for", None) is not pieces:
+            inner = [bool(p) and _INNER_EXPONENT.search(p) is not None for p in pieces]
+            self._risky = torch.tensor(inner, dtype=torch.bool)
+            self._e_tokens = torch.tensor([bool(p) and p[:1] in (b"e", b"E") for p in pieces], dtype=torch.bool)
+            self._risky_for = pieces
+        return self._risky
+
+    def _string_state(self, text: bytes) -> int:
+        """0 outside strings, 1 in a string, 2 after a backslash in one; memoised by prefix."""
+        memo = self._strings
+        cut = len(text)
+        while cut > 0 and len(text) - cut <= 64 and text[:cut] not in memo:
+            cut -= 1
+        if cut > 0 and text[:cut] in memo:
+            state = string_scan(memo[text[:cut]], text[cut:])
+        else:
+            state = string_scan(0, text)
+        if len(memo) > 50_000:
+            memo.clear()
+        memo[text] = state
+        return state
 
     # the automaton checks work on bytes directly: it is over bytes
     def prefix_ok(self, text) -> bool:
         if self.uses_automaton:
             return self.dfa.prefix_ok(as_bytes(text))
         return super().prefix_ok(text)
+
+    def generation_prefix_ok(self, text) -> bool:
+        """``prefix_ok`` in the generation layout (compact by default: no whitespace outside strings)."""
+        text = as_bytes(text)
+        if self.whitespace is None and not self._compact_ok(text):  # cheap first
+            return False
+        return self.prefix_ok(text)
+
+    def _compact_ok(self, text: bytes) -> bool:
+        """No JSON whitespace outside strings in ``text``; scan states memoised by prefix."""
+        cut = len(text)
+        while cut > 0 and text[:cut] not in self._layout:
+            cut -= 1
+            if len(text) - cut > 64:  # no memo nearby: scan from the start
+                cut = 0
+                break
+        state = self._layout.get(text[:cut], 0) if cut else 0
+        state = compact_scan(state, text[cut:])
+        if len(self._layout) > 50_000:
+            self._layout.clear()
+        self._layout[text] = state
+        return state >= 0
 
     def complete_ok(self, text) -> bool:
         text = as_bytes(text)
@@ -233,3 +328,55 @@ class JsonSchema(Constraint):
 
     def byte_dfa(self) -> ByteDFA | None:
         return self.dfa
+
+
+_WS = frozenset(b" \t\n\r")
+_NUMBER_TAIL = tuple(bytes([b]) for b in b"0123456789.")
+_INNER_EXPONENT = re.compile(rb"[0-9.][eE]")
+
+
+def string_scan(state: int, data: bytes) -> int:
+    """``compact_scan`` without the layout rule: where ``data`` leaves the string state."""
+    for b in data:
+        if state == 0:
+            state = 1 if b == 0x22 else 0
+        elif state == 1:
+            state = 2 if b == 0x5C else (0 if b == 0x22 else 1)
+        else:
+            state = 1
+    return state
+
+
+def _writes_exponent(state: int, last: bytes, piece: bytes) -> bool:
+    """Whether ``piece`` after text ending in ``last`` (string state ``state``) writes e / E right after a
+    digit or '.' outside strings."""
+    prev = last[0] if last else 0
+    for b in piece:
+        if state == 0:
+            if b in b"eE" and prev in b"0123456789.":
+                return True
+            state = 1 if b == 0x22 else 0
+        elif state == 1:
+            state = 2 if b == 0x5C else (0 if b == 0x22 else 1)
+        else:
+            state = 1
+        prev = b
+    return False
+
+
+def compact_scan(state: int, data: bytes) -> int:
+    """Scan ``data`` from ``state`` (0: outside strings, 1: in a string, 2: after a backslash in one);
+    -1 once whitespace appears outside a string."""
+    if state < 0:
+        return state
+    for b in data:
+        if state == 0:
+            if b in _WS:
+                return -1
+            if b == 0x22:
+                state = 1
+        elif state == 1:
+            state = 2 if b == 0x5C else (0 if b == 0x22 else 1)
+        else:
+            state = 1
+    return state

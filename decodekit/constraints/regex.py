@@ -50,7 +50,11 @@ class TimedPattern:
 class Regex(Constraint):
     """``Regex(pattern)``: the whole output fully matches ``pattern`` (Python ``regex`` syntax).
 
-    ``automaton=False`` disables the outlines-core mask path (every check goes through ``regex``).
+    ``engine``: ``"auto"`` (default) masks with llguidance where it compiles the pattern (its Rust
+    regex syntax: no look-around or back-references) and checks with ``regex`` elsewhere;
+    ``"llguidance"`` requires it (``ValueError`` otherwise); ``"outlines"`` uses outlines-core's
+    automaton index (the older mask path); ``"checker"`` (or ``automaton=False``) only checks.
+    ``complete_ok`` is always ``regex.fullmatch``, whatever masks generation.
     ``timeout``: seconds one match may take (``regex``'s own timeout); past it the check raises
     ``ConstraintTimeout`` and the request ends ``constraint_failed`` (nested quantifiers such as
     ``(a|a)+b`` backtrack exponentially in the text length).
@@ -58,8 +62,12 @@ class Regex(Constraint):
 
     name = "regex"
 
-    def __init__(self, pattern: str, *, automaton: bool = True, timeout: float | None = CHECK_TIMEOUT):
+    def __init__(self, pattern: str, *, automaton: bool = True, timeout: float | None = CHECK_TIMEOUT,
+                 engine: str = "auto"):
         super().__init__()
+        from decodekit.constraints.guidance import check_engine
+
+        engine = check_engine(engine, automaton)
         if not isinstance(pattern, str):
             raise ValueError(f"pattern must be a string, got {pattern!r}")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
@@ -70,7 +78,17 @@ class Regex(Constraint):
             raise ValueError(f"pattern {pattern!r} does not compile: {e}") from None
         self.pattern = pattern
         self.timeout = timeout
-        self._automaton = automaton
+        self._automaton = engine != "checker"
+        inexact = _rust_reads_differently(pattern) if engine in ("auto", "llguidance") else None
+        if inexact and engine == "auto":
+            self.engine, self._grammar, self.engine_error = "checker", None, inexact
+        elif inexact:
+            raise ValueError(f"llguidance cannot model this constraint exactly: {inexact}")
+        else:
+            self.engine, self._grammar, self.engine_error = mask_engine(engine, regex_grammar_of, pattern)
+
+    def mask_grammar(self) -> str | None:
+        return self._grammar if self.engine == "llguidance" else None
 
     def prefix_ok_text(self, text: str) -> bool:
         return self._re.fullmatch(text, partial=True) is not None
@@ -80,6 +98,48 @@ class Regex(Constraint):
 
     def automaton(self) -> str | None:
         return self.pattern if self._automaton else None
+
+
+_SET_OPERATIONS = re.compile(r"(?<!\\)(?:&&|--|~~|\|\|)")
+_POSSESSIVE = re.compile(r"(?<!\\)[*+?}]\+")
+_RECURSION = re.compile(r"\(\?(?:R|[0-9]|[+-][0-9]|&|P>|>)")
+
+
+def _rust_reads_differently(pattern: str) -> str | None:
+    """Why Rust's regex syntax (llguidance) would read ``pattern`` otherwise than Python's ``regex``
+    (its default V0 mode), or None. Character-class set operations (``[\\w--\\d]``, ``[a-z&&[^c]]``)
+    are intersections and differences in Rust but literal characters in V0: 38 of the 132
+    pattern-matching patterns llguidance compiles disagreed with ``regex.fullmatch`` this way, 3 more
+    through possessive quantifiers and recursion (random token walks on SmolLM2's vocabulary)."""
+    if _SET_OPERATIONS.search(pattern):
+        return "character-class set operations (&&, --, ~~, ||) mean another set in Rust's syntax"
+    if _POSSESSIVE.search(pattern):
+        return "possessive quantifiers (a++, a?+, a{3}+) are repetitions of repetitions in Rust's syntax"
+    if _RECURSION.search(pattern):
+        return "recursion and atomic groups ((?R), (?1), (?&name), (?>...)) are Python regex only"
+    return None
+
+
+def regex_grammar_of(pattern: str) -> str:
+    from decodekit.constraints.guidance import regex_grammar
+
+    return regex_grammar(pattern)
+
+
+def mask_engine(engine: str, grammar_of, source) -> tuple[str, str | None, str | None]:
+    """(the engine that masks, its llguidance grammar, why llguidance does not) for an ``engine``
+    choice; ``auto`` takes llguidance where its grammar validates with no warning, else the checker."""
+    if engine in ("outlines", "checker"):
+        return engine, None, f"engine={engine!r}"
+    from decodekit.constraints.guidance import grammar_problems
+
+    grammar = grammar_of(source)
+    problem = grammar_problems(grammar)
+    if problem is None:
+        return "llguidance", grammar, None
+    if engine == "llguidance":
+        raise ValueError(f"llguidance cannot model this constraint exactly: {problem}")
+    return "checker", None, problem
 
 
 class ByteDFA:

@@ -24,6 +24,7 @@ import torch
 from decodekit.constraints.awrs import NEG_INF, TokenDraw, check_all, masked_sample, recursive_awrs
 from decodekit.constraints.base import Constraint, ConstraintTimeout, TokenChecker
 from decodekit.constraints.forced import ForcedText, forced_text
+from decodekit.constraints.masking import allowed_ids, mask_draws, masked_draw
 from decodekit.constraints.smc import (
     RESAMPLERS,
     Particle,
@@ -34,6 +35,7 @@ from decodekit.constraints.smc import (
     resample,
 )
 from decodekit.constraints.tokens import constrained_logp
+from decodekit.sampling import process_logits
 from decodekit.strategies.base import Proposal, Row, Strategy, next_logits
 from decodekit.types import Provenance
 
@@ -330,7 +332,7 @@ class Constrained(Strategy):
         return st
 
     def _uses_index(self) -> bool:
-        if self.sampler == "masked":
+        if self.sampler == "masked" or self.constraint.mask_grammar() is not None:  # llguidance: always mask
             return True
         return self.exact_weights is True or (self.exact_weights == "auto" and self.num_particles > 1)
 
@@ -339,11 +341,13 @@ class Constrained(Strategy):
         return constrained_logp(logits, seq.params, ctx.tokenizer)
 
     def _draw(self, ctx, seq, st, track: Particle, logits, final: bool = False) -> TokenDraw:
-        logp = self._logp(ctx, seq, logits)
         checker = st.checker
         accept = checker.accept_fn(track.text, final=final)
         gen = None if seq.params.greedy else seq.generator
         st.draws += 1
+        if mask_draws(st.index, track.fsa_state):  # an exact mask engine: no walk over the vocabulary
+            return self._mask_draw(seq, st, track, logits, accept, final, gen)
+        logp = self._logp(ctx, seq, logits)
         index = None if final else st.index
         if self.sampler == "masked":
             allowed = self._exact_mask(st, track, logp) if index else check_all(logp=logp, accept=accept)
@@ -355,6 +359,16 @@ class Constrained(Strategy):
             log_z = float(torch.logsumexp(logp.masked_fill(~self._exact_mask(st, track, logp), NEG_INF), 0))
             draw = TokenDraw(draw.token, log_z, draw.num_checks)
         return draw
+
+    def _mask_draw(self, seq, st, track: Particle, logits, accept, final: bool, gen) -> TokenDraw:
+        """A draw on llguidance's mask: over the K allowed tokens only (EOS where the text is complete)."""
+        st.checker.num_checks += 1  # the EOS decision
+        ids = allowed_ids(st.index, track.fsa_state, complete=self.constraint.complete_ok(track.text),
+                          eos_ids=st.checker.eos_ids, vocab=logits.shape[-1])
+        ids = self.constraint.mask_filter(track.text, ids, st.checker.token_bytes)
+        st.num_allowed = int(ids.numel())
+        return masked_draw(logits=process_logits(logits, seq.params), ids=ids, accept=accept, final=final,
+                           generator=gen, max_checks=FINAL_CHECKS)
 
     def _exact_mask(self, st, track: Particle, logp) -> torch.Tensor:
         allowed = st.index.allowed(track.fsa_state)[: logp.shape[-1]]

@@ -34,6 +34,7 @@ import torch
 from decodekit.constraints.awrs import NEG_INF, check_all
 from decodekit.constraints.base import ConstraintTimeout
 from decodekit.constraints.forced import forced_tokens
+from decodekit.constraints.masking import mask_draws
 from decodekit.drafting.drafters import MAX_CONFIDENCE, Draft, ngram_lookup
 from decodekit.drafting.state import SpecState
 from decodekit.sampling import draw
@@ -156,7 +157,7 @@ class ConstrainedSpeculative(Constrained):
         room = min(MAX_DRAFT_TOKENS - kept, seq.params.max_new_tokens - len(seq.output_ids) - 1 - kept,
                    ctx.max_context - len(seq.ids) - 1 - kept)
         ended = any(t in stop_ids(ctx, seq) for t in draft.tokens)
-        extra, seq.state.num_forced = ([], 0) if ended else self._forced(ctx, seq, text, room)
+        extra, seq.state.num_forced = ([], 0) if ended else self._forced(ctx, seq, text, room, fsa)
         return _extend(draft, extra)
 
     def _admissible(self, st, text: bytes, fsa, tokens: list[int], seq) -> tuple[int, bytes, object]:
@@ -178,10 +179,15 @@ class ConstrainedSpeculative(Constrained):
             kept += 1
         return kept, text, fsa
 
-    def _forced(self, ctx, seq, text: bytes, limit: int) -> tuple[list[int], int]:
+    def _forced(self, ctx, seq, text: bytes, limit: int, fsa=None) -> tuple[list[int], int]:
         """(tokens, how many are strictly forced): the forced text after ``text``, then layout guesses
-        (learnt from the prompt's and the text's own layout)."""
+        (learnt from the prompt's and the text's own layout); with no byte automaton (a JSON schema on
+        llguidance), llguidance's forced tokens."""
         forced = forced_tokens(self.constraint, ctx.tokenizer)
+        index = _own_state(seq).index
+        if forced is None and mask_draws(index, fsa):
+            tokens = index.forced(fsa, limit)
+            return tokens, len(tokens)
         if forced is None or limit <= 0:
             return [], 0
         state = seq.state
@@ -286,11 +292,11 @@ class ConstrainedSpeculative(Constrained):
         if self.spec.draft == "ngram":
             tokens = ngram_lookup(ids, num_tokens=room, max_ngram=self.spec.max_ngram, min_ngram=self.spec.min_ngram,
                                   match_caps=self.spec.lookup_caps(ctx))[1]
-        kept, text, _ = self._admissible(st, p.text, p.fsa_state, tokens, seq)
+        kept, text, fsa = self._admissible(st, p.text, p.fsa_state, tokens, seq)
         tokens = tokens[:kept]
         if any(t in st.checker.eos_ids for t in tokens):
             return tokens
-        return tokens + self._forced(ctx, seq, text, room - kept)[0]
+        return tokens + self._forced(ctx, seq, text, room - kept, fsa)[0]
 
     def _update_particles(self, ctx, seqs, rows):
         for row in rows:

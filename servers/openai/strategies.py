@@ -286,9 +286,9 @@ def _constrained(spec: tuple[str, object], options: dict, found=None, limits: Li
     options = {"sampler": "awrs", **options}
     try:
         constraint = builders[kind](value)
-        if options["sampler"] == "masked" and constraint.automaton() is None:
+        if options["sampler"] == "masked" and not constraint.has_mask:
             raise bad_value(f"sampler 'masked' checks every token of the vocabulary per step; a {kind} constraint "
-                            "without an automaton would stall the server: use sampler 'awrs'", "decodekit.sampler")
+                            "without a mask engine would stall the server: use sampler 'awrs'", "decodekit.sampler")
         return found.wrap(constraint, options)  # the constraint's options to it, the rest to the wrapped strategy
     except ValueError as e:
         raise bad_value(f"invalid {kind} constraint or options: {e}", "response_format" if kind == "json"

@@ -61,12 +61,15 @@ def structured_from_constraint(constraint) -> Structured:
     from decodekit.constraints import Grammar, JsonSchema, OneOf, Regex
 
     if isinstance(constraint, Regex):
+        if getattr(constraint, "engine", None) == "checker":  # look-around, back-references: no mask engine
+            raise ValueError(f"regex {constraint.pattern!r} needs decodekit's checker (token-level control): use "
+                             f"the transformers backend; llguidance: {getattr(constraint, 'engine_error', None)}")
         return Structured(regex=constraint.pattern)
     if isinstance(constraint, JsonSchema):
-        if constraint.automaton() is None:  # vLLM's own engines may ignore keywords this schema needs
-            raise ValueError("this JSON schema has no outlines-core automaton, so decodekit enforces it with its "
-                             "prefix checker, which needs token-level control (AWRS / SMC): use the transformers "
-                             f"backend (LLM(model)); outlines-core: {constraint.automaton_error}")
+        if not constraint.has_mask:  # vLLM's `guidance` backend is llguidance: the schemas it models exactly
+            raise ValueError("this JSON schema is routed to decodekit's prefix checker, which needs token-level "
+                             "control (AWRS / SMC): use the transformers backend (LLM(model)); why: "
+                             f"{constraint.route}")
         return Structured(json_schema=constraint.schema)
     if isinstance(constraint, OneOf):
         return Structured(choice=tuple(constraint.options))

@@ -1,0 +1,197 @@
+"""llguidance as the mask engine: routing, the regression schema, greedy = argmax over the exact
+allowed set (mock vocabulary, enumerated), matcher states under drafts and particle forks, bitmasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from decodekit.api import LLM
+from decodekit.backends.mock import MockBackend
+from decodekit.constraints import Grammar, JsonSchema, OneOf, Predicate, Regex
+from decodekit.constraints.guidance import ByteMatcher, GuidanceIndex, apply_bitmask, unpack_bitmask
+from decodekit.constraints.json_route import canonical_json, keywords
+from decodekit.strategies.constrained import Constrained
+
+REGRESSION = {"properties": {"foo": {}, "bar": {}}, "patternProperties": {"^v": {}}, "additionalProperties": False}
+
+
+def test_regression_schema_outlines_got_wrong():
+    c = JsonSchema(REGRESSION)
+    assert c.engine == "llguidance", c.route
+    matcher = ByteMatcher(c.mask_grammar())
+    assert matcher.accepts(b'{"bar":1}') == (9, True)
+    assert not matcher.accepts(b'{"messageCode:" "bar"')[1]
+    assert not matcher.accepts(b'{"x":1}')[1] and not c.complete_ok('{"x": 1}')
+    for doc in ({"bar": 1}, {"v1": 2, "bar": 1}, {"foo": None, "vv": [1]}):  # validation: any order, any layout
+        assert c.complete_ok(json.dumps(doc)) and c.complete_ok(json.dumps(doc, indent=2))
+        assert matcher.accepts(canonical_json(doc, REGRESSION).encode())[1]  # generation: canonical layout
+    assert canonical_json({"v1": 2, "bar": 1}, REGRESSION) == '{"bar":1,"v1":2}'
+
+
+def test_routing_by_what_llguidance_reports():
+    assert JsonSchema({"type": "integer", "minimum": 3}).engine == "llguidance"
+    for schema in ({"not": {"type": "string"}}, {"type": "array", "uniqueItems": True},
+                   {"type": "string", "pattern": "(?=a)b"}):
+        c = JsonSchema(schema)
+        assert c.engine == "checker" and c.route and c.mask_grammar() is None, schema
+    assert JsonSchema({"type": "integer"}, engine="checker").engine == "checker"
+    used = keywords({"properties": {"enum": {"type": "string"}}, "enum": [{"not": 1}]})
+    assert used == {"properties", "type", "enum"}
+    with pytest.raises(ValueError, match="engine must be one of"):
+        Regex("a", engine="xgrammar")
+    assert Regex("[a-c]+").engine == "llguidance" and Regex(r"(\w)\1").engine == "checker"
+    assert OneOf(["yes", "no"]).engine == "llguidance" and Predicate(lambda s: True).mask_grammar() is None
+
+
+def _allowed(constraint, tokenizer, text: str) -> list[int]:
+    """The exact allowed set after ``text``, by checking every token of the vocabulary."""
+    out = []
+    for tok, piece in enumerate(tokenizer.pieces):
+        if tok in tokenizer.eos_token_ids:
+            if constraint.complete_ok(text):
+                out.append(tok)
+        elif constraint.prefix_ok(text + piece):
+            out.append(tok)
+    return out
+
+
+@pytest.mark.parametrize("constraint", [Regex("(ab|cd)+e?"), Regex("[a-f]{2,5}"), OneOf(["bad", "bead", "cab"]),
+                                        Grammar('start: "a" NUM ("," NUM)*\nNUM: /[0-9]+/')],
+                         ids=["regex", "repeat", "one_of", "grammar"])
+def test_greedy_is_argmax_over_the_exact_allowed_set(constraint):
+    backend = MockBackend(vocab_size=40, seed=4, cache_tokens=512)
+    tok = backend.tokenizer
+    c = LLM(backend=backend).generate("ab", strategy=Constrained(constraint), max_new_tokens=12, temperature=0)
+    prompt = tok.encode("ab")
+    text, out = "", []
+    for step in range(12):
+        logits = backend.exact_logits(prompt + out)
+        allowed = _allowed(constraint, tok, text)
+        if step == 11 and constraint.complete_ok(text):  # the last token: EOS where the text is complete
+            break
+        if step == 11:  # else it must complete the text
+            allowed = [t for t in allowed if t in tok.eos_token_ids or constraint.complete_ok(text + tok.pieces[t])]
+        assert allowed
+        best = max(allowed, key=lambda t: float(logits[t]))
+        if best in tok.eos_token_ids:
+            break
+        out.append(best)
+        text += tok.pieces[best]
+    assert c.text == text and constraint.complete_ok(c.text), (c.text, text)
+    assert c.stats.extra["checks_per_token"] <= 2  # the EOS decision, not a walk over the vocabulary
+
+
+def _index(constraint, tokenizer) -> GuidanceIndex:
+    index = constraint.index(tokenizer)
+    assert isinstance(index, GuidanceIndex)
+    return index
+
+
+def test_rejected_drafts_leave_the_state_where_it_was():
+    tok = MockBackend(vocab_size=16).tokenizer
+    index = _index(Regex("abc[de]+"), tok)
+    state = index.next(index.initial(), tok.encode("a")[0])
+    before = index.allowed(state)
+    kept, after = index.advance(state, tok.encode("bca"))
+    assert kept == 2 and after.num_tokens == 3
+    assert torch.equal(index.allowed(state), before) and state.num_tokens == 1
+    assert index.next(state, tok.encode("c")[0]) is None  # refused: a dead end, the state untouched
+    assert torch.equal(index.allowed(state), before)
+    matcher = state.matcher.deep_copy()  # the matcher's own rollback verb, in place
+    assert matcher.consume_tokens(tok.encode("bcd"))
+    assert matcher.rollback(3)
+    assert torch.equal(unpack_bitmask(_bits(index, matcher), index.vocab_size), before)
+
+
+def _bits(index, matcher):
+    from decodekit.constraints.guidance import MatcherState
+
+    return index.bitmask(MatcherState(matcher))
+
+
+def test_particle_copies_are_independent():
+    tok = MockBackend(vocab_size=16).tokenizer
+    index = _index(OneOf(["abc", "bcd", "bce"]), tok)
+    root = index.initial()
+    a, b = index.next(root, tok.encode("a")[0]), index.next(root, tok.encode("b")[0])
+    assert index.allowed(root)[tok.encode("a")[0]] and index.allowed(root)[tok.encode("b")[0]]
+    assert index.allowed(a).nonzero().flatten().tolist() == tok.encode("b")
+    assert index.allowed(b).nonzero().flatten().tolist() == tok.encode("c")
+    b2 = index.next(index.next(b, tok.encode("c")[0]), tok.encode("e")[0])
+    assert b2.accepting() and not index.next(b, tok.encode("c")[0]).accepting()
+    assert index.allowed(a).nonzero().flatten().tolist() == tok.encode("b")  # unchanged by b's path
+
+
+def test_smc_on_the_mask_stays_valid_and_exact_weights():
+    backend = MockBackend(vocab_size=16, seed=1, cache_tokens=2048)
+    constraint = Regex("[a-d]{2}e?")
+    c = LLM(backend=backend).generate("ab", strategy=Constrained(constraint, num_particles=4), max_new_tokens=5,
+                                      seed=3)
+    assert constraint.complete_ok(c.text)
+    assert c.stats.extra["log_ml"] is not None and backend.cache.num_open_handles == 0
+    for p in c.stats.extra["particles"]:
+        assert p["log_weight"] is None or constraint.complete_ok(p["text"])
+
+
+def test_bitmask_helpers():
+    words = torch.tensor([0b101, -(2**31)], dtype=torch.int32)  # tokens 0, 2 and 63
+    allowed = unpack_bitmask(words, 70)
+    assert allowed.nonzero().flatten().tolist() == [0, 2, 63]
+    logits = torch.zeros((2, 64))
+    masked = apply_bitmask(logits, words.expand(2, 2))
+    assert torch.isfinite(masked).sum(1).tolist() == [3, 3]
+
+
+def test_several_eos_ids_end_a_constrained_answer():
+    from decodekit.constraints.guidance import ll_tokenizer
+
+    backend = MockBackend(vocab_size=16, seed=2, cache_tokens=512)
+    tok = backend.tokenizer
+    tok.eos_token_ids = frozenset([0, 15])  # "o" is a second EOS
+    constraint = Regex("[a-c]{3}")
+    assert ll_tokenizer(tok).eos_tokens == [0, 15]
+    strategy = Constrained(constraint)
+    c = LLM(backend=backend).generate("ab", strategy=strategy, max_new_tokens=8, temperature=0)
+    assert constraint.complete_ok(c.text) and len(c.text) == 3 and c.finish_reason == "stop"
+    st_mask = strategy._exact_mask  # the mask after a complete text allows every EOS id
+    from decodekit.constraints.base import TokenChecker
+    from decodekit.strategies.constrained import ConstrainedState, Particle
+
+    index = constraint.index(tok)
+    track = Particle(None, [], b"abc", fsa_state=index.advance(index.initial(), tok.encode("abc"))[1])
+    state = ConstrainedState(TokenChecker(constraint, tok), index, track)
+    allowed = st_mask(state, track, torch.zeros(16))
+    assert allowed[0] and allowed[15] and int(allowed.sum()) == 2
+
+
+def test_json_compact_layout_on_both_paths():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}
+    mask = ByteMatcher(JsonSchema(schema).mask_grammar())
+    assert mask.accepts(b'{"a":1,"b":"x y"}')[1] and not mask.accepts(b'{"a": 1}')[1]
+    loose = ByteMatcher(JsonSchema(schema, whitespace="flexible").mask_grammar())
+    assert loose.accepts(b'{"a": 1, "b": "x"}')[1]
+    checker = JsonSchema(schema, engine="checker")
+    assert checker.generation_prefix_ok('{"a":1,"b":"x y') and not checker.generation_prefix_ok('{"a": 1')
+    assert checker.prefix_ok('{"a": 1')  # validation stays layout-free
+
+
+def test_json_numbers_are_written_in_plain_decimal():
+    from decodekit.constraints.tokens import token_bytes
+
+    backend = MockBackend(vocab_size=50, seed=5, cache_tokens=2048)
+    tok = backend.tokenizer
+    pieces = token_bytes(tok)
+    c = JsonSchema({"type": "number"})
+    ids = torch.arange(50)
+    kept = set(c.mask_filter(b"12", ids, pieces).tolist())
+    e, big_e = tok.encode("e")[0], tok.encode("E")[0]
+    assert e not in kept and big_e not in kept and len(kept) == 48
+    assert set(c.mask_filter(b'"1', ids, pieces).tolist()) == set(range(50))  # in a string: anything
+    llm = LLM(backend=backend)
+    for seed in range(6):
+        out = llm.generate("1", strategy=Constrained(c), max_new_tokens=8, seed=seed, temperature=1.5)
+        assert out.finish_reason != "constraint_failed" and "e" not in out.text.lower(), out.text
+        assert c.complete_ok(out.text)
