@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
-from decodekit.servers.openai import errors, protocol
+from decodekit.servers.openai import errors, protocol, tools
 from decodekit.servers.openai import responses as R
 from decodekit.servers.openai.calls import Call, ClientDisconnected
 from decodekit.servers.openai.errors import APIError, bad_value
@@ -24,7 +24,7 @@ from decodekit.servers.openai.limits import Limits
 from decodekit.servers.openai.metrics import Metrics
 from decodekit.servers.openai.protocol import ChatCompletionRequest, CompletionRequest
 from decodekit.servers.openai.strategies import Models, StrategyCache
-from decodekit.servers.openai.streaming import SSE_HEADERS, chat_stream, text_stream
+from decodekit.servers.openai.streaming import SSE_HEADERS, chat_stream, text_stream, tool_chat_stream
 from decodekit.servers.openai.worker import EngineWorker
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -64,8 +64,8 @@ class Server:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    async def strategy_for(self, body, response_format=None):
-        guided = protocol.guided(body)
+    async def strategy_for(self, body, response_format=None, extra_guided: dict | None = None):
+        guided = {**protocol.guided(body), **(extra_guided or {})}
         options = protocol.strategy_options(body)
         if not options and response_format is None and not any(v is not None for v in guided.values()):
             return None
@@ -283,8 +283,9 @@ def _model_card(server: Server) -> dict:
 async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     server.check_model(body.model)
     protocol.check_chat(body)
-    messages = protocol.chat_messages(body)
-    strategy = await server.strategy_for(body, body.response_format)
+    plan = tools.plan(body, protocol.chat_messages(body), server.limits)
+    messages = plan.messages
+    strategy = await server.strategy_for(body, body.response_format, plan.spec())
     body = _one_request_per_tree(body, strategy)
     tokens = server.token_lister(body)
     top = (body.top_logprobs or 0) if body.logprobs else None
@@ -296,14 +297,18 @@ async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
     if body.stream:
         base = R.header("chat.completion.chunk", response_id, server.model_name)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = chat_stream(call, base, n=body.n, want_logprobs=body.logprobs, include_usage=include_usage,
-                          tokens=tokens)
+        if plan.active:
+            gen = tool_chat_stream(call, base, n=body.n, include_usage=include_usage, plan=plan)
+        else:
+            gen = chat_stream(call, base, n=body.n, want_logprobs=body.logprobs, include_usage=include_usage,
+                              tokens=tokens)
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         done = await call.collect(request)
     except ClientDisconnected:
         return Response(status_code=499)
-    return JSONResponse(R.chat_response(response_id, server.model_name, done[0][1], body.logprobs, tokens))
+    response = R.chat_response(response_id, server.model_name, done[0][1], body.logprobs, tokens)
+    return JSONResponse(tools.answer_choices(plan, response, done[0][1]))
 
 
 async def _text(server: Server, body: CompletionRequest, request: Request):

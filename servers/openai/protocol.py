@@ -83,6 +83,8 @@ class ChatMessage(_Model):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (rendered by ``tools``)
+    tool_call_id: str | None = None  # a ``tool`` message: the call it answers
 
 
 class ChatCompletionRequest(_Sampling):
@@ -92,6 +94,8 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 # ---- checks -------------------------------------------------------------------------------------
@@ -131,8 +135,9 @@ def check_chat(body: ChatCompletionRequest) -> None:
             raise bad_value(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
         if not body.logprobs:
             raise bad_value("top_logprobs needs logprobs=true", "top_logprobs")
-    if body.tools:
-        raise bad_value("tools are not supported by decodekit; use response_format for structured output", "tools")
+    if body.tools and body.response_format is not None and body.response_format.type != "text" \
+            and body.tool_choice != "none":
+        raise bad_value("give tools or a JSON response_format, not both (or tool_choice 'none')", "response_format")
     if not body.messages:
         raise bad_value("messages must be a non-empty list", "messages")
 
@@ -168,7 +173,12 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
                 raise bad_value("only text content parts are supported", f"messages.{i}.content")
             content = "".join(p.text for p in content)
         role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": content or ""})
+        message = {"role": role, "content": content or ""}
+        if m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+        if m.role == "tool":
+            message.update(tool_call_id=m.tool_call_id, name=m.name)
+        out.append(message)
     return out
 
 

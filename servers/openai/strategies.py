@@ -265,6 +265,14 @@ def _parse_schema(schema) -> dict:
     return schema
 
 
+def tool_constraint(spec: dict):
+    """``guided["tools"]`` (``tools.ToolPlan.spec``): the call list's schema, free text before it or not."""
+    from decodekit.constraints import JsonSchema
+    from decodekit.constraints.tool_call import ToolCall
+
+    return ToolCall(JsonSchema(spec["schema"]), text_allowed=spec["text"])
+
+
 CONSTRAINED_OPTIONS = ("sampler", "num_particles", "ess_threshold", "resampling", "exact_weights")
 
 
@@ -278,7 +286,8 @@ def _constrained(spec: tuple[str, object], options: dict, speculative: bool = Fa
     kind, value = spec
     limits = limits or Limits()
     builders = {"json": C.JsonSchema, "regex": lambda v: C.Regex(v, timeout=limits.check_timeout_s),
-                "choice": C.OneOf, "grammar": lambda v: C.Grammar(v, timeout=limits.check_timeout_s)}
+                "choice": C.OneOf, "grammar": lambda v: C.Grammar(v, timeout=limits.check_timeout_s),
+                "tools": tool_constraint}
     options = {"sampler": "awrs", **options}
     try:
         constraint = builders[kind](value)
@@ -295,6 +304,6 @@ def _constrained(spec: tuple[str, object], options: dict, speculative: bool = Fa
         return Constrained(constraint, **options)
     except ValueError as e:
         raise bad_value(f"invalid {kind} constraint or options: {e}", "response_format" if kind == "json"
-                        else f"guided_{kind}") from None
+                        else "tools" if kind == "tools" else f"guided_{kind}") from None
     except TypeError as e:
         raise bad_value(f"constrained strategy: {e}", "decodekit") from None
