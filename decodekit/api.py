@@ -106,6 +106,18 @@ class LLM:
         results = [c.stats.extra["rollout"] for c in done]
         return results[0] if single else results
 
+    def score(self, prompt, top_logprobs: int = 0, chunk_tokens: int = 128) -> list:
+        """Log-probabilities of the prompt's own tokens (a string, chat messages or token ids): None for
+        the first, then ``scoring.PromptLogprob`` (token id, logprob, rank, top) per position, computed
+        in chunks of ``chunk_tokens`` positions (``decodekit.backends.scoring``)."""
+        from decodekit.backends.scoring import score
+
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            ids = self.encode_prompt(prompt)[1]
+        return score(self.backend, ids, top_n=top_logprobs, chunk_tokens=chunk_tokens)
+
     def encode_prompt(self, prompt) -> tuple[str, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
