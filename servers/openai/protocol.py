@@ -72,6 +72,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
     suffix: str | None = None
     best_of: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's extra: the prompt tokens' log-probabilities, top n
 
 
 class ContentPart(_Model):
