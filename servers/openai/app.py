@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
-from decodekit.servers.openai import errors, prompt_scores, protocol, tools
+from decodekit.servers.openai import errors, prompt_scores, protocol, responses_api, tools
 from decodekit.servers.openai import responses as R
 from decodekit.servers.openai.calls import Call, ClientDisconnected
 from decodekit.servers.openai.errors import APIError, bad_value
@@ -251,6 +251,10 @@ def _routes(app: FastAPI, server: Server) -> None:
     async def completions(body: CompletionRequest, request: Request):
         return await _text(server, body, request)
 
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        return await responses_api.handle(server, await _json_object(request), request, start_chat)
+
     @app.post("/tokenize")
     async def tokenize(request: Request):
         return await asyncio.to_thread(prompt_scores.tokenize, server, await _json_object(request))
@@ -292,19 +296,25 @@ def _model_card(server: Server) -> dict:
             "max_model_len": server.engine.backend.max_context}
 
 
-async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
+async def start_chat(server: Server, body: ChatCompletionRequest):
+    """Check a chat request, render its messages (and tools), pick its strategy and submit it:
+    ``(body, call, tool plan)`` (shared by /v1/chat/completions and /v1/responses)."""
     server.check_model(body.model)
     protocol.check_chat(body)
     plan = tools.plan(body, protocol.chat_messages(body), server.limits)
-    messages = plan.messages
     strategy = await server.strategy_for(body, body.response_format, plan.spec())
     body = _one_request_per_tree(body, strategy)
-    tokens = server.token_lister(body)
     top = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     make = partial(server.params, body, max_tokens, server.default_max_tokens, top)
-    call = Call(server, [messages], make, strategy, stream=bool(body.stream))
+    call = Call(server, [plan.messages], make, strategy, stream=bool(body.stream))
     await call.start()
+    return body, call, plan
+
+
+async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
+    body, call, plan = await start_chat(server, body)
+    tokens = server.token_lister(body)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
         base = R.header("chat.completion.chunk", response_id, server.model_name)
