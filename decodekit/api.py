@@ -55,6 +55,7 @@ class LLM:
 
     def _complete(self, batch, params, strategy) -> list[Completion]:
         """Add every prompt (a prompt, or a ready ``(text, ids)`` pair), step until they are done."""
+        check_penalties(strategy, params, self.engine)
         requests = []
         try:
             for p in batch:
@@ -127,6 +128,7 @@ class LLM:
         return messages[-1]["content"], self.tokenizer.apply_chat_template(messages)
 
     def _add(self, prompt, params, strategy, stream: bool = True):
+        check_penalties(strategy, params, self.engine)
         text, ids = self.encode_prompt(prompt)
         return self.engine.add_request(ids, params, strategy, prompt=text, stream=stream)
 
@@ -184,6 +186,27 @@ def constrained_strategy(constraint, strategy: Strategy | None, sampler: str = "
         return ConstrainedSpeculative(constraint, strategy, sampler=sampler, num_particles=particles)
     raise ValueError(NO_CONSTRAINT_COMPOSITION.get(strategy.name, f"strategy {strategy.name!r} does not take "
                                                    "constraint=; give a Constrained(...) strategy alone"))
+
+
+# strategies that form every distribution with its own history, so penalties and logit_bias hold there
+PENALTY_STRATEGIES = ("sample", "speculative", "constrained")
+
+
+def penalty_problem(strategy: Strategy | None, engine) -> str | None:
+    """Why penalties / ``logit_bias`` cannot be honoured by ``strategy`` on ``engine``, or None when they can."""
+    if not hasattr(engine, "scheduler"):
+        return "presence/frequency/repetition penalties and logit_bias are not mapped to this engine (vLLM) yet"
+    name = "sample" if strategy is None else strategy.name
+    if name not in PENALTY_STRATEGIES:
+        return (f"presence/frequency/repetition penalties and logit_bias are not applied by strategy {name!r} yet "
+                f"(they are by {', '.join(PENALTY_STRATEGIES)})")
+    return None
+
+
+def check_penalties(strategy: Strategy | None, params: SamplingParams, engine) -> None:
+    """``ValueError`` rather than penalties silently ignored."""
+    if params.has_penalties and (why := penalty_problem(strategy, engine)) is not None:
+        raise ValueError(why)
 
 
 NO_CONSTRAINT_COMPOSITION = {  # what a user gets instead of a silently dropped constraint

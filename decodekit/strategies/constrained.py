@@ -33,7 +33,7 @@ from decodekit.constraints.smc import (
     normalized_weights,
     resample,
 )
-from decodekit.sampling import process_logits
+from decodekit.sampling import apply_penalties, process_logits
 from decodekit.strategies.base import Proposal, Row, Strategy, next_logits
 from decodekit.types import Provenance
 
@@ -283,7 +283,7 @@ class Constrained(Strategy):
     def _force_eos(self, engine, seq, st, p: Particle, logits) -> None:
         """EOS at the length limit: proposal prob 1, so the weight gains p(EOS) c(complete)."""
         eos = st.checker.eos_token()
-        logp = self._logp(engine, seq, logits)
+        logp = self._logp(engine, seq, apply_penalties(logits, seq.params, seq.request.prompt_ids, p.out))
         ok = self.constraint.complete_ok(p.text)
         p.logw += float(logp[eos]) if ok else NEG_INF
         p.eos, p.done = eos, True
@@ -364,6 +364,7 @@ class Constrained(Strategy):
         return self._invalid[key]
 
     def _draw(self, engine, seq, st, track: Particle, logits, final: bool = False) -> TokenDraw:
+        logits = apply_penalties(logits, seq.params, seq.request.prompt_ids, track.out)  # this particle's history
         logp = self._logp(engine, seq, logits)
         checker = st.checker
         accept = checker.accept_fn(track.text, final=final)

@@ -303,6 +303,7 @@ async def start_chat(server: Server, body: ChatCompletionRequest):
     protocol.check_chat(body)
     plan = tools.plan(body, protocol.chat_messages(body), server.limits)
     strategy = await server.strategy_for(body, body.response_format, plan.spec())
+    protocol.check_penalties(body, strategy, server.engine)
     body = _one_request_per_tree(body, strategy)
     top = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -364,6 +365,7 @@ async def _text(server: Server, body: CompletionRequest, request: Request):
         return await _scored_only(server, body, prompts)
     top_n = prompt_scores.top_wanted(body)
     strategy = await server.strategy_for(body)
+    protocol.check_penalties(body, strategy, server.engine)
     width = body.n
     body = _one_request_per_tree(body, strategy)
     tokens = server.token_lister(body)
