@@ -128,3 +128,25 @@ def test_lm_eval_local_completions_loglikelihoods(srv, tmp_path):
             num += 1
     assert num == sum(len(c) for _, c, _ in QUESTIONS)
     print("lm-eval acc", results["results"]["dk_mc"]["acc,none"])
+
+
+def test_penalties_and_logit_bias_through_the_client(srv, client):
+    """Penalties reach the sampler (same text as the Python API), speculative greedy equals plain greedy
+    with them, and a strategy that cannot honour them is a 400 naming the field."""
+    kwargs = dict(model=MODEL, prompt="The list of colors: red, blue, red, blue,", max_tokens=12, temperature=0)
+    plain = client.completions.create(**kwargs).choices[0].text
+    penalized = client.completions.create(**kwargs, presence_penalty=1.5, frequency_penalty=1.0,
+                                          extra_body={"repetition_penalty": 1.3}).choices[0].text
+    assert penalized != plain
+    fast = client.completions.create(**kwargs, presence_penalty=1.5, frequency_penalty=1.0,
+                                     extra_body={"repetition_penalty": 1.3,
+                                                 "decodekit": {"strategy": "speculative", "draft": "ngram"}})
+    assert fast.choices[0].text == penalized
+    token = srv.backend.tokenizer.encode(" banana")[0]
+    biased = client.completions.create(**{**kwargs, "max_tokens": 1}, logit_bias={str(token): 100})
+    assert biased.choices[0].text == srv.backend.tokenizer.decode([token])
+    for extra, param in [({"presence_penalty": 1.0, "extra_body": {"decodekit": {"strategy": "tree"}}},
+                          "presence_penalty"), ({"logit_bias": {"99999999": 1}}, "logit_bias")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{**kwargs, **extra})
+        assert e.value.body["param"] == param
