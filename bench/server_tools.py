@@ -1,7 +1,8 @@
 """The ``tools`` case of ``bench/server_load.py``: 16 clients, each with its own tool set.
 
 Each client sends one chat request with its own three function tools (names and parameter schemas
-differ per client) and a question that needs one of them; even clients ask ``tool_choice:
+differ per client) and a question written to need one of them ("Use the weather_3 tool to get the
+weather in Lima."); even clients ask ``tool_choice:
 "required"``, odd ones ``auto`` (sampled at temperature 0.8, seeded, so some answers are calls).
 The same 16 requests run one at a time and 16 at once (rounds interleaved, after a 1-token warm-up
 that builds each tool set's constraint). Every returned call is parsed and validated against its
@@ -40,7 +41,7 @@ def tool_set(i: int) -> tuple[list[dict], str]:
                                                "parameters": add}},
              {"type": "function", "function": {"name": f"search_{i}", "description": "Search the web",
                                                "parameters": search}}]
-    return tools, f"What is the weather in {CITIES[i % len(CITIES)]} right now?"
+    return tools, f"Use the weather_{i} tool to get the weather in {CITIES[i % len(CITIES)]}."
 
 
 def bodies(model: str, max_tokens: int) -> list[dict]:

@@ -74,7 +74,7 @@ def test_auto_calls_on_prompts_that_need_a_tool(client):
     num_calls = num_answers = 0
     for seed in range(2):
         for text in NEEDS_TOOL:
-            r = client.chat.completions.create(model=MODEL, messages=ask(text), tools=TOOLS, max_tokens=64,
+            r = client.chat.completions.create(model=MODEL, messages=ask(text), tools=TOOLS, max_tokens=40,
                                                temperature=0.8, seed=seed, n=3)
             for choice in r.choices:
                 num_answers += 1

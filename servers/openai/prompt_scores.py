@@ -41,7 +41,10 @@ async def score_all(server, prompt_ids: list[list[int]], top_n: int) -> list[lis
     worker = server.worker
     out = []
     for ids in prompt_ids:
-        scorer = PromptScorer(worker.engine.backend, ids, top_n=top_n)
+        try:
+            scorer = PromptScorer(worker.engine.backend, ids, top_n=top_n)
+        except ValueError as e:  # a backend without decodekit's KV cache (vLLM)
+            raise bad_value(f"prompt log-probabilities are not available here: {e}", "logprobs") from None
         try:
             while not await asyncio.wrap_future(worker.call(lambda _engine, s=scorer: s.step())):
                 pass
