@@ -302,7 +302,9 @@ async def start_chat(server: Server, body: ChatCompletionRequest):
     server.check_model(body.model)
     protocol.check_chat(body)
     plan = tools.plan(body, protocol.chat_messages(body), server.limits)
-    strategy = await server.strategy_for(body, body.response_format, plan.spec())
+    spec = plan.spec()  # passed only with tools: strategy_for keeps its two-argument form otherwise
+    strategy = await (server.strategy_for(body, body.response_format, extra_guided=spec) if spec is not None
+                      else server.strategy_for(body, body.response_format))
     protocol.check_penalties(body, strategy, server.engine)
     body = _one_request_per_tree(body, strategy)
     top = (body.top_logprobs or 0) if body.logprobs else None
