@@ -3,7 +3,8 @@
 The output language, with ``calls`` a constraint on one JSON document (a ``JsonSchema`` of the list
 of calls, ``anyOf`` over the tools):
 
-- ``text_allowed=False`` (``tool_choice`` required / a named function): ``OPEN json CLOSE``;
+- ``text_allowed=False`` (``tool_choice`` required / a named function): ``OPEN json CLOSE`` (up to
+  two spaces or newlines after ``OPEN`` and before ``CLOSE``);
 - ``text_allowed=True`` (``auto``): ``text`` with no ``OPEN`` in it, optionally followed by
   ``OPEN json CLOSE``. The text is free; once the opening marker appears, the rest is the call
   block, checked by ``calls`` (a lazy grammar, triggered by the marker).
@@ -21,6 +22,14 @@ from decodekit.constraints.base import Constraint
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
+PAD = " \n"  # whitespace allowed after the opening marker and before the closing one (models write a newline)
+MAX_PAD = 2
+
+
+def _unpad(text: str) -> tuple[str, bool]:
+    """(``text`` without its leading pad, whether that pad is within ``MAX_PAD`` characters)."""
+    rest = text.lstrip(PAD)
+    return rest, len(text) - len(rest) <= MAX_PAD
 
 
 def json_end(text: str) -> int | None:
@@ -76,29 +85,36 @@ class ToolCall(Constraint):
         if parts is None:
             return self.text_allowed or self.open.startswith(text)
         before, block = parts
-        if before and not self.text_allowed:
+        block, padded = _unpad(block)
+        if (before and not self.text_allowed) or not padded:
             return False
         end = json_end(block)
         if end is None:
             return self.calls.prefix_ok_text(block)
-        return self.calls.complete_ok_text(block[:end]) and self.close.startswith(block[end:])
+        tail, padded = _unpad(block[end:])
+        return padded and self.calls.complete_ok_text(block[:end]) and self.close.startswith(tail)
 
     def complete_ok_text(self, text: str) -> bool:
         parts = self._split(text)
         if parts is None:
             return self.text_allowed
         before, block = parts
-        if before and not self.text_allowed:
+        block, padded = _unpad(block)
+        if (before and not self.text_allowed) or not padded:
             return False
         end = json_end(block)
-        return end is not None and block[end:] == self.close and self.calls.complete_ok_text(block[:end])
+        if end is None:
+            return False
+        tail, padded = _unpad(block[end:])
+        return padded and tail == self.close and self.calls.complete_ok_text(block[:end])
 
     def automaton(self) -> str | None:
         """Without free text: the markers around the calls' own automaton (exact masks, forced drafts)."""
         inner = self.calls.automaton()
         if self.text_allowed or inner is None:
             return None
-        return f"{re.escape(self.open)}({inner}){re.escape(self.close)}"
+        pad = "[ \\n]{0," + str(MAX_PAD) + "}"
+        return f"{re.escape(self.open)}{pad}({inner}){pad}{re.escape(self.close)}"
 
 
 def parse_calls(text: str, open_marker: str = OPEN, close_marker: str = CLOSE) -> tuple[str, list | None]:
