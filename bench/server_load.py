@@ -16,6 +16,8 @@ Starts ``decodekit serve`` in a subprocess on a free local port (default KV cach
   number of sequences the server ran at once, read from ``GET /metrics``
   (``decodekit_engine_max_batch_sequences``, a lifetime maximum, so this case runs first on the fresh
   server; target 16).
+* ``tools``: 16 clients, each with its own tool set, ``tool_choice`` required and auto (``server_tools``):
+  every returned call validated against its schema, 16 at once vs one at a time (target >= 3x, 0 errors).
 * ``long``: 8 streaming clients decoding (``ignore_eos``), then a fresh prompt of ~7,800 tokens (quick:
   ~2,000) built from Spec-Bench articles behind a unique number (so the prefix cache cannot serve it);
   p99 of the 8 streams' inter-token gaps from the long prompt's send time until they finish
@@ -46,10 +48,12 @@ from decodekit.bench.common import (
     spec_bench,
     write_results,
 )
+from decodekit.bench.server_tools import case_tools
+from decodekit.bench.server_tools import summary as tools_summary
 
 LEVELS = (1, 4, 16)
 TARGET_SPEEDUP = 3.0
-CASES = ("levels", "schemas", "2048", "long")
+CASES = ("levels", "schemas", "2048", "long", "tools")
 TARGET_SCHEMAS_SPEEDUP = 3.0
 TARGET_PEAK_BATCH = 16
 TARGET_LONG_ITL_P99_S = 1.5
@@ -89,6 +93,8 @@ def main() -> None:
         if "long" in cases:
             target = args.long_prompt_tokens or (2000 if args.quick else 7800)
             out["long"] = asyncio.run(case_long(url, args.model, target))
+        if "tools" in cases:
+            out["tools"] = asyncio.run(case_tools(url, args.model, 48, rounds))
     report(args, cases, out)
 
 
@@ -594,7 +600,8 @@ def report(args, cases: list[str], out: dict) -> None:
         verdicts.append(met)
     for case, title, fn in (("schemas", "16 different JSON schemas", schemas_summary),
                             ("2048", "max_tokens 2048, short answers", batch_2048_summary),
-                            ("long", "A long prompt while 8 streams decode", long_summary)):
+                            ("long", "A long prompt while 8 streams decode", long_summary),
+                            ("tools", "16 clients with their own tool sets", tools_summary)):
         if case in out:
             fields, table, met = fn(out[case])
             summary.update(fields)

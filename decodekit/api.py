@@ -59,6 +59,7 @@ class LLM:
     def _complete(self, batch, params, strategy) -> list[Completion]:
         """Add every prompt (a prompt, or a ready ``(text, ids)`` pair), step until they are done; a bad
         prompt or a failed step leaves nothing of this call in the engine."""
+        check_penalties(strategy, params, self.engine)
         items = [p if isinstance(p, tuple) else self.encode_prompt(p) for p in batch]
         return self.driver.complete(items, params, strategy)
 
@@ -68,8 +69,9 @@ class LLM:
         if not _is_single(prompt):
             raise ValueError("stream takes one prompt (a string or a list of chat messages)")
         strategy = resolve_strategy(strategy, sampling)
-        (request,) = self.driver.add([self.encode_prompt(prompt)], sampling_params(**sampling), strategy,
-                                     stream=True)
+        params = sampling_params(**sampling)
+        check_penalties(strategy, params, self.engine)
+        (request,) = self.driver.add([self.encode_prompt(prompt)], params, strategy, stream=True)
         yield from self.driver.events(request.request_id)
 
     def rollout(self, prompts, tree=None, **sampling):
@@ -96,6 +98,18 @@ class LLM:
         done = self._complete([(text, ids) for text, ids in encoded], params, strategy)
         results = [c.stats.extra["rollout"] for c in done]
         return results[0] if single else results
+
+    def score(self, prompt, top_logprobs: int = 0, chunk_tokens: int = 128) -> list:
+        """Log-probabilities of the prompt's own tokens (a string, chat messages or token ids): None for
+        the first, then ``scoring.PromptLogprob`` (token id, logprob, rank, top) per position, computed
+        in chunks of ``chunk_tokens`` positions (``decodekit.backends.scoring``)."""
+        from decodekit.backends.scoring import score
+
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            ids = self.encode_prompt(prompt)[1]
+        return score(self.backend, ids, top_n=top_logprobs, chunk_tokens=chunk_tokens)
 
     def encode_prompt(self, prompt) -> tuple[str, list[int]]:
         if isinstance(prompt, str):
@@ -132,6 +146,27 @@ def resolve_strategy(strategy: Strategy | str | None, sampling: dict | None = No
     if options:
         raise ValueError(f"{sorted(options)} only apply together with constraint=")
     return strategy
+
+
+def penalty_problem(strategy: Strategy | None, engine) -> str | None:
+    """Why penalties / ``logit_bias`` cannot be honoured by ``strategy`` on ``engine``, or None when they can
+    (the registry says which strategies form every distribution with its own history)."""
+    from decodekit.strategies.registry import REGISTRY, entry_of
+
+    if not engine.token_level:
+        return "presence/frequency/repetition penalties and logit_bias are not mapped to this engine (vLLM) yet"
+    found = entry_of(strategy)
+    if not found.penalties:
+        honour = ", ".join(name for name, e in REGISTRY.items() if e.penalties)
+        return (f"presence/frequency/repetition penalties and logit_bias are not applied by strategy {found.name!r} "
+                f"yet (they are by {honour})")
+    return None
+
+
+def check_penalties(strategy: Strategy | None, params: SamplingParams, engine) -> None:
+    """``ValueError`` rather than penalties silently ignored."""
+    if params.has_penalties and (why := penalty_problem(strategy, engine)) is not None:
+        raise ValueError(why)
 
 
 @functools.lru_cache(maxsize=2)

@@ -128,6 +128,58 @@ def process_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     return logits
 
 
+# ---- penalties and biases: functions of the history before each position ------------------------
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
+    """Logits (V,) of one position with ``params``' bias and penalties, given the tokens before it.
+
+    In order: ``logit_bias`` added; ``repetition_penalty`` r on every token of the prompt and the
+    output (a positive logit divided by r, a negative one multiplied, as vLLM and transformers do);
+    then, over the output only (OpenAI), minus ``frequency_penalty`` times the token's count and minus
+    ``presence_penalty`` once it occurs. Unchanged (the same tensor) without any of them."""
+    if not params.has_penalties:
+        return logits
+    out = logits.float().clone()
+    vocab = out.shape[-1]
+    if params.logit_bias:
+        ids = [t for t, _ in params.logit_bias if t < vocab]
+        if ids:
+            bias = torch.tensor([b for t, b in params.logit_bias if t < vocab], device=out.device)
+            out[torch.tensor(ids, device=out.device)] += bias
+    if params.repetition_penalty != 1.0:
+        seen = sorted({t for t in (*prompt_ids, *output_ids) if t < vocab})
+        if seen:
+            index = torch.tensor(seen, device=out.device)
+            values = out[index]
+            out[index] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and len(output_ids):
+        generated = torch.tensor([t for t in output_ids if t < vocab], dtype=torch.long, device=out.device)
+        counts = torch.bincount(generated, minlength=vocab).to(out.dtype)  # (V,)
+        out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(out.dtype)
+    return out
+
+
+def penalize_rows(logits: torch.Tensor, params: list[SamplingParams], histories: list) -> torch.Tensor:
+    """``apply_penalties`` on each row of ``logits`` (B, V) with its ``(prompt_ids, output_ids)``; the
+    same tensor when no row has penalties, else a copy with only those rows changed."""
+    rows = [i for i, p in enumerate(params) if p.has_penalties]
+    if not rows:
+        return logits
+    out = logits.float().clone()
+    for i in rows:
+        out[i] = apply_penalties(logits[i], params[i], *histories[i])
+    return out
+
+
+def positions_penalized(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids,
+                        drafted) -> torch.Tensor:
+    """(k + 1, V) logits of a verify row: position j continues ``output_ids + drafted[:j]``, so each
+    row gets the penalties of its own history (unchanged without penalties)."""
+    if not params.has_penalties:
+        return logits
+    return torch.stack([apply_penalties(logits[j], params, prompt_ids, [*output_ids, *drafted[:j]])
+                        for j in range(logits.shape[0])])
+
+
 def token_logprobs(logits: torch.Tensor, token_id: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
     """Log-probability of ``token_id`` under the raw model distribution and the ``top_n`` best."""
     logp = torch.log_softmax(logits.float(), dim=-1)

@@ -25,6 +25,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0  # OpenAI: minus this for every token already generated, in [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output, in [-2, 2]
+    repetition_penalty: float = 1.0  # vLLM / HF: logits of prompt and output tokens / r (positive) or * r
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logit, clipped to +-100
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -48,10 +52,41 @@ class SamplingParams:
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether a distribution of this request depends on its history or a bias (``sampling.apply_penalties``)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
+
+
+def _bias_pairs(bias) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as sorted (token id, bias) pairs, biases clipped to [-100, 100] as OpenAI does."""
+    items = bias.items() if isinstance(bias, dict) else bias
+    out = {}
+    for pair in items:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}")
+        token, value = pair
+        if isinstance(token, str) and token.isdigit():
+            token = int(token)
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {token!r}")
+        if not _is_number(value) or math.isnan(value):
+            raise ValueError(f"logit_bias values must be numbers, got {value!r}")
+        out[token] = float(min(100.0, max(-100.0, value)))
+    return tuple(sorted(out.items()))
 
 
 def _is_number(x) -> bool:

@@ -98,13 +98,16 @@ def test_rounded():
 
 def test_new_targets():
     summary = {"batching_speedup_16": 4.0, "errors": 0, "schemas_speedup": 2.0, "schemas_errors": 0,
-               "peak_batch_2048": 16, "long_prompt_itl_p99_s": 2.0}
+               "peak_batch_2048": 16, "long_prompt_itl_p99_s": 2.0,
+               "tools": {"valid_calls": 1.0, "speedup_16": 2.5, "errors": 0}}
     verdicts = {label: verdict for label, _, _, verdict in check("server_load", summary)}
-    assert list(verdicts.values()) == ["met", "met", "missed", "met", "met", "missed"]
+    assert list(verdicts.values()) == ["met", "met", "missed", "met", "met", "missed", "met", "missed", "met"]
     partial = check("server_load", {"batching_speedup_16": 4.0, "errors": 0})
     assert [v for *_, v in partial][2:] == ["missing field 'schemas_speedup'", "missing field 'schemas_errors'",
                                             "missing field 'peak_batch_2048'",
-                                            "missing field 'long_prompt_itl_p99_s'"]
+                                            "missing field 'long_prompt_itl_p99_s'",
+                                            "missing field 'tools/valid_calls'", "missing field 'tools/speedup_16'",
+                                            "missing field 'tools/errors'"]
 
 
 def test_summaries(tmp_path):
@@ -139,3 +142,15 @@ def test_summaries(tmp_path):
                                    "itl_p99_s": None, "itl_max_s": None, "itl_p50_before_s": 0.1,
                                    "long_ttft_s": 3.0, "errors": 0})
     assert fields["long_prompt_itl_p99_s"] is None and not met  # no gap measured: not a pass
+
+
+def test_tools_case_bodies_and_summary():
+    from decodekit.bench.server_tools import NUM_CLIENTS, bodies, summary
+
+    sent = bodies("m", 8)
+    assert len(sent) == NUM_CLIENTS and len({json.dumps(b["tools"]) for b in sent}) == NUM_CLIENTS
+    assert {b["tool_choice"] for b in sent} == {"required", "auto"}
+    fields, table, met = summary({"num_calls": 10, "num_valid": 10, "speedup": 3.5, "errors": 0,
+                                  "call_rate": {"required": 1.0, "auto": 0.25}, "serial_tokens_per_s": 5.0,
+                                  "concurrent_tokens_per_s": 17.5, "max_tokens": 8, "rounds": 1})
+    assert fields["tools"]["valid_calls"] == 1.0 and fields["tools"]["speedup_16"] == 3.5 and met

@@ -159,9 +159,12 @@ def test_logprobs_chat_and_completions(client):
     text = client.completions.create(model=MODEL, prompt="Hello, my name is", max_tokens=5, temperature=0,
                                      logprobs=2, echo=True).choices[0]
     assert text.text.startswith("Hello, my name is")
-    assert len(text.logprobs.tokens) == len(text.logprobs.token_logprobs) == 5
-    assert all(len(top) == 2 for top in text.logprobs.top_logprobs)
-    assert text.logprobs.text_offset[0] == len("Hello, my name is")
+    # echo: the prompt's tokens first (the first without a log-probability, as OpenAI), then the 5 generated
+    num_prompt = len(text.logprobs.tokens) - 5
+    assert num_prompt == 5 and len(text.logprobs.token_logprobs) == num_prompt + 5
+    assert text.logprobs.token_logprobs[0] is None and text.logprobs.top_logprobs[0] is None
+    assert all(len(top) == 2 for top in text.logprobs.top_logprobs[1:])
+    assert text.logprobs.text_offset[0] == 0 and text.logprobs.text_offset[num_prompt] == len("Hello, my name is")
 
 
 def test_speculative_strategy_is_lossless(srv, client):

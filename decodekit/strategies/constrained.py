@@ -35,7 +35,7 @@ from decodekit.constraints.smc import (
     resample,
 )
 from decodekit.constraints.tokens import constrained_logp
-from decodekit.sampling import process_logits
+from decodekit.sampling import apply_penalties, process_logits
 from decodekit.strategies.base import Proposal, Row, Strategy, next_logits
 from decodekit.types import Provenance
 
@@ -274,7 +274,7 @@ class Constrained(Strategy):
     def _force_eos(self, ctx, seq, st, p: Particle, logits) -> None:
         """EOS at the length limit: proposal prob 1, so the weight gains p(EOS) c(complete)."""
         eos = st.checker.eos_token()
-        logp = self._logp(ctx, seq, logits)
+        logp = self._logp(ctx, seq, apply_penalties(logits, seq.params, seq.request.prompt_ids, p.out))
         ok = self.constraint.complete_ok(p.text)
         p.logw += float(logp[eos]) if ok else NEG_INF
         p.eos, p.done = eos, True
@@ -341,6 +341,7 @@ class Constrained(Strategy):
         return constrained_logp(logits, seq.params, ctx.tokenizer)
 
     def _draw(self, ctx, seq, st, track: Particle, logits, final: bool = False) -> TokenDraw:
+        logits = apply_penalties(logits, seq.params, seq.request.prompt_ids, track.out)  # this particle's history
         checker = st.checker
         accept = checker.accept_fn(track.text, final=final)
         gen = None if seq.params.greedy else seq.generator

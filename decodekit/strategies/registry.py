@@ -43,6 +43,8 @@ class Entry:
     on_vllm: str
     constrained_as: str | None = None
     hint: str = ""  # what to do instead, where a strategy does not take constraint=
+    # presence / frequency / repetition penalties and logit_bias: every distribution it forms gets its history
+    penalties: bool = False
 
     @property
     def vllm_forms(self) -> tuple[str, ...]:
@@ -69,10 +71,11 @@ def _constrained_speculative(constraint, inner, own) -> Strategy:
 WRAPPERS = {"constrained": _constrained, "constrained_speculative": _constrained_speculative}
 
 ENTRIES = (
-    Entry("sample", Sample, "wraps", "native", constrained_as="constrained"),
-    Entry("speculative", Speculative, "wraps", "speculative_config", constrained_as="constrained_speculative"),
+    Entry("sample", Sample, "wraps", "native", constrained_as="constrained", penalties=True),
+    Entry("speculative", Speculative, "wraps", "speculative_config", constrained_as="constrained_speculative",
+          penalties=True),
     Entry("constrained", Constrained, "is", "structured_outputs",
-          hint="give either strategy=Constrained(...) or constraint=, not both"),
+          hint="give either strategy=Constrained(...) or constraint=, not both", penalties=True),
     Entry("constrained_speculative", ConstrainedSpeculative, "is", "speculative_config+structured_outputs",
           hint="give either strategy=ConstrainedSpeculative(...) or constraint=, not both"),
     Entry("entropy", EntropySwitch, "own", "segment_level",

@@ -30,7 +30,7 @@ from decodekit.drafting.drafters import (
 )
 from decodekit.drafting.state import SpecState
 from decodekit.profiles import SpeculationProfile, load_profile
-from decodekit.sampling import probs_from_logits
+from decodekit.sampling import positions_penalized, probs_from_logits
 from decodekit.strategies.base import Proposal, Row, Strategy
 from decodekit.types import SAMPLED, Provenance
 
@@ -380,6 +380,8 @@ def _clip(draft: Draft, seq, ctx) -> Draft:
 
 
 def _accept(seq, draft: Draft, logits) -> tuple[int, int]:
+    # penalties: verify position j against the target with the history output + drafts[:j] (lossless)
+    logits = positions_penalized(logits, seq.params, seq.request.prompt_ids, seq.output_ids, draft.tokens)
     if seq.params.greedy:
         return verify_greedy(draft=draft.tokens, target=logits.argmax(-1).tolist())
     p = probs_from_logits(logits, seq.params)  # (k + 1, V), the request's processed distributions

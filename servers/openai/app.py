@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
-from decodekit.servers.openai import errors, protocol
+from decodekit.servers.openai import errors, prompt_scores, protocol, responses_api, tools
 from decodekit.servers.openai import responses as R
 from decodekit.servers.openai.calls import Call, ClientDisconnected
 from decodekit.servers.openai.errors import APIError, bad_value
@@ -24,7 +24,7 @@ from decodekit.servers.openai.limits import Limits
 from decodekit.servers.openai.metrics import Metrics
 from decodekit.servers.openai.protocol import ChatCompletionRequest, CompletionRequest
 from decodekit.servers.openai.strategies import Models, StrategyCache
-from decodekit.servers.openai.streaming import SSE_HEADERS, chat_stream, text_stream
+from decodekit.servers.openai.streaming import SSE_HEADERS, chat_stream, text_stream, tool_chat_stream
 from decodekit.servers.openai.worker import EngineWorker
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -62,8 +62,8 @@ class Server:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    async def strategy_for(self, body, response_format=None):
-        guided = protocol.guided(body)
+    async def strategy_for(self, body, response_format=None, extra_guided: dict | None = None):
+        guided = {**protocol.guided(body), **(extra_guided or {})}
         options = protocol.strategy_options(body)
         if not options and response_format is None and not any(v is not None for v in guided.values()):
             return None
@@ -249,6 +249,22 @@ def _routes(app: FastAPI, server: Server) -> None:
     async def completions(body: CompletionRequest, request: Request):
         return await _text(server, body, request)
 
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        return await responses_api.handle(server, await _json_object(request), request, start_chat)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await asyncio.to_thread(prompt_scores.tokenize, server, await _json_object(request))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return prompt_scores.tokenizer_info(server)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return prompt_scores.detokenize(server, await _json_object(request))
+
 
 PAGE_FILES = {"playground.js": "text/javascript", "playground.css": "text/css", "index.html": "text/html"}
 
@@ -278,58 +294,113 @@ def _model_card(server: Server) -> dict:
             "max_model_len": server.engine.backend.max_context}
 
 
-async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
+async def start_chat(server: Server, body: ChatCompletionRequest):
+    """Check a chat request, render its messages (and tools), pick its strategy and submit it:
+    ``(body, call, tool plan)`` (shared by /v1/chat/completions and /v1/responses)."""
     server.check_model(body.model)
     protocol.check_chat(body)
-    messages = protocol.chat_messages(body)
-    strategy = await server.strategy_for(body, body.response_format)
+    plan = tools.plan(body, protocol.chat_messages(body), server.limits)
+    spec = plan.spec()  # passed only with tools: strategy_for keeps its two-argument form otherwise
+    strategy = await (server.strategy_for(body, body.response_format, extra_guided=spec) if spec is not None
+                      else server.strategy_for(body, body.response_format))
+    protocol.check_penalties(body, strategy, server.engine)
     body = _one_request_per_tree(body, strategy)
-    tokens = server.token_lister(body)
     top = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     make = partial(server.params, body, max_tokens, server.default_max_tokens, top)
-    call = Call(server, [messages], make, strategy, stream=bool(body.stream))
+    call = Call(server, [plan.messages], make, strategy, stream=bool(body.stream))
     await call.start()
+    return body, call, plan
+
+
+async def _chat(server: Server, body: ChatCompletionRequest, request: Request):
+    body, call, plan = await start_chat(server, body)
+    tokens = server.token_lister(body)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
         base = R.header("chat.completion.chunk", response_id, server.model_name)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = chat_stream(call, base, n=body.n, want_logprobs=body.logprobs, include_usage=include_usage,
-                          tokens=tokens)
+        if plan.active:
+            gen = tool_chat_stream(call, base, n=body.n, include_usage=include_usage, plan=plan)
+        else:
+            gen = chat_stream(call, base, n=body.n, want_logprobs=body.logprobs, include_usage=include_usage,
+                              tokens=tokens)
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         done = await call.collect(request)
     except ClientDisconnected:
         return Response(status_code=499)
-    return JSONResponse(R.chat_response(response_id, server.model_name, done[0][1], body.logprobs, tokens))
+    response = R.chat_response(response_id, server.model_name, done[0][1], body.logprobs, tokens)
+    return JSONResponse(tools.answer_choices(plan, response, done[0][1]))
+
+
+async def _json_object(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise APIError(422, "request body is not valid JSON", code="json_invalid") from None
+    if not isinstance(body, dict):
+        raise APIError(422, "request body must be a JSON object", code="invalid_body")
+    if "model" in body:
+        request.app.state.server.check_model(body["model"])
+    return body
+
+
+async def _scored_only(server: Server, body: CompletionRequest, prompts: list):
+    """``max_tokens: 0``: score the prompts, generate nothing."""
+    from decodekit.servers.openai.calls import encode
+
+    encoded = await asyncio.to_thread(lambda: [encode(server, p) for p in prompts])
+    scores = await prompt_scores.score_all(server, [ids for _, ids in encoded], prompt_scores.top_wanted(body))
+    return JSONResponse(prompt_scores.scoring_response(f"cmpl-{uuid.uuid4().hex}", server.model_name, body,
+                                                       server.llm.tokenizer.token_str, encoded, scores, body.n))
 
 
 async def _text(server: Server, body: CompletionRequest, request: Request):
     server.check_model(body.model)
     protocol.check_completion(body)
+    prompt_scores.check(body, protocol.MAX_LOGPROBS)
     prompts = protocol.completion_prompts(body)
+    if body.max_tokens == 0:
+        return await _scored_only(server, body, prompts)
+    top_n = prompt_scores.top_wanted(body)
     strategy = await server.strategy_for(body)
+    protocol.check_penalties(body, strategy, server.engine)
     width = body.n
     body = _one_request_per_tree(body, strategy)
     tokens = server.token_lister(body)
     make = partial(server.params, body, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs)
     call = Call(server, prompts, make, strategy, stream=bool(body.stream))
     await call.start()
+    encoded = [(sub.prompt_text, sub.prompt_ids) for sub in call.subs]
+    scores = None
+    if top_n is not None:
+        try:
+            scores = await prompt_scores.score_all(server, [ids for _, ids in encoded], top_n)
+        except BaseException:
+            call.close(cancelled=False)
+            raise
+    token_str = server.llm.tokenizer.token_str
     response_id = f"cmpl-{uuid.uuid4().hex}"
     want_logprobs = body.logprobs is not None
     if body.stream:
         base = R.header("text_completion", response_id, server.model_name)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        echoed = None
+        if scores is not None and body.echo and want_logprobs:
+            echoed = {i: prompt_scores.echo_logprobs(token_str, ids, scores[i]) for i, (_, ids) in enumerate(encoded)}
         gen = text_stream(call, base, n=body.n, echo=body.echo, want_logprobs=want_logprobs,
-                          include_usage=include_usage, tokens=tokens)
+                          include_usage=include_usage, tokens=tokens, echo_logprobs=echoed)
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         done = await call.collect(request)
     except ClientDisconnected:
         return Response(status_code=499)
     width = getattr(getattr(strategy, "config", None), "max_width", width)
-    return JSONResponse(R.text_response(response_id, server.model_name, done, width, body.echo, want_logprobs,
-                                        tokens))
+    response = R.text_response(response_id, server.model_name, done, width, body.echo, want_logprobs, tokens)
+    if scores is not None:
+        response = prompt_scores.add_to_choices(response, body, token_str, encoded, scores, width)
+    return JSONResponse(response)
 
 
 def _one_request_per_tree(body, strategy):

@@ -22,6 +22,8 @@ class Limits:
     max_schema_depth: int = 32
     max_grammar_chars: int = 20_000
     max_pattern_chars: int = 5_000
+    max_tools: int = 64  # function tools in one chat request
+    max_tools_bytes: int = 128 * 1024  # their parameter schemas together (each one also <= max_schema_bytes)
     check_timeout_s: float = 0.05  # one regex check on the engine thread (normal checks take microseconds)
     step_limit_s: float = 30.0  # /health fails while one engine step has run longer
 

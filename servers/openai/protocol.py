@@ -16,6 +16,7 @@ from decodekit.types import SamplingParams
 
 MAX_N = 64
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # OpenAI's own limit on logit_bias entries
 RENAMES = {"max_new_tokens": "max_tokens"}
 
 
@@ -54,6 +55,7 @@ class _Sampling(_Model):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM-style extensions, accepted at the top level of the body
+    repetition_penalty: float | None = None
     top_k: int | None = None
     min_p: float | None = None
     ignore_eos: bool = False
@@ -72,6 +74,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
     suffix: str | None = None
     best_of: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's extra: the prompt tokens' log-probabilities, top n
 
 
 class ContentPart(_Model):
@@ -83,6 +86,8 @@ class ChatMessage(_Model):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (rendered by ``tools``)
+    tool_call_id: str | None = None  # a ``tool`` message: the call it answers
 
 
 class ChatCompletionRequest(_Sampling):
@@ -92,6 +97,8 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 # ---- checks -------------------------------------------------------------------------------------
@@ -104,11 +111,8 @@ def check_common(body: _Sampling) -> None:
         raise bad_value(f"n must be between 1 and {MAX_N}, got {body.n}", "n")
     if body.temperature is not None and not 0 <= body.temperature <= 2:
         raise bad_value(f"temperature must be between 0 and 2, got {body.temperature}", "temperature")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise bad_value(f"{name} is not supported by decodekit (use 0)", name)
-    if body.logit_bias:
-        raise bad_value("logit_bias is not supported by decodekit", "logit_bias")
+    if body.logit_bias and len(body.logit_bias) > MAX_LOGIT_BIAS:
+        raise bad_value(f"logit_bias holds {len(body.logit_bias)} tokens; the limit is {MAX_LOGIT_BIAS}", "logit_bias")
     stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     if len(stops) > 16 or any(not s for s in stops):
         raise bad_value("stop must be up to 16 non-empty strings", "stop")
@@ -131,8 +135,9 @@ def check_chat(body: ChatCompletionRequest) -> None:
             raise bad_value(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
         if not body.logprobs:
             raise bad_value("top_logprobs needs logprobs=true", "top_logprobs")
-    if body.tools:
-        raise bad_value("tools are not supported by decodekit; use response_format for structured output", "tools")
+    if body.tools and body.response_format is not None and body.response_format.type != "text" \
+            and body.tool_choice != "none":
+        raise bad_value("give tools or a JSON response_format, not both (or tool_choice 'none')", "response_format")
     if not body.messages:
         raise bad_value("messages must be a non-empty list", "messages")
 
@@ -168,7 +173,12 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
                 raise bad_value("only text content parts are supported", f"messages.{i}.content")
             content = "".join(p.text for p in content)
         role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": content or ""})
+        message = {"role": role, "content": content or ""}
+        if m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+        if m.role == "tool":
+            message.update(tool_call_id=m.tool_call_id, name=m.name)
+        out.append(message)
     return out
 
 
@@ -212,6 +222,38 @@ def sampling_params(body: _Sampling, *, max_tokens: int | None, default_max_toke
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            logit_bias=body.logit_bias or (),
         )
     except ValueError as e:
         raise bad_value(str(e), param_of(str(e), RENAMES)) from None
+
+
+def penalties_asked(body: _Sampling) -> str | None:
+    """The first penalty / bias field a request sets to a non-default value, or None."""
+    if body.presence_penalty:
+        return "presence_penalty"
+    if body.frequency_penalty:
+        return "frequency_penalty"
+    if body.repetition_penalty not in (None, 1.0):
+        return "repetition_penalty"
+    return "logit_bias" if body.logit_bias else None
+
+
+def check_penalties(body: _Sampling, strategy, engine) -> None:
+    """400 naming the field when the request's strategy cannot honour its penalties (never silently ignored);
+    logit_bias keys must be token ids of the model's vocabulary."""
+    from decodekit.api import penalty_problem
+
+    field = penalties_asked(body)
+    if field is None:
+        return
+    why = penalty_problem(strategy, engine)
+    if why is not None:
+        raise bad_value(why, field)
+    vocab = engine.backend.vocab_size
+    for key in body.logit_bias or {}:
+        if not key.isdigit() or int(key) >= vocab:
+            raise bad_value(f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}", "logit_bias")

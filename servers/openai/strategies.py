@@ -271,6 +271,14 @@ def _parse_schema(schema) -> dict:
     return schema
 
 
+def tool_constraint(spec: dict):
+    """``guided["tools"]`` (``tools.ToolPlan.spec``): the call list's schema, free text before it or not."""
+    from decodekit.constraints import JsonSchema
+    from decodekit.constraints.tool_call import ToolCall
+
+    return ToolCall(JsonSchema(spec["schema"]), text_allowed=spec["text"])
+
+
 def _constrained(spec: tuple[str, object], options: dict, found=None, limits: Limits | None = None):
     """The constrained strategy for ``spec``: ``found`` (a registry entry; default plain sampling) wrapped."""
     found = found or entry("sample")
@@ -282,7 +290,8 @@ def _constrained(spec: tuple[str, object], options: dict, found=None, limits: Li
     kind, value = spec
     limits = limits or Limits()
     builders = {"json": C.JsonSchema, "regex": lambda v: C.Regex(v, timeout=limits.check_timeout_s),
-                "choice": C.OneOf, "grammar": lambda v: C.Grammar(v, timeout=limits.check_timeout_s)}
+                "choice": C.OneOf, "grammar": lambda v: C.Grammar(v, timeout=limits.check_timeout_s),
+                "tools": tool_constraint}
     options = {"sampler": "awrs", **options}
     try:
         constraint = builders[kind](value)
@@ -292,6 +301,6 @@ def _constrained(spec: tuple[str, object], options: dict, found=None, limits: Li
         return found.wrap(constraint, options)  # the constraint's options to it, the rest to the wrapped strategy
     except ValueError as e:
         raise bad_value(f"invalid {kind} constraint or options: {e}", "response_format" if kind == "json"
-                        else f"guided_{kind}") from None
+                        else "tools" if kind == "tools" else f"guided_{kind}") from None
     except TypeError as e:
         raise bad_value(f"constrained strategy: {e}", "decodekit") from None
