@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 
-from decodekit.constraints.base import Constraint
+from decodekit.constraints.base import Constraint, as_bytes, split_utf8
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -81,6 +81,17 @@ class ToolCall(Constraint):
         return text[:i], text[i + len(self.open):]
 
     def prefix_ok_text(self, text: str) -> bool:
+        return self._prefix_ok(text, self.calls.prefix_ok_text)
+
+    def generation_prefix_ok(self, text: bytes | str) -> bool:
+        """``prefix_ok`` with the calls' JSON in its generation layout (``JsonSchema``: compact by default),
+        so a sampler never wanders into whitespace a call does not need; validation stays ``prefix_ok``."""
+        if not self.prefix_ok(text):
+            return False
+        s, _ = split_utf8(as_bytes(text))
+        return self._prefix_ok(s, lambda block: self.calls.generation_prefix_ok(block))
+
+    def _prefix_ok(self, text: str, calls_prefix_ok) -> bool:
         parts = self._split(text)
         if parts is None:
             return self.text_allowed or self.open.startswith(text)
@@ -90,7 +101,7 @@ class ToolCall(Constraint):
             return False
         end = json_end(block)
         if end is None:
-            return self.calls.prefix_ok_text(block)
+            return calls_prefix_ok(block)
         tail, padded = _unpad(block[end:])
         return padded and self.calls.complete_ok_text(block[:end]) and self.close.startswith(tail)
 
@@ -107,6 +118,21 @@ class ToolCall(Constraint):
             return False
         tail, padded = _unpad(block[end:])
         return padded and tail == self.close and self.calls.complete_ok_text(block[:end])
+
+    def mask_grammar(self) -> str | None:
+        """Without free text: llguidance's grammar of the markers around the calls' JSON schema (exact
+        masks, forced tokens between the markers); built once."""
+        if "_mask" not in self.__dict__:
+            schema = getattr(self.calls, "schema", None)
+            self._mask = None
+            if not self.text_allowed and schema is not None and self.calls.mask_grammar() is not None:
+                from decodekit.constraints.guidance import lark_grammar
+
+                lark = (f"start: {json.dumps(self.open)} PAD calls PAD {json.dumps(self.close)}\n"
+                        f"PAD: /[ \\n]{{0,{MAX_PAD}}}/\n"
+                        f"calls: %json {json.dumps(schema)}\n")
+                self._mask = lark_grammar(lark)
+        return self._mask
 
     def automaton(self) -> str | None:
         """Without free text: the markers around the calls' own automaton (exact masks, forced drafts)."""

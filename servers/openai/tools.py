@@ -114,8 +114,12 @@ def plan(body, messages: list[dict], limits: Limits) -> ToolPlan:
 
 
 def calls_schema(tools: dict[str, dict], parallel: bool) -> dict:
-    """The JSON list of calls: each ``{"name": const, "arguments": parameters}``, ``anyOf`` over the tools."""
-    alternatives = [{"type": "object", "properties": {"name": {"const": name}, "arguments": t["parameters"]},
+    """The JSON list of calls: each ``{"name": const, "arguments": parameters}``, ``anyOf`` over the tools.
+
+    Generated arguments use only the declared parameters (``additionalProperties: false`` where a
+    parameters object declares ``properties`` and leaves it unset, as OpenAI's strict mode does): a call
+    then names what the function takes, and every one still validates against the tool's own schema."""
+    alternatives = [{"type": "object", "properties": {"name": {"const": name}, "arguments": _closed(t["parameters"])},
                      "required": ["name", "arguments"], "additionalProperties": False}
                     for name, t in tools.items()]
     item = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
@@ -123,6 +127,12 @@ def calls_schema(tools: dict[str, dict], parallel: bool) -> dict:
     if not parallel:
         schema["maxItems"] = 1
     return schema
+
+
+def _closed(parameters: dict) -> dict:
+    if isinstance(parameters, dict) and "properties" in parameters and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
 
 
 def _check_tools(tools: list, limits: Limits) -> dict[str, dict]:
