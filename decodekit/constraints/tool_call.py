@@ -89,35 +89,42 @@ class ToolCall(Constraint):
         if not self.prefix_ok(text):
             return False
         s, _ = split_utf8(as_bytes(text))
-        return self._prefix_ok(s, lambda block: self.calls.generation_prefix_ok(block))
+        return self._prefix_ok(s, self.calls.generation_prefix_ok)
 
     def _prefix_ok(self, text: str, calls_prefix_ok) -> bool:
-        parts = self._split(text)
-        if parts is None:
+        block = self._block(text)
+        if block is None:
             return self.text_allowed or self.open.startswith(text)
-        before, block = parts
-        block, padded = _unpad(block)
-        if (before and not self.text_allowed) or not padded:
+        if block is False:
             return False
-        end = json_end(block)
+        block, end = block
         if end is None:
             return calls_prefix_ok(block)
         tail, padded = _unpad(block[end:])
         return padded and self.calls.complete_ok_text(block[:end]) and self.close.startswith(tail)
 
     def complete_ok_text(self, text: str) -> bool:
+        block = self._block(text)
+        if block is None:
+            return self.text_allowed
+        if block is False or block[1] is None:
+            return False
+        block, end = block
+        tail, padded = _unpad(block[end:])
+        return padded and tail == self.close and self.calls.complete_ok_text(block[:end])
+
+    def _block(self, text: str):
+        """None before the opening marker; False where the text around it is not allowed (text before
+        it without ``text_allowed``, too much pad); else (the block after the marker and its pad, where
+        the block's JSON ends or None while it is open)."""
         parts = self._split(text)
         if parts is None:
-            return self.text_allowed
+            return None
         before, block = parts
         block, padded = _unpad(block)
         if (before and not self.text_allowed) or not padded:
             return False
-        end = json_end(block)
-        if end is None:
-            return False
-        tail, padded = _unpad(block[end:])
-        return padded and tail == self.close and self.calls.complete_ok_text(block[:end])
+        return block, json_end(block)
 
     def mask_grammar(self) -> str | None:
         """Without free text: llguidance's grammar of the markers around the calls' JSON schema (exact
