@@ -19,17 +19,22 @@ class LLM:
                  device: str | None = None, cache_tokens: int = 16384, max_batch_size: int = 32,
                  prefix_cache: bool = True, max_prefill_tokens: int | None = None, **engine_args):
         """``backend``: None or "hf" (transformers, dtype float32 by default), "vllm" (dtype bfloat16 by
-        default; ``engine_args`` go to ``vllm.LLM``: tensor_parallel_size, ...), or a Backend instance.
+        default; ``engine_args`` go to ``vllm.LLM``: tensor_parallel_size, ...), "llamacpp" (a GGUF model
+        on llama.cpp, weights as quantized; ``engine_args``: ``n_ctx`` KV cells (default ``cache_tokens``),
+        ``n_threads``, ``n_gpu_layers``), or a Backend instance.
         ``max_prefill_tokens``: prompt tokens prefilled per step while other sequences decode (default
         256 on CPU, 2048 on CUDA)."""
         if backend == "vllm":
             from decodekit.integrations.vllm.backend import VLLMBackend
 
             backend = VLLMBackend(model, dtype=dtype or "bfloat16", **engine_args)
+        elif backend == "llamacpp":
+            backend = _llamacpp_backend(model, dtype, cache_tokens, prefix_cache, engine_args)
         elif engine_args:
-            raise ValueError(f"unknown argument(s) {sorted(engine_args)}: engine arguments need backend='vllm'")
+            raise ValueError(f"unknown argument(s) {sorted(engine_args)}: engine arguments need backend='vllm' "
+                             "(or 'llamacpp': n_ctx, n_threads, n_gpu_layers)")
         elif backend not in (None, "hf") and isinstance(backend, str):
-            raise ValueError(f"backend must be 'hf', 'vllm' or a Backend instance, got {backend!r}")
+            raise ValueError(f"backend must be 'hf', 'vllm', 'llamacpp' or a Backend instance, got {backend!r}")
         if backend is None or backend == "hf":
             backend = load_backend(model, dtype=dtype or "float32", device=device, cache_tokens=cache_tokens,
                                    prefix_cache=prefix_cache)
@@ -178,6 +183,20 @@ def generate(prompt_or_messages, model: str = DEFAULT_MODEL, strategy: Strategy 
              **sampling) -> Completion | list[Completion]:
     """Generate with ``model`` (kept loaded between calls); see ``LLM.generate``."""
     return _loaded(model).generate(prompt_or_messages, strategy=strategy, **sampling)
+
+
+LLAMACPP_ARGS = ("n_ctx", "n_threads", "n_gpu_layers", "n_batch")
+
+
+def _llamacpp_backend(model: str, dtype, cache_tokens: int, prefix_cache: bool, engine_args: dict):
+    from decodekit.models import load_llamacpp_backend
+
+    if dtype is not None:
+        raise ValueError("dtype has no meaning on backend='llamacpp': the GGUF's weights run as quantized")
+    unknown = sorted(set(engine_args) - set(LLAMACPP_ARGS))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown} for backend='llamacpp' (takes {', '.join(LLAMACPP_ARGS)})")
+    return load_llamacpp_backend(model, prefix_cache=prefix_cache, **{"n_ctx": cache_tokens, **engine_args})
 
 
 def _is_single(prompts) -> bool:

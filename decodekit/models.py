@@ -177,6 +177,50 @@ def load_backend(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: s
                      packed_linears=packed_linears)
 
 
+def gguf_path(name: str) -> Path:
+    """The GGUF file of a model name (an alias or a ``.gguf`` path); other names get a clear error."""
+    location, gguf_file, _ = resolve(name)
+    if gguf_file is None:
+        raise ValueError(f"backend 'llamacpp' runs GGUF files; {name!r} is a Hugging Face model: convert it with "
+                         "llama.cpp's convert_hf_to_gguf.py (python convert_hf_to_gguf.py <dir> --outfile "
+                         "model.gguf) and pass the .gguf path, or use backend='hf'")
+    return Path(location) / gguf_file
+
+
+def gguf_tokenizer(name: str):
+    """A GGUF model's tokenizer as a transformers tokenizer, converted once and kept under
+    ``~/.cache/decodekit/tokenizers/`` (or taken from the model's converted directory if it exists)."""
+    from transformers import AutoTokenizer
+
+    location, gguf_file, _ = resolve(name)
+    stem = name if name in ALIASES else Path(gguf_file).stem
+    for directory in (cache_root() / "hf" / stem, cache_root() / "tokenizers" / stem):
+        if (directory / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(directory)
+    _need_gguf_reader(name)
+    tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+    target = cache_root() / "tokenizers" / stem
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target) if not target.exists() else None
+    return tokenizer
+
+
+def load_llamacpp_backend(name: str = DEFAULT_MODEL, *, n_ctx: int = 8192, n_threads: int | None = None,
+                          n_gpu_layers: int = 0, prefix_cache: bool = True, **options):
+    """Load a GGUF model (an alias or a ``.gguf`` path) into a ``LlamaCppBackend``, weights as quantized."""
+    from decodekit.backends.llamacpp import LlamaCppBackend, require_llama_cpp
+    from decodekit.tokenizer import Tokenizer
+
+    require_llama_cpp()
+    path = gguf_path(name)
+    hf_tok = gguf_tokenizer(name)
+    _, _, prepend_bos = resolve(name)
+    prepend_bos = prepend_bos or "gemma" in path.name.lower()
+    return LlamaCppBackend(path, Tokenizer(hf_tok, prepend_bos=prepend_bos), name=f"{name}:llamacpp", n_ctx=n_ctx,
+                           n_threads=n_threads, n_gpu_layers=n_gpu_layers, prefix_cache=prefix_cache, **options)
+
+
 def _dtype(name: str) -> torch.dtype:
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:

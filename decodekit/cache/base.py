@@ -77,9 +77,13 @@ class KVStorage:
     The transformers and mock backends store K/V by slot (the manager's pool is the storage), so
     these do nothing (this base class). A backend that places its own cells (llama.cpp: a handle is a
     llama.cpp sequence) maps them: ``forked`` = copy a sequence's cells into another sequence (shared,
-    no copy in a unified KV cache), ``truncated`` = remove a sequence's cells from a position on,
+    no copy in a unified KV cache), ``opened`` / ``committed`` / ``evicted`` = keep the prefix cache's
+cells alive in sequences of their own, ``truncated`` = remove a sequence's cells from a position on,
     ``released`` = remove the sequence. Each is called after the manager updated its own bookkeeping.
     """
+
+    def opened(self, handle) -> None:
+        """``handle`` is new and holds a prefix-cache match (its slots, possibly none)."""
 
     def forked(self, source, handle) -> None:
         """``handle`` now shares every computed token of ``source``."""
@@ -89,3 +93,11 @@ class KVStorage:
 
     def released(self, handle) -> None:
         """``handle`` is closed; its cells may go."""
+
+    def committed(self, handle, start: int, switched: list[int]) -> None:
+        """The prefix cache adopted ``handle``'s positions ``[start, len(handle))`` (their slots are now
+        also the cache's); at the positions in ``switched`` the handle now uses the cache's own slots
+        for tokens it had computed a second time."""
+
+    def evicted(self, slots: list[int], start: int) -> None:
+        """The prefix cache drops ``slots``, positions ``start...`` of their path (handles may still hold them)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from decodekit.cache.base import KVStorage, NaivePrefixCache
 from decodekit.cache.pool import CacheFullError, SlotPool
-from decodekit.cache.radix import RadixTree, common_prefix_len
+from decodekit.cache.radix import RadixTree, common_prefix_len, path_len
 
 SHARED_PREFIX_DEFER = 16  # see CacheManager.shares_uncached_prefix
 
@@ -47,6 +47,8 @@ class CacheManager:
         self.storage = storage or KVStorage()  # the backend's physical KV (slot-pool backends: nothing to do)
         self.pool = SlotPool(capacity)
         self.tree = RadixTree(self.pool) if prefix_cache else NaivePrefixCache()
+        if isinstance(self.tree, RadixTree):
+            self.tree.on_evict = self.storage.evicted
         self.stats = CacheStats()
         self._handles: dict[int, KVHandle] = {}
         self._ids = itertools.count()
@@ -70,7 +72,9 @@ class CacheManager:
         self.stats.lookups += 1
         self.stats.lookup_tokens += len(ids)
         self.stats.hit_tokens += len(slots)
-        return self._new_handle(list(slots), node)
+        handle = self._new_handle(list(slots), node)
+        self.storage.opened(handle)
+        return handle
 
     def shares_uncached_prefix(self, ids: list[int], others: list[list[int]]) -> bool:
         """Whether ``ids`` shares at least ``SHARED_PREFIX_DEFER`` tokens, not all in the cache yet,
@@ -112,7 +116,7 @@ class CacheManager:
             del handle.slots[n:]
             self.storage.truncated(handle, n)
         node = handle.node
-        while node is not None and _path_len(node) > n:
+        while node is not None and path_len(node) > n:
             node = node.parent
         if node is not handle.node:
             self.tree.lock(node)
@@ -128,15 +132,18 @@ class CacheManager:
         k = len(handle.slots)
         if len(ids) < k:
             raise ValueError("commit needs the token ids of every computed slot")
+        before = self.tree.num_cached_tokens
         node = self.tree.insert(list(ids[:k]), handle.slots)
         if node is None:
             return
+        adopted = self.tree.num_cached_tokens - before  # the last `adopted` positions are new to the cache
         cached, node = self.tree.match_prefix(list(ids[:k]))
         dupes = [i for i in range(k) if cached[i] != handle.slots[i]]
         if dupes:
             self.pool.incref([cached[i] for i in dupes])
             self.pool.decref([handle.slots[i] for i in dupes])
             handle.slots[:] = cached
+        self.storage.committed(handle, k - adopted, dupes)
         self.tree.lock(node)
         self.tree.unlock(handle.node)
         handle.node = node
@@ -179,14 +186,6 @@ class CacheManager:
         handle = KVHandle(next(self._ids), slots, node)
         self._handles[handle.hid] = handle
         return handle
-
-
-def _path_len(node) -> int:
-    n = 0
-    while node is not None:
-        n += len(node.key)
-        node = node.parent
-    return n
 
 
 __all__ = ["CacheFullError", "CacheManager", "CacheStats", "KVHandle"]

@@ -32,6 +32,7 @@ class RadixTree(PrefixCache):
         self.root.lock_ref = 1  # the root is never evicted
         self._clock = itertools.count(1)
         self.num_cached_tokens = 0
+        self.on_evict = None  # called with (slots, first position) before a leaf's slots are dropped
 
     def match_prefix(self, ids: list[int]) -> tuple[list[int], RadixNode]:
         """Longest cached prefix of ``ids``: its slots and the node where it ends.
@@ -95,6 +96,8 @@ class RadixTree(PrefixCache):
         freed = 0
         while heap and freed < num_tokens:
             _, _, leaf = heapq.heappop(heap)
+            if self.on_evict is not None:
+                self.on_evict(leaf.slots, path_len(leaf.parent))
             freed += self.pool.decref(leaf.slots)
             self.num_cached_tokens -= len(leaf.key)
             parent = leaf.parent
@@ -143,6 +146,15 @@ class RadixTree(PrefixCache):
             node = stack.pop()
             yield node
             stack.extend(node.children.values())
+
+
+def path_len(node: RadixNode | None) -> int:
+    """Tokens on the path from the root down to and including ``node``."""
+    n = 0
+    while node is not None:
+        n += len(node.key)
+        node = node.parent
+    return n
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:

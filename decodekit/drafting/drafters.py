@@ -418,7 +418,9 @@ def int8_backend(target):
 
     model = getattr(target, "model", None)
     if model is None:
-        raise ValueError("draft='int8' needs a transformers (HF) target backend")
+        raise ValueError("draft='int8' needs a transformers (HF) target backend: an int8 copy has no meaning on a "
+                         "quantized llama.cpp model (its weights already run quantized); use draft='ngram' or a "
+                         "draft model")
     with unpacked(model):
         quantized = _quantize_dynamic(copy.deepcopy(model).cpu())
     return HFBackend(quantized, target.tokenizer, name=f"{target.name}:int8", cache_tokens=target.cache.capacity)
