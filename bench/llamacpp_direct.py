@@ -13,7 +13,8 @@ import numpy as np
 class DirectLlama:
     """One llama.cpp model and context, driven by hand."""
 
-    def __init__(self, model_path: str, *, n_ctx: int = 4096, n_threads: int = 2, n_seq_max: int = 16, flash_attn: int = -1):
+    def __init__(self, model_path: str, *, n_ctx: int = 4096, n_threads: int = 2, n_seq_max: int = 16,
+                 flash_attn: int = -1):
         import llama_cpp as L
 
         self.L = L

@@ -72,7 +72,9 @@ def _add_profile(sub) -> None:
     p.add_argument("--context", type=int, default=256, help="tokens of context each timed row extends")
     p.add_argument("--reps", type=int, default=5, help="timed rounds (medians); a warm-up round comes first")
     p.add_argument("--output", default=None, help="where to save (default: the path Speculative reads)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (as the server will run)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (as the server will run); "
+                   "llama.cpp's threads with --backend llamacpp")
+    p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help="transformers (hf) or llama.cpp")
     p.set_defaults(func=_profile)
 
 
@@ -80,14 +82,17 @@ def _profile(args) -> int:
     from pathlib import Path
 
     from decodekit.backends.timing import measure_profile
-    from decodekit.models import load_backend
+    from decodekit.models import load_backend, load_llamacpp_backend
     from decodekit.profiles import device_of, profile_path
 
-    if args.threads:
-        import torch
+    if args.backend == "llamacpp":
+        backend = load_llamacpp_backend(args.model, n_ctx=4 * args.context + 64, n_threads=args.threads)
+    else:
+        if args.threads:
+            import torch
 
-        torch.set_num_threads(args.threads)
-    backend = load_backend(args.model, dtype=args.dtype, device=args.device, cache_tokens=4 * args.context + 64)
+            torch.set_num_threads(args.threads)
+        backend = load_backend(args.model, dtype=args.dtype, device=args.device, cache_tokens=4 * args.context + 64)
     profile = measure_profile(backend, context=args.context, reps=args.reps,
                               progress=lambda text: print(f"decodekit profile: {text}", file=sys.stderr))
     path = Path(args.output) if args.output else profile_path(backend.name, device_of(backend))

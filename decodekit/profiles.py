@@ -110,6 +110,16 @@ CPU_PROFILE = SpeculationProfile(
     verify_cost=(1.0, 1.05, 1.12, 1.25, 1.32, 1.37, 1.41, 1.45, 1.55, 1.65, 1.7, 1.75, 1.8, 1.85, 1.9, 1.95, 2.0),
     width_cost=interpolate({1: 0.05, 2: 0.1, 4: 0.15, 8: 0.22, 16: 0.3, 32: 0.4}, WIDTH_BATCHES),
     source="default: CPU (SmolLM2-135M, 2 cores)")
+# llama.cpp on CPU (SmolLM2-135M Q4_1, 2 threads): a k-token verify row costs about 1 + 0.45 (k - 1) single
+# steps (a step's cost grows with its tokens, unlike the transformers path's near-flat verify), and a batch of
+# b one-token rows about 1 + 0.46 (b - 1) (104 tokens/s at 1 row, ~200 at 8): widening a step of b rows by one
+# position (b more tokens) adds 0.46 b / (1 + 0.46 (b - 1)) of it, so drafts rarely pay in wide batches here.
+# `decodekit profile --backend llamacpp` measures a machine's own.
+LLAMACPP_CPU_PROFILE = SpeculationProfile(
+    verify_cost=tuple(round(1.0 + 0.45 * m, 4) for m in range(VERIFY_LENGTHS)),
+    width_cost=interpolate({b: round(0.46 * b / (1 + 0.46 * (b - 1)), 4) for b in (1, 2, 4, 8, 16, 32)},
+                           WIDTH_BATCHES),
+    source="default: llama.cpp CPU (SmolLM2-135M Q4_1, 2 threads)")
 CUDA_PROFILE = SpeculationProfile(verify_cost=tuple(1.0 + 0.01 * m for m in range(VERIFY_LENGTHS)),
                                   width_cost=(0.01,) * WIDTH_BATCHES, source="default: CUDA (launch-bound)")
 
@@ -134,6 +144,9 @@ def profile_for(backend) -> SpeculationProfile:
     path = profile_path(getattr(backend, "name", "model"), device)
     if path.exists():
         return SpeculationProfile.from_json(json.loads(path.read_text()), str(path))
+    own = getattr(backend, "default_profile", None)  # a backend whose costs differ from the torch path's
+    if own is not None:
+        return own
     return CUDA_PROFILE if device == "cuda" else CPU_PROFILE
 
 

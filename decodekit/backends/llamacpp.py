@@ -22,6 +22,7 @@ import torch
 from decodekit.backends.base import Backend
 from decodekit.cache import CacheFullError, CacheManager, KVHandle
 from decodekit.cache.base import KVStorage
+from decodekit.profiles import LLAMACPP_CPU_PROFILE
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids for handles and prefix-cache holders
 CELL_MARGIN = 64  # physical cells above the logical pool: the pool, not llama.cpp, runs out first
@@ -242,6 +243,7 @@ class LlamaCppBackend(Backend):
         self.sequences.make_room = self._evict_one_leaf
         self._batch = _Batch(L, n_batch)
         self.key_cost = 0.0
+        self.default_profile = None if n_gpu_layers else LLAMACPP_CPU_PROFILE
 
     # ---- the forward --------------------------------------------------------------------------
     def forward_rows(self, rows):
