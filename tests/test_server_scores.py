@@ -145,7 +145,7 @@ def test_penalties_and_logit_bias_through_the_client(srv, client):
     token = srv.backend.tokenizer.encode(" banana")[0]
     biased = client.completions.create(**{**kwargs, "max_tokens": 1}, logit_bias={str(token): 100})
     assert biased.choices[0].text == srv.backend.tokenizer.decode([token])
-    for extra, param in [({"presence_penalty": 1.0, "extra_body": {"decodekit": {"strategy": "tree"}}},
+    for extra, param in [({"presence_penalty": 1.0, "extra_body": {"decodekit": {"strategy": "best_of"}}},
                           "presence_penalty"), ({"logit_bias": {"99999999": 1}}, "logit_bias")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**{**kwargs, **extra})

@@ -2,7 +2,8 @@
 
 It decides, the engine computes: ``TreeStrategy`` plans one row per live leaf that needs logits and
 hands the logits back; the driver samples each leaf's token (its own generator, the engine's
-sampler, or AWRS under a constraint), applies the one stop rule (``output.stop_reason``) plus the
+sampler, or AWRS under a constraint; penalties and ``logit_bias`` with the leaf's own path as its
+history), applies the one stop rule (``output.stop_reason``) plus the
 rollout's early stops, splits leaves at segment boundaries and falls back when every path ended.
 
 Lanes: each node owns one KV lane (the root: a fork of the request's prompt); a child forks its
@@ -23,7 +24,7 @@ from decodekit.constraints.tokens import constrained_logp
 from decodekit.output import StopRule, stop_index
 from decodekit.rollout.budget import branch_weights, fallback_plan, next_width, split_budget
 from decodekit.rollout.records import _Node, _Tree
-from decodekit.sampling import entropy_bits, sample_token
+from decodekit.sampling import apply_penalties, entropy_bits, sample_token
 
 
 class TreeDriver:
@@ -41,13 +42,16 @@ class TreeDriver:
 
     # ---- one token per leaf -------------------------------------------------------------------
     def sample(self, leaves: list[_Node]) -> None:
-        """Sample one token per leaf (its own generator, the engine's ``sample_token``) and check stops."""
+        """Sample one token per leaf (its own generator, the engine's ``sample_token``) and check stops.
+        Penalties see the leaf's path (prompt, then every token from the root); log-probabilities and
+        entropies stay the raw model's."""
         logits = torch.stack([leaf.next_logits for leaf in leaves])  # (B, V)
         logp = torch.log_softmax(logits.float(), dim=-1)
         entropy = entropy_bits(logits)  # (B,)
         for i, leaf in enumerate(leaves):
-            token = self._draw(leaf) if self.checker is not None else sample_token(
-                leaf.next_logits, self.params, leaf.generator)
+            penalized = apply_penalties(leaf.next_logits, self.params, leaf.tree.prompt_ids, leaf.output_ids)
+            token = self._draw(leaf, penalized) if self.checker is not None else sample_token(
+                penalized, self.params, leaf.generator)
             if token < 0:
                 self._finish(leaf, "constraint_failed")
                 continue
@@ -62,9 +66,9 @@ class TreeDriver:
             if reason is not None:
                 self._finish(leaf, reason)
 
-    def _draw(self, leaf: _Node) -> int:
+    def _draw(self, leaf: _Node, logits: torch.Tensor) -> int:
         """A constrained token by AWRS (-1 at a dead end); the path's importance weight grows by log Z."""
-        logp = constrained_logp(leaf.next_logits, self.params, self.tokenizer)
+        logp = constrained_logp(logits, self.params, self.tokenizer)
         text = b"".join(self.checker.token_bytes[t] or b"" for t in leaf.output_ids)
         gen = None if self.params.greedy else leaf.generator
         draw = recursive_awrs(logp=logp, accept=self.checker.accept_fn(text), generator=gen)
