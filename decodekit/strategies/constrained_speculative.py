@@ -104,6 +104,7 @@ class ConstrainedSpeculative(Constrained):
         drafts = self.spec.choose_drafts(ctx, seqs, cut=lambda d, s: d if self._q_rule(s, d.q)
                                          else self._admissible_draft(ctx, s, d))
         drafts = [self._cut_sampled(s, d) if self._q_rule(s, d.q) else d for s, d in zip(seqs, drafts)]
+        self._masks_beside_forward(ctx, seqs)  # the block's first position (later ones follow its drafts)
         return [row for seq, draft in zip(seqs, drafts) if (row := verify_row(ctx, seq, draft)) is not None]
 
     def _q_rule(self, seq, q) -> bool:
@@ -279,6 +280,7 @@ class ConstrainedSpeculative(Constrained):
                 drafts = self._particle_draft(ctx, seq, st, p, ids)
                 rows.append(Row(seq, ids[len(p.lane):] + drafts, len(drafts) + 1, lane=p.lane,
                                 key=(p, drafts)))
+        self._masks_beside_forward(ctx, seqs)
         return rows
 
     def _particle_draft(self, ctx, seq, st, p, ids: list[int]) -> list[int]:
