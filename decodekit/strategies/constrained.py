@@ -25,7 +25,7 @@ import torch
 from decodekit.constraints.awrs import NEG_INF, TokenDraw, check_all, masked_sample, recursive_awrs
 from decodekit.constraints.base import Constraint, ConstraintTimeout, TokenChecker
 from decodekit.constraints.forced import ForcedText, forced_text
-from decodekit.constraints.masking import allowed_ids, mask_draws, masked_draw
+from decodekit.constraints.masking import mask_draws, mask_token_draw
 from decodekit.constraints.smc import (
     RESAMPLERS,
     Particle,
@@ -382,12 +382,11 @@ class Constrained(Strategy):
     def _mask_draw(self, seq, st, track: Particle, logits, accept, final: bool, gen) -> TokenDraw:
         """A draw on llguidance's mask: over the K allowed tokens only (EOS where the text is complete)."""
         st.checker.num_checks += 1  # the EOS decision
-        ids = allowed_ids(st.index, track.fsa_state, complete=self.constraint.complete_ok(track.text),
-                          eos_ids=st.checker.eos_ids, vocab=logits.shape[-1])
-        ids = self.constraint.mask_filter(track.text, ids, st.checker.token_bytes)
-        st.num_allowed = int(ids.numel())
-        return masked_draw(logits=process_logits(logits, seq.params), ids=ids, accept=accept, final=final,
-                           generator=gen, max_checks=FINAL_CHECKS)
+        draw, st.num_allowed = mask_token_draw(
+            st.index, track.fsa_state, self.constraint, track.text, process_logits(logits, seq.params),
+            eos_ids=st.checker.eos_ids, pieces=st.checker.token_bytes, accept=accept, final=final, generator=gen,
+            max_checks=FINAL_CHECKS)
+        return draw
 
     def _exact_mask(self, st, track: Particle, logp) -> torch.Tensor:
         allowed = st.index.allowed(track.fsa_state)[: logp.shape[-1]]
