@@ -271,3 +271,21 @@ def test_masks_filled_beside_the_forward_change_nothing(particles, monkeypatch):
     print("masks computed by draws: overlap on", on_calls, "off", off_calls, "draws", draws)
     assert off_calls > 2 * len(prompts) and draws > 0  # the draws computed their masks themselves
     assert on_calls <= (2 * len(prompts) if particles == 1 else 0)  # only first tokens from the prefill
+
+
+def test_prefetched_masks_equal_the_masks_a_draw_computes():
+    backend = MockBackend(vocab_size=16, seed=0)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for constraint in (Regex("(ab|c)[a-f]{3,8}"), JsonSchema(schema)):
+        index = constraint.index(backend.tokenizer)
+        fresh, states, state = GuidanceIndex(constraint.mask_grammar(), backend.tokenizer), [], index.initial()
+        for _ in range(6):
+            states.append(state)
+            ids = fresh.allowed_ids(state)
+            if not ids.numel():
+                break
+            state = index.next(state, int(ids[0]))
+        clones = [type(s)(s.matcher.deep_copy()) for s in states]
+        index.prefetch(clones + clones[:1])  # a state listed twice is filled once
+        for clone, state in zip(clones, states):
+            assert clone._ids is not None and torch.equal(clone._ids, fresh.allowed_ids(state))
