@@ -263,13 +263,13 @@ def outlines_core_bs1(llm, tasks: dict, max_new: int) -> dict:
     return out
 
 
-def overlap_effect(llm, tasks: dict, rounds: int, max_new: int) -> dict:
+def overlap_effect(llm, tasks: dict, rounds: int, max_new: int, keys=("json/8", "regex/8")) -> dict:
     """Masks filled beside the forward (``engine.overlap`` on: the default) vs by each draw (off: as
     before), greedy, the same items, ABBA rounds in this process: the same-round ratio of decode
     tokens/s, and the mask time per token left on the decode path (draws getting their allowed ids,
     plus the step's wait for the worker thread after its forward)."""
     out = {}
-    for key in ("json/8", "regex/8"):
+    for key in keys:
         task, size = BATCHES[key]
         items = tasks[task][:size]
         indexes = [c.index(llm.tokenizer) for _, c, _ in items]
