@@ -8,9 +8,9 @@ until either side advances, and a rejected speculative draft leaves the sequence
 was (verifying a draft walks copies; ``rollback`` is the matcher's own verb for callers that
 advance in place). Masks are llguidance's packed bitmasks (int32 words, 32 tokens each), filled
 into a reusable buffer and unpacked or applied to logits without a Python walk over the vocabulary.
-``GuidanceIndex.prefetch`` fills the next masks of many states at once on llguidance's own thread
-pool (Rust, the GIL released): strategies queue it beside the step's forward (``ctx.beside_forward``),
-so a draw finds its allowed ids computed; a state not prefetched computes them when asked, the same ids.
+``GuidanceIndex.prefetch`` fills the next masks of many states (Rust, the GIL released during each
+fill): strategies queue it beside the step's forward (``ctx.beside_forward``), so a draw finds its
+allowed ids computed; a state not prefetched computes them when asked, the same ids.
 
 EOS never comes from the mask: the strategies allow it where the constraint's own ``complete_ok``
 holds (``jsonschema`` for JSON), so the last word on validity stays exact.
@@ -26,6 +26,10 @@ from decodekit.constraints.tokens import token_bytes
 
 _ATTR = "_decodekit_lltokenizer"
 _EXECUTOR = None  # llguidance's thread pool for batched masks (``prefetch``), made on first use
+# True: ``prefetch`` fills a batch in one call on llguidance's pool. Off: on a CPU whose cores all run the
+# forward, the pool's threads slowed it (json/8 on 2 cores, interleaved: 0.72x and 0.80x of no overlap,
+# vs 1.15x for one matcher at a time on the worker thread); worth trying where cores are idle (GPU hosts).
+PREFETCH_POOL = False
 _SHIFTS = torch.arange(32, dtype=torch.int32)  # bit i of a mask word is token 32 * word + i
 
 
@@ -196,16 +200,21 @@ class GuidanceIndex:
         return self._buffer[0].clone()
 
     def prefetch(self, states) -> None:
-        """Compute ``allowed_ids`` of every state in ``states`` that lacks them, in one call on
-        llguidance's thread pool (GIL released while it fills the masks). Safe beside the step's forward:
-        only these states' caches are written, and nothing else reads them until the step's update."""
+        """Compute ``allowed_ids`` of every state in ``states`` that lacks them (each state once), one
+        matcher at a time on the calling thread (``PREFETCH_POOL``: in one call on llguidance's pool); the
+        GIL is released while a mask fills. Safe beside the step's forward: only these states' caches are
+        written, and nothing else reads them until the step's update."""
         todo = list({id(s): s for s in states if s is not None and s._ids is None}.values())
         if not todo:
             return
         words = torch.empty((len(todo), self._words), dtype=torch.int32)
         start = time.perf_counter()
-        _executor().unsafe_compute_mask_ptr([(s.matcher, i) for i, s in enumerate(todo)], words.data_ptr(),
-                                            self._words * 4, len(todo))
+        if PREFETCH_POOL:
+            _executor().unsafe_compute_mask_ptr([(s.matcher, i) for i, s in enumerate(todo)], words.data_ptr(),
+                                                self._words * 4, len(todo))
+        else:  # one matcher at a time on the calling thread (each call releases the GIL)
+            for i, state in enumerate(todo):
+                state.matcher.unsafe_compute_mask_ptr(words[i].data_ptr(), self._words * 4)
         _record(self.mask_us, [(time.perf_counter() - start) * 1e6 / len(todo)] * len(todo))
         for state, row in zip(todo, words):
             state._ids = bitmask_ids(row, self.vocab_size, drop=self._eos)
