@@ -264,11 +264,11 @@ def outlines_core_bs1(llm, tasks: dict, max_new: int) -> dict:
 
 
 def overlap_effect(llm, tasks: dict, rounds: int, max_new: int, keys=("json/8", "regex/8")) -> dict:
-    """Masks filled beside the forward (``engine.overlap`` on: the default) vs by each draw (off: as
-    before), greedy, the same items, ABBA rounds in this process: the same-round ratio of decode
-    tokens/s, and the mask time per token left on the decode path (draws getting their allowed ids,
-    plus the step's wait for the worker thread after its forward)."""
-    out = {}
+    """Masks filled beside the forward (``engine.overlap`` on; the default where the forward leaves a
+    core free) vs by each draw (off: as before), greedy, the same items, ABBA rounds in this process: the
+    same-round ratio of decode tokens/s, and the mask time per token left on the decode path (draws
+    getting their allowed ids, plus the step's wait for the worker thread after its forward)."""
+    out, default = {}, llm.engine.overlap
     for key in keys:
         task, size = BATCHES[key]
         items = tasks[task][:size]
@@ -286,7 +286,7 @@ def overlap_effect(llm, tasks: dict, rounds: int, max_new: int, keys=("json/8", 
                 path[overlap][0] += sum(sum(ix.path_us) for ix in indexes) + 1e6 * (
                     llm.engine.stats()["beside_wait_s"] - wait)
                 path[overlap][1] += sum(run["tokens"])
-        llm.engine.overlap = True
+        llm.engine.overlap = default
         out[key] = {"on_vs_off": round(paired_ratio(rates[True], rates[False]), 3),
                     "mask_path_us_per_token": {("on" if k else "off"): round(us / max(n, 1), 1)
                                                for k, (us, n) in path.items()},

@@ -148,10 +148,11 @@ class StepContext:
     def beside_forward(self, task) -> None:
         """Run ``task()`` on a worker thread while this step's forward runs (planned from ``plan``); the
         engine waits for it before any ``update``. For CPU work the next draw needs and the forward does
-        not (a constraint's next masks: llguidance computes them with the GIL released). A task only fills
-        caches the strategy would otherwise fill in ``update``: the engine may also skip it
-        (``Engine.overlap = False``), and a task that raises leaves them unfilled (``update`` computes them,
-        meeting the error where it is isolated to the strategy's requests)."""
+        not (a constraint's next masks: llguidance computes them with the GIL released). A task only
+        fills caches the strategy would otherwise fill in ``update``: the engine may also skip it
+        (``Engine.overlap``: off by default where the forward uses every CPU core), and a task that raises
+        leaves them unfilled (``update`` computes them, meeting the error where it is isolated to the
+        strategy's requests)."""
         self._engine.beside.append(task)
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -234,6 +234,7 @@ def test_work_beside_the_forward_runs_on_another_thread_during_it():
             return super().update(ctx, seqs, rows)
 
     llm = LLM(backend=Waiting(vocab_size=16, seed=0))
+    llm.engine.overlap = True  # the default where the forward leaves a core free (engine.overlap_default)
     out = llm.generate("abc", strategy=Queueing(), max_new_tokens=4, temperature=0, ignore_eos=True)
     assert len(out.token_ids) == 4
     assert seen["overlapped"] and seen["done_before_update"] and seen["thread"] != threading.get_ident()
