@@ -1,8 +1,10 @@
-"""Helpers every benchmark script shares: data loading, interleaved timing, result files."""
+"""Helpers every benchmark script shares: data loading (the regex patterns, schemas), interleaved timing,
+result files."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import statistics
@@ -48,6 +50,12 @@ def spec_bench(per_category: int, categories: list[str] | None = None) -> list[d
             counts[q["category"]] = counts.get(q["category"], 0) + 1
             out.append(q)
     return out
+
+
+def patterns() -> list[str]:
+    """The regular expressions of ``pattern_matching/patterns.csv`` (its ``regex`` column), in file order."""
+    with (DATA / "pattern_matching" / "patterns.csv").open() as f:
+        return [row["regex"] for row in csv.DictReader(f)]
 
 
 def compiling_schemas(folder: Path, max_chars: int, compile_fn):

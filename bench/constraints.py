@@ -16,11 +16,10 @@ per token), so the masked grammar run is limited to a few tokens of one prompt.
 
 from __future__ import annotations
 
-import csv
 import random
 import time
 
-from decodekit.bench.common import DATA, compiling_schemas, md_table, median, parser, write_results
+from decodekit.bench.common import DATA, compiling_schemas, md_table, median, parser, patterns, write_results
 
 from decodekit.api import LLM
 from decodekit.constraints import Grammar, JsonSchema, Regex
@@ -58,7 +57,7 @@ def default_engine(constraint):
 
 
 def pattern_task(k: int) -> list[tuple[str, object, str]]:
-    rows = [r["regex"] for r in csv.DictReader((DATA / "pattern_matching" / "patterns.csv").open())]
+    rows = patterns()
     picked = random.Random(0).sample(rows, k)
     return [(f"Write a string that matches the regular expression {p}\nString: ", Regex(p, automaton=False), p)
             for p in picked]

@@ -95,11 +95,12 @@ class LLM:
             raise ValueError("prompts is empty")
         tree = tree or TreeRollout()
         params = sampling_params(**sampling)
+        strategy = TreeStrategy(tree)
+        check_penalties(strategy, params, self.engine)  # also before a request-level backend's own driver
         encoded = [self.encode_prompt(p) for p in batch]
         if getattr(self.backend, "tree_rollout", None) is not None:  # a request-level backend's own driver
             results = tree.run(self.backend, [ids for _, ids in encoded], params, texts=[t for t, _ in encoded])
             return results[0] if single else results
-        strategy = TreeStrategy(tree)
         done = self._complete([(text, ids) for text, ids in encoded], params, strategy)
         results = [c.stats.extra["rollout"] for c in done]
         return results[0] if single else results

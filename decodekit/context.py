@@ -46,7 +46,8 @@ class Lane:
 
 
 class StepContext:
-    """The engine as a strategy sees it: lanes, rows, finishing, and read-only facts about the step.
+    """The engine as a strategy sees it: lanes, rows, work beside the forward, finishing, and read-only
+    facts about the step.
 
     One context per engine; ``batch_size`` and ``num_waiting`` describe the step being planned."""
 
@@ -143,6 +144,16 @@ class StepContext:
     def forward(self, seqs: list[Sequence], new_ids: list[list[int]], num_logits=1):
         """A main-model forward of its own over ``seqs``' main KV (one-call ``Strategy.step``)."""
         return self._engine.forward(seqs, new_ids, num_logits)
+
+    def beside_forward(self, task) -> None:
+        """Run ``task()`` on a worker thread while this step's forward runs (planned from ``plan``); the
+        engine waits for it before any ``update``. For CPU work the next draw needs and the forward does
+        not (a constraint's next masks: llguidance computes them with the GIL released). A task only
+        fills caches the strategy would otherwise fill in ``update``: the engine may also skip it
+        (``Engine.overlap``: off by default where the forward uses every CPU core), and a task that raises
+        leaves them unfilled (``update`` computes them, meeting the error where it is isolated to the
+        strategy's requests)."""
+        self._engine.beside.append(task)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End ``seq`` now with ``reason`` (e.g. "constraint_failed"); the engine releases its lanes."""

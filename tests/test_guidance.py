@@ -195,3 +195,98 @@ def test_json_numbers_are_written_in_plain_decimal():
         out = llm.generate("1", strategy=Constrained(c), max_new_tokens=8, seed=seed, temperature=1.5)
         assert out.finish_reason != "constraint_failed" and "e" not in out.text.lower(), out.text
         assert c.complete_ok(out.text)
+
+
+# ---- masks filled beside the forward ---------------------------------------------------------------
+def test_work_beside_the_forward_runs_on_another_thread_during_it():
+    """A task queued from ``plan`` runs while the forward runs (each waits for the other to have started:
+    serial execution would time out) and is done before ``update``."""
+    import threading
+
+    from decodekit.strategies.sample import Sample
+
+    started, done, seen = threading.Event(), threading.Event(), {}
+
+    class Waiting(MockBackend):
+        def forward(self, handles, new_ids, num_logits):
+            if seen.get("queued"):
+                started.set()
+                seen["overlapped"] = done.wait(5.0)
+            return super().forward(handles, new_ids, num_logits)
+
+    class Queueing(Sample):
+        def plan(self, ctx, seqs):
+            rows = super().plan(ctx, seqs)
+            if not seen.get("queued"):
+                seen["queued"] = True
+
+                def task():
+                    seen["thread"] = threading.get_ident()
+                    if started.wait(5.0):
+                        done.set()
+
+                ctx.beside_forward(task)
+            return rows
+
+        def update(self, ctx, seqs, rows):
+            if "queued" in seen:
+                seen.setdefault("done_before_update", done.is_set())
+            return super().update(ctx, seqs, rows)
+
+    llm = LLM(backend=Waiting(vocab_size=16, seed=0))
+    llm.engine.overlap = True  # the default where the forward leaves a core free (engine.overlap_default)
+    out = llm.generate("abc", strategy=Queueing(), max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert len(out.token_ids) == 4
+    assert seen["overlapped"] and seen["done_before_update"] and seen["thread"] != threading.get_ident()
+    assert llm.engine.stats()["beside_wait_s"] >= 0.0
+
+
+@pytest.mark.parametrize("particles", [1, 3])
+def test_masks_filled_beside_the_forward_change_nothing(particles, monkeypatch):
+    """Greedy and seeded outputs are the same with the masks filled beside the forward or by each draw;
+    with the overlap on, the draws find them filled (llguidance's one-state mask is computed only for the
+    first token, which comes from the prefill's logits without a plan)."""
+    calls = {"n": 0}
+    single = GuidanceIndex.bitmask
+
+    def counted(self, state):
+        calls["n"] += 1
+        return single(self, state)
+
+    monkeypatch.setattr(GuidanceIndex, "bitmask", counted)
+    prompts = ["ab", "cab", "bad", "c"]
+    outs = {}
+    for overlap in (True, False):
+        llm = LLM(backend=MockBackend(vocab_size=16, seed=0, cache_tokens=4096))
+        llm.engine.overlap = overlap
+        calls["n"] = 0
+        runs = [llm.generate(prompts, strategy=Constrained(Regex("(ab|c)[a-f]{3,8}"), num_particles=particles),
+                             max_new_tokens=12, **sampling)
+                for sampling in (dict(temperature=0), dict(temperature=1.0, seed=4))]
+        outs[overlap] = ([[c.token_ids for c in run] for run in runs], calls["n"],
+                         sum(c.stats.extra["token_draws"] for run in runs for c in run))
+    assert outs[True][0] == outs[False][0]
+    assert all(Regex("(ab|c)[a-f]{3,8}").complete_ok(t) for run in outs[True][0] for t in
+               [MockBackend(vocab_size=16, seed=0).tokenizer.decode(ids) for ids in run])
+    on_calls, off_calls, draws = outs[True][1], outs[False][1], outs[False][2]
+    print("masks computed by draws: overlap on", on_calls, "off", off_calls, "draws", draws)
+    assert off_calls > 2 * len(prompts) and draws > 0  # the draws computed their masks themselves
+    assert on_calls <= (2 * len(prompts) if particles == 1 else 0)  # only first tokens from the prefill
+
+
+def test_prefetched_masks_equal_the_masks_a_draw_computes():
+    backend = MockBackend(vocab_size=16, seed=0)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for constraint in (Regex("(ab|c)[a-f]{3,8}"), JsonSchema(schema)):
+        index = constraint.index(backend.tokenizer)
+        fresh, states, state = GuidanceIndex(constraint.mask_grammar(), backend.tokenizer), [], index.initial()
+        for _ in range(6):
+            states.append(state)
+            ids = fresh.allowed_ids(state)
+            if not ids.numel():
+                break
+            state = index.next(state, int(ids[0]))
+        clones = [type(s)(s.matcher.deep_copy()) for s in states]
+        index.prefetch(clones + clones[:1])  # a state listed twice is filled once
+        for clone, state in zip(clones, states):
+            assert clone._ids is not None and torch.equal(clone._ids, fresh.allowed_ids(state))

@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import httpx
 import jsonschema
-import openai
 import pytest
-from decodekit.servers.openai.app import ServerThread, create_app
-
-from decodekit.api import LLM
+from server_fixtures import MODEL, openai_server
 
 pytestmark = pytest.mark.real
 
-MODEL = "smollm2-135m"
 ADD = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}
 TOOL = {"type": "function", "name": "add", "description": "Add two integers", "parameters": ADD}
 
 
-@pytest.fixture(scope="module")
-def srv(smollm):
-    app = create_app(LLM(backend=smollm), model_name=MODEL, max_queue=64)
-    thread = ServerThread(app).start()
-    yield SimpleNamespace(url=thread.url, server=app.state.server)
-    thread.stop()
-    assert smollm.cache.num_open_handles == 0
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=600)
+srv, client = openai_server()
 
 
 def test_text_equals_the_chat_answer_and_defaults_pass(client):

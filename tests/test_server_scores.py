@@ -5,34 +5,19 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 import torch
-from decodekit.servers.openai.app import ServerThread, create_app
-
-from decodekit.api import LLM
+from server_fixtures import MODEL, openai_server
 
 pytestmark = pytest.mark.real
 
-MODEL = "smollm2-135m"
 TEXT = "The capital of France is Paris, and the capital of Italy is Rome."
 
 
-@pytest.fixture(scope="module")
-def srv(smollm):
-    app = create_app(LLM(backend=smollm), model_name=MODEL, max_queue=64)
-    thread = ServerThread(app).start()
-    yield SimpleNamespace(url=thread.url, server=app.state.server, backend=smollm)
-    thread.stop()
-    assert smollm.cache.num_open_handles == 0
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=600)
+srv, client = openai_server()
 
 
 def forward_logprobs(backend, ids: list[int]) -> torch.Tensor:
@@ -130,6 +115,60 @@ def test_lm_eval_local_completions_loglikelihoods(srv, tmp_path):
     print("lm-eval acc", results["results"]["dk_mc"]["acc,none"])
 
 
+OPEN = ["Q: What is the capital of France?\nA:", "Q: What colour is the sky on a clear day?\nA:",
+        "Complete the list: apples, pears,", "Q: How many legs does a spider have?\nA:",
+        "The first month of the year is"]
+UNTIL = ["\n", "."]
+
+
+def _greedy_reference(backend, context: str, max_new: int) -> tuple[str, str]:
+    """(transformers' own float32 greedy continuation of ``context``, no decodekit cache, cut at the first
+    stop sequence; the same uncut), as lm-eval's ``hf`` model generates it."""
+    hf = backend.tokenizer.hf
+    ids = torch.tensor([hf(context, add_special_tokens=False).input_ids], device=backend.model.device)
+    with torch.no_grad():
+        out = backend.model.generate(ids, max_new_tokens=max_new, do_sample=False, attention_mask=torch.ones_like(ids),
+                                     pad_token_id=hf.eos_token_id)
+    text = hf.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    cut = min([i for i in (text.find(u) for u in UNTIL) if i >= 0], default=len(text))
+    return text[:cut], text
+
+
+def test_lm_eval_local_completions_generate_until(srv, tmp_path):
+    """lm-eval 0.4.13's ``local-completions`` generate-until (greedy, stop sequences, ``max_gen_toks``) on a
+    local task: every answer equals transformers' own greedy continuation cut at the first stop sequence,
+    and the stop sequences cut some of them (the server applied them, not only the token limit)."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the test extra")
+    from lm_eval.tasks import TaskManager
+
+    max_new = 16
+    data = tmp_path / "open.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": ""}) + "\n" for q in OPEN))
+    (tmp_path / "dk_gen.yaml").write_text(
+        "task: dk_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: " + json.dumps(UNTIL) + f"\n  max_gen_toks: {max_new}\n  do_sample: false\n"
+        "  temperature: 0.0\nmetric_list:\n  - metric: exact_match\n")
+    results = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["dk_gen"], task_manager=TaskManager(include_path=str(tmp_path)),
+        model_args=f"model={MODEL},base_url={srv.url}/v1/completions,num_concurrent=1,max_retries=1,"
+                   "tokenizer_backend=remote,tokenized_requests=True",
+        log_samples=True, limit=None)
+    samples = results["samples"]["dk_gen"]
+    assert len(samples) == len(OPEN)
+    cut_by_stop = 0
+    for sample in samples:
+        context = sample["arguments"][0][0]
+        got = sample["resps"][0][0]
+        want, uncut = _greedy_reference(srv.backend, context, max_new)
+        assert got == want, (context, got, want)
+        assert not any(u in got for u in UNTIL)
+        cut_by_stop += want != uncut
+        print("generate_until", repr(context), "->", repr(got))
+    assert cut_by_stop >= 2, "the task must exercise the stop sequences"
+    assert srv.backend.cache.num_open_handles == 0
+
+
 def test_penalties_and_logit_bias_through_the_client(srv, client):
     """Penalties reach the sampler (same text as the Python API), speculative greedy equals plain greedy
     with them, and a strategy that cannot honour them is a 400 naming the field."""
@@ -145,7 +184,7 @@ def test_penalties_and_logit_bias_through_the_client(srv, client):
     token = srv.backend.tokenizer.encode(" banana")[0]
     biased = client.completions.create(**{**kwargs, "max_tokens": 1}, logit_bias={str(token): 100})
     assert biased.choices[0].text == srv.backend.tokenizer.decode([token])
-    for extra, param in [({"presence_penalty": 1.0, "extra_body": {"decodekit": {"strategy": "tree"}}},
+    for extra, param in [({"presence_penalty": 1.0, "extra_body": {"decodekit": {"strategy": "best_of"}}},
                           "presence_penalty"), ({"logit_bias": {"99999999": 1}}, "logit_bias")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**{**kwargs, **extra})

@@ -10,13 +10,10 @@ from types import SimpleNamespace
 import jsonschema
 import openai
 import pytest
-from decodekit.servers.openai.app import ServerThread, create_app
-
-from decodekit.api import LLM
+from server_fixtures import MODEL, openai_server
 
 pytestmark = pytest.mark.real
 
-MODEL = "smollm2-135m"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"},
                                             "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
            "required": ["city"]}
@@ -30,18 +27,7 @@ NEEDS_TOOL = ["Use the get_weather tool to get the weather in Paris.", "Use the 
               "Use the get_weather tool to get the weather in Berlin."]
 
 
-@pytest.fixture(scope="module")
-def srv(smollm):
-    app = create_app(LLM(backend=smollm), model_name=MODEL, max_queue=64)
-    thread = ServerThread(app).start()
-    yield SimpleNamespace(url=thread.url, server=app.state.server)
-    thread.stop()
-    assert smollm.cache.num_open_handles == 0
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=600)
+srv, client = openai_server()
 
 
 def ask(text: str) -> list[dict]:

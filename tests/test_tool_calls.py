@@ -41,7 +41,25 @@ def test_required_allows_only_a_valid_call_block():
     assert not c.prefix_ok(OPEN + '[{"name": "mul"')
     assert not c.prefix_ok(OPEN + '[{"name": "add", "arguments": {"a": "x"')
     assert not c.prefix_ok(call + "more") and not c.complete_ok(call[:-1])
-    assert c.has_mask and constraint(text_allowed=True).mask_grammar() is None  # llguidance: exact masks
+    assert c.has_mask  # llguidance: exact masks
+
+
+@pytest.mark.parametrize("text_allowed", [False, True])
+def test_the_mask_grammar_agrees_with_the_checker(text_allowed):
+    """``auto``'s lazy grammar (free text, then the call block once the marker appears) and ``required``'s
+    block grammar decide complete texts and prefixes as the checker does."""
+    from decodekit.constraints.guidance import ByteMatcher
+
+    c = constraint(text_allowed)
+    matcher = ByteMatcher(c.mask_grammar())
+    call = OPEN + '[{"name": "add", "arguments": {"a": 1, "b": 2}}]' + CLOSE
+    texts = ["", "hello there.", "It is sunny <tool", call, "Let me add. " + call, OPEN + "\n" + call[len(OPEN):],
+             "hi " + OPEN + "oops", call + "more", "x" + OPEN + "{", OPEN + '[{"name": "mul"',
+             OPEN + '[{"name": "add", "arguments": {"a": "x"', call[:-3]]
+    for text in texts:
+        taken, complete = matcher.accepts(text.encode())
+        assert complete == c.complete_ok(text), text
+        assert (taken == len(text.encode())) == c.prefix_ok(text), text
 
 
 def test_auto_allows_free_text_then_a_checked_call():
@@ -89,8 +107,8 @@ def test_mock_model_calls_always_validate(text_allowed):
             jsonschema.validate(call["arguments"], TOOLS[call["name"]]["parameters"])
         assert out.text.endswith(CLOSE) and (text_allowed or text == "")
     # required: every answer is a call (the mask). auto on this nonsense model: text, or a call that
-    # validates, never a malformed one (the checker path lets its calls wander in number digits and key
-    # strings, so few finish within the length); the call rate is measured on SmolLM2 (test_server_tools)
+    # validates (the lazy grammar masks the block once the marker appears), never a malformed one; the
+    # call rate is measured on SmolLM2 (test_server_tools)
     if not text_allowed:
         assert num_calls > 0 and num_text == 0
     llm.backend.cache.check_integrity()

@@ -343,3 +343,55 @@ def test_constrained_segments(ctx_mock):
     assert ctx_mock.cache.num_open_handles == 0
     with pytest.raises(ValueError, match="constraint"):
         TreeRollout(constraint="[a-c]+")
+
+
+def _masked_log_z(backend, prompt: list[int], tokens: list[int], allowed_at) -> float:
+    """Sum over positions of log Z = log of the mass the mask allows there (temperature 1)."""
+    total = 0.0
+    for j in range(len(tokens) + 1):
+        logp = torch.log_softmax(backend.exact_logits(prompt + tokens[:j]).double(), -1)
+        total += float(torch.logsumexp(logp[sorted(allowed_at(j))], 0))
+    return total
+
+
+@pytest.mark.parametrize("shape", ["flat", "branching"])
+def test_constrained_leaves_draw_from_the_exact_mask(shape, one_thread):
+    """A constraint with a mask grammar (llguidance): each tree node holds a matcher state (forks share
+    their parent's), every leaf draws from the exact masked distribution: paths are valid, a path's log
+    weight is exactly the sum of its positions' log Z (AWRS would give a random unbiased estimate), and
+    the first two tokens follow the masked reference (chi-square)."""
+    from test_speculative import chi2_pvalue
+
+    from decodekit.constraints import Regex
+
+    n, vocab, letters = (1500, 16, "abcdefgh") if shape == "flat" else (8, 16, "abcdefgh")
+    target = MockBackend(vocab_size=vocab, seed=0, cache_tokens=n * 12 + 256)
+    regex = Regex(f"[{letters}]{{4}}")
+    assert regex.mask_grammar() is not None
+    tree = (TreeRollout(segment_len=2, branch_factor=1, max_width=n, first_split=n, early_stop=None, fallback=False,
+                        constraint=regex) if shape == "flat" else
+            TreeRollout(segment_len=1, branch_factor=2, max_width=n, first_split=2, early_stop=None, constraint=regex))
+    result = LLM(backend=target).rollout("abcab", tree, max_new_tokens=6, seed=3, temperature=1.0)
+    prompt = target.tokenizer.encode("abcab")
+    ids = {target.tokenizer.encode(c)[0] for c in letters}
+    eos = set(target.tokenizer.eos_token_ids)
+    assert len(result.trajectories) == n
+    for t in result.trajectories:
+        assert t.valid and t.finish_reason == "stop" and len(t.token_ids) == 4
+        want = _masked_log_z(target, prompt, list(t.token_ids), lambda j: ids if j < 4 else eos)
+        assert t.log_weight == pytest.approx(want, abs=1e-6)
+    if shape == "branching":
+        assert max(node.depth for node in result.nodes) >= 4 and len(result.nodes) > n
+    else:
+        counts = torch.zeros(vocab * vocab)
+        for t in result.trajectories:
+            counts[t.token_ids[0] * vocab + t.token_ids[1]] += 1
+        first = torch.log_softmax(target.exact_logits(prompt).double(), -1).exp()
+        keep = torch.zeros(vocab, dtype=torch.bool)
+        keep[sorted(ids)] = True
+        first = first.masked_fill(~keep, 0) / first.masked_fill(~keep, 0).sum()
+        second = torch.stack([torch.log_softmax(target.exact_logits(prompt + [a]).double(), -1).exp() for a in
+                              range(vocab)]).masked_fill(~keep, 0)
+        second = second / second.sum(-1, keepdim=True)
+        assert chi2_pvalue(counts, (first.unsqueeze(1) * second).flatten().float()) > 1e-3
+    assert target.cache.num_open_handles == 0

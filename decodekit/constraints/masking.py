@@ -50,3 +50,16 @@ def masked_draw(*, logits: torch.Tensor, ids: torch.Tensor, accept: Callable[[in
         return TokenDraw(int(ids[int(logp.argmax())]), log_z, 0)
     pick = int(torch.multinomial((logp - log_z).exp(), 1, generator=generator))
     return TokenDraw(int(ids[pick]), log_z, 0)
+
+
+def mask_token_draw(index, state, constraint, text: bytes, logits: torch.Tensor, *, eos_ids, pieces,
+                    accept: Callable[[int], bool], final: bool, generator: torch.Generator | None,
+                    max_checks: int) -> tuple[TokenDraw, int]:
+    """(the draw, how many tokens the mask allowed) of one constrained token on llguidance's mask after
+    ``text`` (matcher ``state``): EOS where ``constraint.complete_ok(text)``, the ids narrowed to the
+    generation layout, then ``masked_draw`` on the request's processed ``logits``. The one form of it
+    for ``Constrained`` (sequences, particles) and constrained tree leaves."""
+    ids = allowed_ids(index, state, complete=constraint.complete_ok(text), eos_ids=eos_ids, vocab=logits.shape[-1])
+    ids = constraint.mask_filter(text, ids, pieces)
+    draw = masked_draw(logits=logits, ids=ids, accept=accept, final=final, generator=generator, max_checks=max_checks)
+    return draw, int(ids.numel())

@@ -127,17 +127,24 @@ class ToolCall(Constraint):
         return block, json_end(block)
 
     def mask_grammar(self) -> str | None:
-        """Without free text: llguidance's grammar of the markers around the calls' JSON schema (exact
-        masks, forced tokens between the markers); built once."""
+        """llguidance's grammar of the output (exact masks, forced tokens in the call block), built once:
+        the markers around the calls' JSON schema; with free text (``auto``) a lazy grammar: any text, or
+        text up to the first opening marker (a lazy lexeme: the marker triggers the call) and then the
+        call block, so once a call starts the rest is masked exactly and text never goes on past a marker."""
         if "_mask" not in self.__dict__:
             schema = getattr(self.calls, "schema", None)
             self._mask = None
-            if not self.text_allowed and schema is not None and self.calls.mask_grammar() is not None:
+            if schema is not None and self.calls.mask_grammar() is not None:
                 from decodekit.constraints.guidance import lark_grammar
 
-                lark = (f"start: {json.dumps(self.open)} PAD calls PAD {json.dumps(self.close)}\n"
-                        f"PAD: /[ \\n]{{0,{MAX_PAD}}}/\n"
-                        f"calls: %json {json.dumps(schema)}\n")
+                block = f"PAD calls PAD {json.dumps(self.close)}"
+                if self.text_allowed:
+                    head = ("%llguidance {}\nstart: TEXT | call\n"
+                            f"call_trigger[lazy]: TEXT {json.dumps(self.open)}\ncall: call_trigger {block}\n"
+                            "TEXT: /(.|\\n)*/\n")
+                else:
+                    head = f"start: {json.dumps(self.open)} {block}\n"
+                lark = head + f"PAD: /[ \\n]{{0,{MAX_PAD}}}/\ncalls: %json {json.dumps(schema)}\n"
                 self._mask = lark_grammar(lark)
         return self._mask
 

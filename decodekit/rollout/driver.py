@@ -2,8 +2,11 @@
 
 It decides, the engine computes: ``TreeStrategy`` plans one row per live leaf that needs logits and
 hands the logits back; the driver samples each leaf's token (its own generator, the engine's
-sampler, or AWRS under a constraint), applies the one stop rule (``output.stop_reason``) plus the
-rollout's early stops, splits leaves at segment boundaries and falls back when every path ended.
+sampler; under a constraint the exact llguidance mask where the constraint has one, each node holding
+its matcher state (a fork shares its parent's: states are values), AWRS otherwise; penalties and
+``logit_bias`` with the leaf's own path as its history), applies the one stop rule
+(``output.stop_reason``) plus the rollout's early stops, splits leaves at segment boundaries and
+falls back when every path ended.
 
 Lanes: each node owns one KV lane (the root: a fork of the request's prompt); a child forks its
 parent's lane, so a shared prefix lives once in the KV cache. A finished leaf closes its lane,
@@ -19,11 +22,12 @@ import torch
 
 from decodekit.constraints.awrs import recursive_awrs
 from decodekit.constraints.base import TokenChecker
+from decodekit.constraints.masking import mask_draws, mask_token_draw
 from decodekit.constraints.tokens import constrained_logp
 from decodekit.output import StopRule, stop_index
 from decodekit.rollout.budget import branch_weights, fallback_plan, next_width, split_budget
 from decodekit.rollout.records import _Node, _Tree
-from decodekit.sampling import entropy_bits, sample_token
+from decodekit.sampling import apply_penalties, entropy_bits, process_logits, sample_token
 
 
 class TreeDriver:
@@ -36,18 +40,25 @@ class TreeDriver:
         limits = [params.max_new_tokens] + ([config.max_depth * config.segment_len] if config.max_depth else [])
         self.max_tokens = min(limits)
         self.max_depth = config.max_depth or -(-params.max_new_tokens // config.segment_len)
-        self.checker = TokenChecker(config.constraint, ctx.tokenizer) if config.constraint is not None else None
+        constraint = config.constraint
+        self.checker = TokenChecker(constraint, ctx.tokenizer) if constraint is not None else None
+        # llguidance's mask where the constraint has one: a matcher state per node (after its tokens)
+        self.index = constraint.index(ctx.tokenizer) if constraint is not None and constraint.mask_grammar() else None
+        self.states: dict[_Node, object] = {}
         self.stops = StopRule(params, ctx.tokenizer.eos_token_ids, ctx.max_context, self.max_tokens)
 
     # ---- one token per leaf -------------------------------------------------------------------
     def sample(self, leaves: list[_Node]) -> None:
-        """Sample one token per leaf (its own generator, the engine's ``sample_token``) and check stops."""
+        """Sample one token per leaf (its own generator, the engine's ``sample_token``) and check stops.
+        Penalties see the leaf's path (prompt, then every token from the root); log-probabilities and
+        entropies stay the raw model's."""
         logits = torch.stack([leaf.next_logits for leaf in leaves])  # (B, V)
         logp = torch.log_softmax(logits.float(), dim=-1)
         entropy = entropy_bits(logits)  # (B,)
         for i, leaf in enumerate(leaves):
-            token = self._draw(leaf) if self.checker is not None else sample_token(
-                leaf.next_logits, self.params, leaf.generator)
+            penalized = apply_penalties(leaf.next_logits, self.params, leaf.tree.prompt_ids, leaf.output_ids)
+            token = self._draw(leaf, penalized) if self.checker is not None else sample_token(
+                penalized, self.params, leaf.generator)
             if token < 0:
                 self._finish(leaf, "constraint_failed")
                 continue
@@ -56,18 +67,27 @@ class TreeDriver:
                 self._finish(leaf, reason)
                 continue
             leaf.tokens.append(token)
+            if self.index is not None:
+                self.states[leaf] = self.index.next(self.states.get(leaf), token)
             leaf.logprobs.append(float(logp[i, token]))
             leaf.entropies.append(float(entropy[i]))
             reason = self._stop_after(leaf)
             if reason is not None:
                 self._finish(leaf, reason)
 
-    def _draw(self, leaf: _Node) -> int:
-        """A constrained token by AWRS (-1 at a dead end); the path's importance weight grows by log Z."""
-        logp = constrained_logp(leaf.next_logits, self.params, self.tokenizer)
+    def _draw(self, leaf: _Node, logits: torch.Tensor) -> int:
+        """A constrained token (-1 at a dead end): from the exact mask of the leaf's matcher state (the
+        weight grows by the exact log Z), else by AWRS (by its unbiased estimate of log Z)."""
         text = b"".join(self.checker.token_bytes[t] or b"" for t in leaf.output_ids)
         gen = None if self.params.greedy else leaf.generator
-        draw = recursive_awrs(logp=logp, accept=self.checker.accept_fn(text), generator=gen)
+        state = self.states.get(leaf)
+        if mask_draws(self.index, state):
+            draw, _ = mask_token_draw(self.index, state, self.cfg.constraint, text, process_logits(logits, self.params),
+                                      eos_ids=self.checker.eos_ids, pieces=self.checker.token_bytes,
+                                      accept=self.checker.accept_fn(text), final=False, generator=gen, max_checks=0)
+        else:
+            logp = constrained_logp(logits, self.params, self.tokenizer)
+            draw = recursive_awrs(logp=logp, accept=self.checker.accept_fn(text), generator=gen)
         leaf.log_weight += draw.logw
         return draw.token if draw.logw > float("-inf") else -1
 
@@ -102,6 +122,8 @@ class TreeDriver:
         """The root forks the request's prompt (computed by the engine) and splits ``first_split`` ways."""
         seed = self.params.seed
         tree.root = _Node(tree, None, self.ctx.fork_lane(self.seq), logits, seeded(seed, self.cfg.first_split))
+        if self.index is not None:
+            self.states[tree.root] = self.index.initial()
         self.spawn(tree, tree.root, [seeded(seed, i) for i in range(self.cfg.first_split)])
 
     def grow(self, tree: _Tree) -> None:
@@ -143,13 +165,23 @@ class TreeDriver:
         """Children of ``parent``: each forks its lane (no copy) and starts from its end logits."""
         for gen in generators:
             child = _Node(tree, parent, self.ctx.fork_lane(self.seq, parent.lane), parent.next_logits, gen)
+            if self.index is not None:
+                self.states[child] = self.states.get(parent)  # a value: shared until the child advances
             parent.children.append(child)
             tree.live.append(child)
 
+    def masks_beside_forward(self, leaves: list[_Node]) -> None:
+        """Queue the next masks of ``leaves`` (llguidance) to be filled while the step's forward runs."""
+        states = [s for leaf in leaves if (s := self.states.get(leaf)) is not None]
+        if states:
+            self.ctx.beside_forward(lambda: self.index.prefetch(states))
+
     def drop_logits(self, tree: _Tree) -> None:
-        """The tree is done: forget the logits nodes kept for fallback (the engine releases the lanes)."""
+        """The tree is done: forget the logits and matcher states nodes kept for fallback (the engine
+        releases the lanes)."""
         for node in tree.nodes:
             node.next_logits = None
+            self.states.pop(node, None)
 
 
 def seeded(seed: int | None, index: int) -> torch.Generator:

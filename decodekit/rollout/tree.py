@@ -29,8 +29,10 @@ class TreeRollout:
     needs). ``early_stop`` ends paths on answer patterns / repetition (None: only EOS, stop strings
     and length). ``fallback``: when a prompt has no live path and spare width, re-branch finished
     paths from their last segment boundary. ``constraint`` (a ``decodekit.constraints`` Constraint):
-    every token is drawn by AWRS under it, each path carries its importance weight (``log_weight``)
-    and whether its text is complete and valid (``valid``); a dead end ends it ("constraint_failed").
+    every token is drawn under it, from the exact llguidance mask where it has one (a matcher state
+    per node; a fork starts from its parent's), else by AWRS; each path carries its importance weight
+    (``log_weight``: exact log Z sums on the mask, AWRS's unbiased estimates otherwise) and whether
+    its text is complete and valid (``valid``); a dead end ends it ("constraint_failed").
     """
 
     segment_len: int = 32

@@ -2,7 +2,8 @@
 
 ``Constrained(constraint, sampler="awrs" | "masked", num_particles=1, ess_threshold=0.5)``.
 With one particle each engine step draws one token per sequence (AWRS: a few constraint checks;
-masked: the whole vocabulary, or the exact automaton mask) and streams it. With
+masked: the whole vocabulary, or the exact automaton mask; with llguidance the mask, filled on a
+worker thread while the step's forward runs: ``ctx.beside_forward``) and streams it. With
 ``num_particles > 1`` each sequence runs sequential Monte Carlo inside its engine request: the
 particles fork the prompt's KV handle (no copy), advance together in one batched forward per
 step, resample by ESS, and at the end one particle, drawn by weight, is proposed to the engine
@@ -24,7 +25,7 @@ import torch
 from decodekit.constraints.awrs import NEG_INF, TokenDraw, check_all, masked_sample, recursive_awrs
 from decodekit.constraints.base import Constraint, ConstraintTimeout, TokenChecker
 from decodekit.constraints.forced import ForcedText, forced_text
-from decodekit.constraints.masking import allowed_ids, mask_draws, masked_draw
+from decodekit.constraints.masking import mask_draws, mask_token_draw
 from decodekit.constraints.smc import (
     RESAMPLERS,
     Particle,
@@ -149,7 +150,9 @@ class Constrained(Strategy):
 
     def plan(self, ctx, seqs):
         if self.num_particles == 1:
-            return super().plan(ctx, seqs)
+            rows = super().plan(ctx, seqs)
+            self._masks_beside_forward(ctx, seqs)
+            return rows
         rows = []
         for seq in seqs:
             run = self._state(ctx, seq).smc or self._start_smc(ctx, seq)
@@ -161,7 +164,22 @@ class Constrained(Strategy):
                     if p.lane.closed:  # released by a preemption: reopen through the prefix cache
                         p.lane = ctx.open_lane(seq, ids, mirror=False)
                     rows.append(Row(seq, ids[len(p.lane):], lane=p.lane, key=p))
+        self._masks_beside_forward(ctx, seqs)
         return rows
+
+    def _masks_beside_forward(self, ctx, seqs) -> None:
+        """Queue the next draw's masks (llguidance: the streamed track's state, or every live particle's)
+        to be filled on a worker thread while the step's forward runs; the draws then find their allowed
+        ids computed (the same ids: a state not prefetched computes them when the draw asks)."""
+        by_index: dict[int, tuple] = {}
+        for seq in seqs:
+            st = self._state(ctx, seq)
+            tracks = [p for p in st.smc.particles if p.alive] if st.smc is not None else [st.track]
+            states = [t.fsa_state for t in tracks if mask_draws(st.index, t.fsa_state)]
+            if states:
+                by_index.setdefault(id(st.index), (st.index, []))[1].extend(states)
+        for index, states in by_index.values():
+            ctx.beside_forward(lambda index=index, states=states: index.prefetch(states))
 
     def update(self, ctx, seqs, rows):
         if self.num_particles == 1:
@@ -364,12 +382,11 @@ class Constrained(Strategy):
     def _mask_draw(self, seq, st, track: Particle, logits, accept, final: bool, gen) -> TokenDraw:
         """A draw on llguidance's mask: over the K allowed tokens only (EOS where the text is complete)."""
         st.checker.num_checks += 1  # the EOS decision
-        ids = allowed_ids(st.index, track.fsa_state, complete=self.constraint.complete_ok(track.text),
-                          eos_ids=st.checker.eos_ids, vocab=logits.shape[-1])
-        ids = self.constraint.mask_filter(track.text, ids, st.checker.token_bytes)
-        st.num_allowed = int(ids.numel())
-        return masked_draw(logits=process_logits(logits, seq.params), ids=ids, accept=accept, final=final,
-                           generator=gen, max_checks=FINAL_CHECKS)
+        draw, st.num_allowed = mask_token_draw(
+            st.index, track.fsa_state, self.constraint, track.text, process_logits(logits, seq.params),
+            eos_ids=st.checker.eos_ids, pieces=st.checker.token_bytes, accept=accept, final=final, generator=gen,
+            max_checks=FINAL_CHECKS)
+        return draw
 
     def _exact_mask(self, st, track: Particle, logp) -> torch.Tensor:
         allowed = st.index.allowed(track.fsa_state)[: logp.shape[-1]]

@@ -19,6 +19,9 @@ Verification follows the constrained target p~(x) = p(x) c(x) / Z position by po
   with residual max(0, p~ - q), p~ from the exact mask.
 - greedy: the constrained argmax at each position, as without speculation.
 
+Penalties and ``logit_bias`` enter every position with its own history (the output, then the block's
+tokens before it), in both rules, so the target is the penalized constrained one and stays exact.
+
 With ``num_particles > 1`` every particle drafts (forced text, plus n-gram lookup on its own
 tokens) and verifies in its own row of the same forward; each emitted token carries the same
 incremental weight as without speculation (the sampler's unbiased estimate of Z), so a particle's
@@ -37,7 +40,7 @@ from decodekit.constraints.forced import forced_tokens
 from decodekit.constraints.masking import mask_draws
 from decodekit.drafting.drafters import MAX_CONFIDENCE, Draft, ngram_lookup
 from decodekit.drafting.state import SpecState
-from decodekit.sampling import draw
+from decodekit.sampling import apply_penalties, draw
 from decodekit.strategies.base import Proposal, Row
 from decodekit.strategies.constrained import Constrained, ConstrainedState, _own_state
 from decodekit.strategies.speculative import MAX_DRAFT_TOKENS, Speculative, block_logits, stop_ids, verify_row
@@ -101,6 +104,7 @@ class ConstrainedSpeculative(Constrained):
         drafts = self.spec.choose_drafts(ctx, seqs, cut=lambda d, s: d if self._q_rule(s, d.q)
                                          else self._admissible_draft(ctx, s, d))
         drafts = [self._cut_sampled(s, d) if self._q_rule(s, d.q) else d for s, d in zip(seqs, drafts)]
+        self._masks_beside_forward(ctx, seqs)  # the block's first position (later ones follow its drafts)
         return [row for seq, draft in zip(seqs, drafts) if (row := verify_row(ctx, seq, draft)) is not None]
 
     def _q_rule(self, seq, q) -> bool:
@@ -242,8 +246,8 @@ class ConstrainedSpeculative(Constrained):
     def _masked_rule(self, ctx, seq, st, row, d: int | None, q: torch.Tensor) -> int | None:
         """Speculative acceptance of a sampled draft d ~ q against the exactly masked target; d None:
         the draft there was a token the constraint forbids (rejected for sure), so only the residual."""
-        logp = self._logp(ctx, seq, row)
         track = st.track
+        logp = self._logp(ctx, seq, apply_penalties(row, seq.params, seq.request.prompt_ids, track.out))
         allowed = (self._exact_mask(st, track, logp) if st.index is not None and track.fsa_state is not None
                    else check_all(logp=logp, accept=st.checker.accept_fn(track.text)))
         st.draws += 1
@@ -276,6 +280,7 @@ class ConstrainedSpeculative(Constrained):
                 drafts = self._particle_draft(ctx, seq, st, p, ids)
                 rows.append(Row(seq, ids[len(p.lane):] + drafts, len(drafts) + 1, lane=p.lane,
                                 key=(p, drafts)))
+        self._masks_beside_forward(ctx, seqs)
         return rows
 
     def _particle_draft(self, ctx, seq, st, p, ids: list[int]) -> list[int]:

@@ -33,7 +33,7 @@ import math
 import torch
 
 from decodekit.drafting.cascade import check_tolerance
-from decodekit.sampling import entropy_bits, sample_token
+from decodekit.sampling import apply_penalties, entropy_bits, sample_token
 from decodekit.strategies.base import Proposal, Row, Strategy
 from decodekit.strategies.entropy_rule import (
     LARGE,
@@ -245,8 +245,9 @@ class EntropySwitch(VerifiedMode, Strategy):
             return {}
         seqs = [s for s, _ in writing]
         if self.constrained is None:
-            drawn = {s.seq_id: [Proposal(sample_token(lg, s.params, s.generator), lg)] for s, lg in writing}
-        else:  # Constrained takes ready ``seq.next_logits`` as they are (it computes only missing ones)
+            drawn = {s.seq_id: [Proposal(sample_token(apply_penalties(lg, s.params, s.request.prompt_ids, s.output_ids),
+                                                      s.params, s.generator), lg)] for s, lg in writing}
+        else:  # Constrained takes ready ``seq.next_logits`` as they are (and applies the penalties itself)
             for seq, logits in writing:
                 seq.next_logits = logits
             drawn = self.constrained.update(ctx, seqs, [])
@@ -302,3 +303,4 @@ class EntropySwitch(VerifiedMode, Strategy):
         return {"verify_tolerance": self.verify, "tokens_drafted": drafted, "tokens_kept": kept,
                 "acceptance_rate": kept / drafted if drafted else 0.0,
                 "segments": sum(st.num_segments for st in states)}
+

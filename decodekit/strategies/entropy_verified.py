@@ -9,7 +9,8 @@ the large model it writes plain tokens, and after each one the rule picks who wr
 
 Whether a position is drafted depends only on what precedes its draw (the window's entropies so
 far and the small model's entropy at that position), so at tolerance 0 the output follows the large
-model's distribution exactly.
+model's distribution exactly. Penalties and ``logit_bias`` enter both sides with each position's own
+history (output + the drafts before it), as in ``Speculative``: still lossless.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from decodekit.drafting.cascade import accept_block
 from decodekit.drafting.drafters import draw_draft
-from decodekit.sampling import entropy_bits, sample_token
+from decodekit.sampling import apply_penalties, entropy_bits, positions_penalized, sample_token
 from decodekit.strategies.base import Proposal
 from decodekit.strategies.entropy_rule import LARGE, SMALL, choose_model, rolling_mean, segment_budget
 from decodekit.strategies.speculative import stop_ids
@@ -41,7 +42,8 @@ class VerifiedMode:
         """The large model writes this position itself; the rule picks who writes the next one."""
         st.entropies.append(float(entropy_bits(logits)))
         mean = rolling_mean(st.entropies, self.window)
-        token = sample_token(logits, seq.params, seq.generator)
+        token = sample_token(apply_penalties(logits, seq.params, seq.request.prompt_ids, seq.output_ids),
+                             seq.params, seq.generator)
         st.since_switch += 1  # this token counts: the rule picks the writer of the next position
         choice = choose_model(active=LARGE, mean_entropy=mean, threshold=self.threshold,
                               since_switch=st.since_switch, min_dwell=self.min_dwell)
@@ -61,7 +63,9 @@ class VerifiedMode:
         if choice == LARGE:
             st.verify_now, st.end_mean, st.end_by_rule = True, mean, True
             return
-        token, q, _ = draw_draft(logits, seq)
+        # the draft's q carries the penalties of its own history (output + the segment so far)
+        token, q, _ = draw_draft(apply_penalties(logits, seq.params, seq.request.prompt_ids,
+                                                 [*seq.output_ids, *st.draft]), seq)
         st.entropies.append(h)
         st.draft.append(token)
         st.draft_q.append(q)
@@ -73,7 +77,9 @@ class VerifiedMode:
         """Verify the drafted segment against the large model's ``block`` (k+1, V) and roll both models back."""
         draft = st.draft
         q = torch.stack(st.draft_q) if draft and st.draft_q[0] is not None else None
-        kept, token = accept_block(draft=draft, q=q, logits=block, params=seq.params, tolerance=self.verify,
+        # position j is verified against the large model with the history output + draft[:j] (lossless)
+        target = positions_penalized(block, seq.params, seq.request.prompt_ids, seq.output_ids, draft)
+        kept, token = accept_block(draft=draft, q=q, logits=target, params=seq.params, tolerance=self.verify,
                                    generator=seq.generator)
         self._rollback(ctx, seq, st, len(seq.ids) + kept)
         del st.entropies[len(st.entropies) - len(draft) + kept:]

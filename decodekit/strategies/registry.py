@@ -77,11 +77,12 @@ ENTRIES = (
     Entry("constrained", Constrained, "is", "structured_outputs",
           hint="give either strategy=Constrained(...) or constraint=, not both", penalties=True),
     Entry("constrained_speculative", ConstrainedSpeculative, "is", "speculative_config+structured_outputs",
-          hint="give either strategy=ConstrainedSpeculative(...) or constraint=, not both"),
+          hint="give either strategy=ConstrainedSpeculative(...) or constraint=, not both", penalties=True),
     Entry("entropy", EntropySwitch, "own", "segment_level",
-          hint="EntropySwitch takes the constraint itself: EntropySwitch(..., constraint=C, sampler=...)"),
+          hint="EntropySwitch takes the constraint itself: EntropySwitch(..., constraint=C, sampler=...)",
+          penalties=True),
     Entry("tree", TreeStrategy, "own", "segment_level",
-          hint="tree rollouts take the constraint in TreeRollout(constraint=C)"),
+          hint="tree rollouts take the constraint in TreeRollout(constraint=C)", penalties=True),
     Entry("best_of", BestOfN, "no", "none", hint="best_of does not enforce constraints"),
 )
 REGISTRY = {e.name: e for e in ENTRIES}

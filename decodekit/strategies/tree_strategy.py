@@ -59,8 +59,9 @@ class TreeStrategy(Strategy):
         rows = []
         for seq in seqs:
             run = seq.state if isinstance(seq.state, TreeRun) else self._start(ctx, seq)
-            rows += [Row(seq, [leaf.tokens[-1]], lane=leaf.lane, key=leaf) for leaf in run.tree.live
-                     if leaf.finish_reason is None and leaf.next_logits is None]
+            leaves = [leaf for leaf in run.tree.live if leaf.finish_reason is None and leaf.next_logits is None]
+            rows += [Row(seq, [leaf.tokens[-1]], lane=leaf.lane, key=leaf) for leaf in leaves]
+            run.driver.masks_beside_forward(leaves)
         return rows
 
     def update(self, ctx, seqs, rows):
