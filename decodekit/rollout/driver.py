@@ -44,6 +44,8 @@ class TreeDriver:
         """Sample one token per leaf (its own generator, the engine's ``sample_token``) and check stops."""
         logits = torch.stack([leaf.next_logits for leaf in leaves])  # (B, V)
         logp = torch.log_softmax(logits.float(), dim=-1)
+        t = self.params.temperature
+        sample_logp = logp if t in (0.0, 1.0) else torch.log_softmax(logits.float() / t, dim=-1)  # (B, V)
         entropy = entropy_bits(logits)  # (B,)
         for i, leaf in enumerate(leaves):
             token = self._draw(leaf) if self.checker is not None else sample_token(
@@ -53,10 +55,12 @@ class TreeDriver:
                 continue
             reason = self.stops.before(token)
             if reason is not None:
+                leaf.stop_token, leaf.stop_logprob = token, float(sample_logp[i, token])
                 self._finish(leaf, reason)
                 continue
             leaf.tokens.append(token)
             leaf.logprobs.append(float(logp[i, token]))
+            leaf.sample_logprobs.append(float(sample_logp[i, token]))
             leaf.entropies.append(float(entropy[i]))
             reason = self._stop_after(leaf)
             if reason is not None:
