@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 
@@ -53,10 +54,11 @@ class LLM:
         wrapped = wrap_module(model, tokenizer, backend=backend, cache_tokens=cache_tokens, prefix_cache=prefix_cache)
         return cls(backend=wrapped, max_batch_size=max_batch_size, **options)
 
-    def sync_weights(self) -> bool:
-        """Drop the prefix cache if the model's weights changed since the last call (True then)."""
+    def sync_weights(self, force: bool = False) -> bool:
+        """Drop the prefix cache if the model's weights changed since the last call, or when ``force``
+        (an optimizer step happened); True when dropped. Each generate / stream / rollout call runs it."""
         sync = getattr(self.backend, "sync_weights", None)
-        return bool(sync()) if sync is not None and not self.engine.has_unfinished() else False
+        return bool(sync(force)) if sync is not None and not self.engine.has_unfinished() else False
 
     def update_weights(self, state_dict, strict: bool = True) -> None:
         """Load a trained policy's ``state_dict`` into this engine's own copy and drop the prefix cache."""
@@ -81,8 +83,9 @@ class LLM:
 
     def _complete(self, batch, params, strategy) -> list[Completion]:
         """Add every prompt (a prompt, or a ready ``(text, ids)`` pair), step until they are done; a bad
-        prompt or a failed step leaves nothing of this call in the engine."""
-        check_penalties(strategy, params, self.engine)
+        prompt or a failed step leaves nothing of this call in the engine. ``params``: one for all, or a list."""
+        for p in params if isinstance(params, list) else [params]:
+            check_penalties(strategy, p, self.engine)
         self.sync_weights()
         items = [p if isinstance(p, tuple) else self.encode_prompt(p) for p in batch]
         return self.driver.complete(items, params, strategy)
@@ -99,12 +102,12 @@ class LLM:
         (request,) = self.driver.add([self.encode_prompt(prompt)], params, strategy, stream=True)
         yield from self.driver.events(request.request_id)
 
-    def rollout(self, prompts, tree=None, **sampling):
+    def rollout(self, prompts, tree=None, *, seeds: list[int] | None = None, **sampling):
         """Tree-structured segment rollouts (TreePO): ``max_width`` trajectories per prompt sharing
-        prefixes in the KV cache. One prompt -> ``RolloutResult``, a list (of prompts or ready ``(text, token_ids)``
-        pairs) -> list; ``tree`` is a
-        ``TreeRollout`` (default settings when None). Each prompt is one engine request (its leaves
-        ride in the engine's shared forward), so rollouts run beside other requests; on vLLM through
+        prefixes in the KV cache. One prompt -> ``RolloutResult``, a list (of prompts or ready
+        ``(text, token_ids)`` pairs) -> list; ``tree`` is a ``TreeRollout`` (default settings when None);
+        ``seeds``: one seed per prompt instead of ``seed`` for all. Each prompt is one engine request (its
+        leaves ride in the engine's shared forward), so rollouts run beside other requests; on vLLM through
         ``decodekit.integrations.vllm.rollouts`` (one vLLM request per segment, prefix caching).
         """
         from decodekit.rollout.tree import TreeRollout
@@ -118,8 +121,14 @@ class LLM:
         params = sampling_params(**sampling)
         encoded = [p if isinstance(p, tuple) else self.encode_prompt(p) for p in batch]  # or ready (text, ids)
         if getattr(self.backend, "tree_rollout", None) is not None:  # a request-level backend's own driver
+            if seeds is not None:
+                raise ValueError("seeds= is not mapped to this backend's rollouts (vLLM): use seed=")
             results = tree.run(self.backend, [ids for _, ids in encoded], params, texts=[t for t, _ in encoded])
             return results[0] if single else results
+        if seeds is not None:
+            if len(seeds) != len(batch):
+                raise ValueError(f"seeds has {len(seeds)} entries for {len(batch)} prompts")
+            params = [dataclasses.replace(params, seed=s) for s in seeds]
         strategy = TreeStrategy(tree)
         done = self._complete([(text, ids) for text, ids in encoded], params, strategy)
         results = [c.stats.extra["rollout"] for c in done]

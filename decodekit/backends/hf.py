@@ -116,9 +116,9 @@ class HFBackend(Backend):
 
     ``wrapped=True``: ``model`` is someone else's module (a trainer's policy): it is used as it is, no
     ``eval()`` left behind (each forward runs in eval mode and restores every submodule's mode after) and
-    no packed weight copies. Its parameters' version counters are watched: after an in-place change (an
-    optimizer step, ``load_state_dict``) ``sync_weights()`` drops the prefix cache, and a forward over
-    K/V computed with the old weights raises instead of mixing them.
+    no packed weight copies. ``sync_weights()`` drops the prefix cache after the weights changed (the
+    parameters' version counters or a sample of their values moved, or ``force``), and a forward whose
+    version counters moved since the last sync raises instead of mixing K/V of old and new weights.
     """
 
     def __init__(self, model, tokenizer, *, name: str, cache_tokens: int = 16384, prefix_cache: bool = True,
@@ -131,7 +131,7 @@ class HFBackend(Backend):
         self.model = model if wrapped else model.eval()
         self.packed_linears = pack_linears(model) if packed_linears else 0  # CPU float32 only
         self._params = list(model.parameters())
-        self._weights_seen = self.weights_version()
+        self._weights_seen, self._seen_values = self.weights_version(), self._fingerprint()
         self.tokenizer = tokenizer
         self.name = name
         config = model.config
@@ -226,26 +226,33 @@ class HFBackend(Backend):
 
     # ---- weights that change under the backend (a trainer's module) --------------------------------
     def weights_version(self) -> tuple[int, ...]:
-        """The parameters' in-place version counters: any optimizer step or ``load_state_dict`` bumps one."""
+        """The parameters' in-place version counters: ``load_state_dict`` and foreach / for-loop optimizer
+        steps bump them; fused optimizer kernels (``AdamW(fused=True)``, TRL's default) do not."""
         return tuple(p._version for p in self._params)
 
-    def sync_weights(self) -> bool:
-        """Drop the prefix cache if the weights changed since the last sync (True then); no request may
-        hold K/V then (``CacheManager.drop_prefix_cache`` raises)."""
-        if self.weights_version() == self._weights_seen:
+    def _fingerprint(self) -> torch.Tensor:
+        """A strided sample (about 16 values) of every parameter: an optimizer step moves nearly all of them."""
+        with torch.no_grad():
+            return torch.cat([p.detach().reshape(-1)[:: max(1, p.numel() // 16)].float() for p in self._params])
+
+    def sync_weights(self, force: bool = False) -> bool:
+        """Drop the prefix cache if the weights changed since the last sync (version counters, then a
+        sample of the values), or when ``force`` (the caller knows they changed); True when dropped. No
+        request may hold K/V then (``CacheManager.drop_prefix_cache`` raises)."""
+        same = self.weights_version() == self._weights_seen and torch.equal(self._fingerprint(), self._seen_values)
+        if same and not force:
             return False
         self.cache.drop_prefix_cache()
         if self.packed_linears:
             repack_linears(self.model)
-        self._weights_seen = self.weights_version()
+        self._weights_seen, self._seen_values = self.weights_version(), self._fingerprint()
         return True
 
     def update_weights(self, state_dict, strict: bool = True) -> None:
         """Load new weights (a separate inference copy of a trained policy) and drop the prefix cache."""
         with torch.no_grad():
             self.model.load_state_dict(state_dict, strict=strict)
-        self._weights_seen = None  # a load always drops the cache (some tensors' counters may not move)
-        self.sync_weights()
+        self.sync_weights(force=True)
 
     @contextmanager
     def _eval_mode(self):

@@ -13,6 +13,7 @@ rules are TRL's: its EOS ids and ``max_completion_length``, no early stops. The 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 
 from decodekit.api import LLM
@@ -21,6 +22,7 @@ from decodekit.types import SamplingParams
 
 TREE_PATH = "tree_path"
 MODES = ("tree", "independent")
+SEED_STRIDE = 1 << 16  # seeds of one prompt's paths: seed + path index, well below the next prompt's
 
 
 @dataclass
@@ -48,7 +50,7 @@ class DecodekitRollout:
     where TRL's would). ``mode="independent"``: ``num_generations`` independent samples per prompt through
     the same engine. ``llm``: an ``LLM`` to sample from instead of the trainer's module (a separate
     inference copy: call ``llm.update_weights(model.state_dict())`` after each step); by default the
-    trainer's own module is wrapped on the first call. ``seed``: call ``k`` samples with ``seed + k``.
+    trainer's own module is wrapped on the first call. ``seed``: the base of every prompt's own seed (one per prompt and call).
     After each call ``last_results`` holds the per-prompt ``RolloutResult``s and ``calls`` the counters.
     """
 
@@ -64,6 +66,7 @@ class DecodekitRollout:
             raise ValueError(f"backend {llm.backend.name!r} cannot run the trainer's rollouts: vLLM does not share "
                              "a training module (use TRL's use_vllm, or the transformers backend)")
         self.mode, self.tree, self.llm, self.seed, self.cache_tokens = mode, tree, llm, seed, cache_tokens
+        self._last_step: int | None = None
         self.last_results: list = []
         self.calls: list[RolloutCall] = []
 
@@ -71,14 +74,19 @@ class DecodekitRollout:
         groups = group_prompts(prompts, num_generations(trainer))
         width = len(groups[0][1])
         llm = self._engine(trainer, len(prompts))
-        synced = llm.sync_weights()
+        step = trainer.state.global_step  # an optimizer step since the last call: the cached K/V is stale
+        synced = llm.sync_weights(force=self._last_step is not None and step != self._last_step)
+        self._last_step = step
         unique = [prompts[start] for start, _ in groups]
         prompt_ids, _, _ = trainer._tokenize_prompts(unique)  # TRL's own chat template / tokenization
         prompt_ids = [list(map(int, ids)) for ids in prompt_ids]
-        params = self.params(trainer, seed=self.seed + len(self.calls))
+        params = self.params(trainer, seed=0)
+        # prompt j of call k: its own seed (paths i use seed + i), so prompts of a call draw independent streams
+        first = self.seed + len(self.calls) * SEED_STRIDE * len(unique)
+        seeds = [first + j * SEED_STRIDE for j in range(len(unique))]
         started = time.perf_counter()
         results = llm.rollout([(str(p), ids) for p, ids in zip(unique, prompt_ids)], tree=self.config(width),
-                              **params)
+                              seeds=seeds, **params)
         wall = time.perf_counter() - started
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": [], TREE_PATH: []}
         lengths = []
@@ -125,6 +133,10 @@ class DecodekitRollout:
         if self.llm is None:
             if trainer.accelerator.num_processes != 1:
                 raise ValueError("decodekit rollouts run in one process: TRL splits a prompt's group across processes")
+            if getattr(trainer.args, "bf16", False) or getattr(trainer.args, "fp16", False):
+                warnings.warn("the trainer recomputes log-probabilities under bf16/fp16 autocast (GRPOConfig's bf16 "
+                              "defaults to True); decodekit samples the module as it is, so its logprobs match the "
+                              "trainer's only to that precision: set bf16=False for float32", stacklevel=3)
             model = trainer.accelerator.unwrap_model(trainer.model)
             # every row's worst case (a tree reserves max_width x max_new_tokens) plus prompts, twice over
             tokens = self.cache_tokens or max(16384, 2 * num_rows * (trainer.max_completion_length + 512))
