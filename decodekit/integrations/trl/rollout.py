@@ -50,7 +50,8 @@ class DecodekitRollout:
     where TRL's would). ``mode="independent"``: ``num_generations`` independent samples per prompt through
     the same engine. ``llm``: an ``LLM`` to sample from instead of the trainer's module (a separate
     inference copy: call ``llm.update_weights(model.state_dict())`` after each step); by default the
-    trainer's own module is wrapped on the first call. ``seed``: the base of every prompt's own seed (one per prompt and call).
+    trainer's own module is wrapped on the first call. ``seed``: the base of every prompt's own seed
+    (one per prompt and call).
     After each call ``last_results`` holds the per-prompt ``RolloutResult``s and ``calls`` the counters.
     """
 
@@ -61,7 +62,8 @@ class DecodekitRollout:
         if tree is not None and not isinstance(tree, TreeRollout):
             raise ValueError(f"tree must be a TreeRollout, got {tree!r}")
         if tree is not None and tree.constraint is not None:
-            raise ValueError("a constrained tree samples by AWRS, not the trainer's distribution: constraint must be None")
+            raise ValueError("a constrained tree samples by AWRS, not the trainer's distribution: "
+                             "constraint must be None")
         if llm is not None and not getattr(llm.engine, "token_level", False):
             raise ValueError(f"backend {llm.backend.name!r} cannot run the trainer's rollouts: vLLM does not share "
                              "a training module (use TRL's use_vllm, or the transformers backend)")
