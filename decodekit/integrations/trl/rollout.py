@@ -64,7 +64,7 @@ class DecodekitRollout:
         if tree is not None and tree.constraint is not None:
             raise ValueError("a constrained tree samples by AWRS, not the trainer's distribution: "
                              "constraint must be None")
-        if llm is not None and not getattr(llm.engine, "token_level", False):
+        if llm is not None and getattr(llm.backend, "create_engine", None) is not None:  # request-level: vLLM
             raise ValueError(f"backend {llm.backend.name!r} cannot run the trainer's rollouts: vLLM does not share "
                              "a training module (use TRL's use_vllm, or the transformers backend)")
         self.mode, self.tree, self.llm, self.seed, self.cache_tokens = mode, tree, llm, seed, cache_tokens
