@@ -257,10 +257,12 @@ def plot(logs: dict, path: Path, args) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for s, style in zip(SOURCES, ["k-o", "b-s", "g-^"]):
         ax.plot(range(1, len(logs[s]["reward"]) + 1), logs[s]["reward"], style, label=s, markersize=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("mean reward (fraction correct)")
     ax.set_title(f"{args.model}: {args.prompts} prompts x {args.width} completions per step")

@@ -87,7 +87,8 @@ class DecodekitRollout:
         first = self.seed + len(self.calls) * SEED_STRIDE * len(unique)
         seeds = [first + j * SEED_STRIDE for j in range(len(unique))]
         started = time.perf_counter()
-        results = llm.rollout([(str(p), ids) for p, ids in zip(unique, prompt_ids)], tree=self.config(width),
+        texts = [p[-1]["content"] if isinstance(p, list) else str(p) for p in unique]
+        results = llm.rollout(list(zip(texts, prompt_ids)), tree=self.config(width),
                               seeds=seeds, **params)
         wall = time.perf_counter() - started
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": [], TREE_PATH: []}
