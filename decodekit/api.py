@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 
@@ -47,6 +48,30 @@ class LLM:
         # streams, generate() and rollout() calls share the engine, from any thread: none loses an event
         self.driver = Driver(self.engine)
 
+    @classmethod
+    def from_module(cls, model, tokenizer, *, backend: str = "hf", cache_tokens: int = 16384,
+                    prefix_cache: bool = True, max_batch_size: int = 32, **options) -> LLM:
+        """An engine on an existing transformers module and tokenizer (a trainer's policy), no copy:
+        its mode is restored after every forward, and each call first drops the prefix cache if the
+        parameters changed since the last one (``models.wrap_module``). Only ``backend="hf"``."""
+        from decodekit.models import wrap_module
+
+        wrapped = wrap_module(model, tokenizer, backend=backend, cache_tokens=cache_tokens, prefix_cache=prefix_cache)
+        return cls(backend=wrapped, max_batch_size=max_batch_size, **options)
+
+    def sync_weights(self, force: bool = False) -> bool:
+        """Drop the prefix cache if the model's weights changed since the last call, or when ``force``
+        (an optimizer step happened); True when dropped. Each generate / stream / rollout call runs it."""
+        sync = getattr(self.backend, "sync_weights", None)
+        return bool(sync(force)) if sync is not None and not self.engine.has_unfinished() else False
+
+    def update_weights(self, state_dict, strict: bool = True) -> None:
+        """Load a trained policy's ``state_dict`` into this engine's own copy and drop the prefix cache."""
+        update = getattr(self.backend, "update_weights", None)
+        if update is None:
+            raise ValueError(f"backend {self.backend.name!r} does not take new weights")
+        update(state_dict, strict=strict)
+
     def generate(self, prompts, strategy: Strategy | str | None = None, **sampling):
         """Complete one prompt (-> ``Completion``) or a list of prompts (-> list, one batch).
 
@@ -63,8 +88,10 @@ class LLM:
 
     def _complete(self, batch, params, strategy) -> list[Completion]:
         """Add every prompt (a prompt, or a ready ``(text, ids)`` pair), step until they are done; a bad
-        prompt or a failed step leaves nothing of this call in the engine."""
-        check_penalties(strategy, params, self.engine)
+        prompt or a failed step leaves nothing of this call in the engine. ``params``: one for all, or a list."""
+        for p in params if isinstance(params, list) else [params]:
+            check_penalties(strategy, p, self.engine)
+        self.sync_weights()
         items = [p if isinstance(p, tuple) else self.encode_prompt(p) for p in batch]
         return self.driver.complete(items, params, strategy)
 
@@ -76,14 +103,16 @@ class LLM:
         strategy = resolve_strategy(strategy, sampling)
         params = sampling_params(**sampling)
         check_penalties(strategy, params, self.engine)
+        self.sync_weights()
         (request,) = self.driver.add([self.encode_prompt(prompt)], params, strategy, stream=True)
         yield from self.driver.events(request.request_id)
 
-    def rollout(self, prompts, tree=None, **sampling):
+    def rollout(self, prompts, tree=None, *, seeds: list[int] | None = None, **sampling):
         """Tree-structured segment rollouts (TreePO): ``max_width`` trajectories per prompt sharing
-        prefixes in the KV cache. One prompt -> ``RolloutResult``, a list -> list; ``tree`` is a
-        ``TreeRollout`` (default settings when None). Each prompt is one engine request (its leaves
-        ride in the engine's shared forward), so rollouts run beside other requests; on vLLM through
+        prefixes in the KV cache. One prompt -> ``RolloutResult``, a list (of prompts or ready
+        ``(text, token_ids)`` pairs) -> list; ``tree`` is a ``TreeRollout`` (default settings when None);
+        ``seeds``: one seed per prompt instead of ``seed`` for all. Each prompt is one engine request (its
+        leaves ride in the engine's shared forward), so rollouts run beside other requests; on vLLM through
         ``decodekit.integrations.vllm.rollouts`` (one vLLM request per segment, prefix caching).
         """
         from decodekit.rollout.tree import TreeRollout
@@ -97,10 +126,16 @@ class LLM:
         params = sampling_params(**sampling)
         strategy = TreeStrategy(tree)
         check_penalties(strategy, params, self.engine)  # also before a request-level backend's own driver
-        encoded = [self.encode_prompt(p) for p in batch]
+        encoded = [p if isinstance(p, tuple) else self.encode_prompt(p) for p in batch]  # or ready (text, ids)
         if getattr(self.backend, "tree_rollout", None) is not None:  # a request-level backend's own driver
+            if seeds is not None:
+                raise ValueError("seeds= is not mapped to this backend's rollouts (vLLM): use seed=")
             results = tree.run(self.backend, [ids for _, ids in encoded], params, texts=[t for t, _ in encoded])
             return results[0] if single else results
+        if seeds is not None:
+            if len(seeds) != len(batch):
+                raise ValueError(f"seeds has {len(seeds)} entries for {len(batch)} prompts")
+            params = [dataclasses.replace(params, seed=s) for s in seeds]
         done = self._complete([(text, ids) for text, ids in encoded], params, strategy)
         results = [c.stats.extra["rollout"] for c in done]
         return results[0] if single else results

@@ -80,13 +80,18 @@ class Driver:
         # events of requests this driver does not route (another router's, e.g. the server's worker)
         self.foreign: Callable[[list[TokenEvent]], None] | None = None
 
-    def add(self, items: list[tuple[str, list[int]]], params: SamplingParams, strategy, *, stream: bool = False):
-        """Queue one request per ``(text, ids)``; all or none (a bad one aborts those added before it)."""
+    def add(self, items: list[tuple[str, list[int]]], params: SamplingParams | list[SamplingParams], strategy, *,
+            stream: bool = False):
+        """Queue one request per ``(text, ids)`` (``params``: one for all, or one per item); all or none (a
+        bad one aborts those added before it)."""
         added = []
+        each = params if isinstance(params, list) else [params] * len(items)
+        if len(each) != len(items):
+            raise ValueError(f"{len(each)} sampling parameter sets for {len(items)} prompts")
         with self.lock:
             try:
-                for text, ids in items:
-                    request = self.engine.add_request(ids, params, strategy, prompt=text, stream=stream)
+                for (text, ids), item_params in zip(items, each):
+                    request = self.engine.add_request(ids, item_params, strategy, prompt=text, stream=stream)
                     self._inboxes[request.request_id] = _Inbox(keep=stream)
                     added.append(request)
             except BaseException:
@@ -94,7 +99,8 @@ class Driver:
                 raise
         return added
 
-    def complete(self, items: list[tuple[str, list[int]]], params: SamplingParams, strategy) -> list[Completion]:
+    def complete(self, items: list[tuple[str, list[int]]], params: SamplingParams | list[SamplingParams],
+                 strategy) -> list[Completion]:
         """Run the requests to completion (others' requests advance in the same steps)."""
         requests = self.add(items, params, strategy)
         ids = [r.request_id for r in requests]

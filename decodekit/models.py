@@ -226,3 +226,30 @@ def _dtype(name: str) -> torch.dtype:
     if name not in table:
         raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
     return table[name]
+
+
+def wrap_module(model, tokenizer, *, name: str | None = None, backend: str = "hf", cache_tokens: int = 16384,
+                prefix_cache: bool = True, prepend_bos: bool | None = None):
+    """An ``HFBackend`` over an existing ``torch.nn.Module`` (a trainer's policy) and its tokenizer, no copy.
+
+    The module keeps its mode (each forward runs in eval mode and restores it) and its own weights (no
+    packed copies); after an optimizer step ``sync_weights()`` drops the stale prefix cache. Only the
+    transformers backend shares a training module: llama.cpp runs its own GGUF weights and vLLM its own
+    worker processes (sync those with ``update_weights`` on a copy instead).
+    """
+    if backend != "hf":
+        raise ValueError(f"backend {backend!r} cannot share a training module: llama.cpp runs its own GGUF copy "
+                         "of the weights and vLLM its own workers; wrap the module with the transformers backend "
+                         "(backend='hf')")
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ValueError(f"model must be a transformers causal LM module (with .config), got {type(model).__name__}")
+    from decodekit.backends.hf import HFBackend
+    from decodekit.tokenizer import Tokenizer
+
+    if not isinstance(tokenizer, Tokenizer):
+        bos = prepend_bos if prepend_bos is not None else model.config.model_type.startswith("gemma")
+        tokenizer = Tokenizer(tokenizer, prepend_bos=bos)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    label = name or f"{getattr(model.config, '_name_or_path', '') or model.config.model_type}:{dtype}"
+    return HFBackend(model, tokenizer, name=label, cache_tokens=cache_tokens, prefix_cache=prefix_cache,
+                     wrapped=True)

@@ -48,6 +48,15 @@ def pack_linears(model: torch.nn.Module) -> int:
     return len(linears)
 
 
+def repack_linears(model: torch.nn.Module) -> int:
+    """Re-pack every packed linear layer from its current weights (after new weights were loaded)."""
+    packed = [m for m in model.modules() if "_packed_weight" in m.__dict__]
+    for module in packed:
+        module._packed_weight = _pack(module)
+        module.forward = _packed_forward(module)
+    return len(packed)
+
+
 def _pack(module: torch.nn.Linear) -> torch.Tensor:
     return torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), PACK_ROWS)
 

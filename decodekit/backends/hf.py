@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from decodekit.backends.base import Backend, ForwardRow
-from decodekit.backends.cpu_linear import pack_linears
+from decodekit.backends.cpu_linear import pack_linears, repack_linears
 from decodekit.cache import CacheManager
 
 
@@ -112,11 +112,26 @@ AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
 
 
 class HFBackend(Backend):
+    """A transformers model on decodekit's slot pool.
+
+    ``wrapped=True``: ``model`` is someone else's module (a trainer's policy): it is used as it is, no
+    ``eval()`` left behind (each forward runs in eval mode and restores every submodule's mode after) and
+    no packed weight copies. ``sync_weights()`` drops the prefix cache after the weights changed (the
+    parameters' version counters or a sample of their values moved, or ``force``), and a forward whose
+    version counters moved since the last sync raises instead of mixing K/V of old and new weights.
+    """
+
     def __init__(self, model, tokenizer, *, name: str, cache_tokens: int = 16384, prefix_cache: bool = True,
-                 packed_linears: bool = False):
+                 packed_linears: bool = False, wrapped: bool = False):
         super().__init__()
-        self.model = model.eval()
+        if wrapped and packed_linears:
+            raise ValueError("packed_linears copies the weights (stale after an optimizer step): "
+                             "not for a wrapped module")
+        self.wrapped = wrapped
+        self.model = model if wrapped else model.eval()
         self.packed_linears = pack_linears(model) if packed_linears else 0  # CPU float32 only
+        self._params = list(model.parameters())
+        self._weights_seen, self._seen_values = self.weights_version(), self._fingerprint()
         self.tokenizer = tokenizer
         self.name = name
         config = model.config
@@ -209,9 +224,57 @@ class HFBackend(Backend):
         keys = max(sum(len(rows[i].slots) for i in m) for m in bins)
         return len(bins) * (width * (1 + self.key_cost * keys) + GATHER_COST * keys)
 
+    # ---- weights that change under the backend (a trainer's module) --------------------------------
+    def weights_version(self) -> tuple[int, ...]:
+        """The parameters' in-place version counters: ``load_state_dict`` and foreach / for-loop optimizer
+        steps bump them; fused optimizer kernels (``AdamW(fused=True)``, TRL's default) do not."""
+        return tuple(p._version for p in self._params)
+
+    def _fingerprint(self) -> torch.Tensor:
+        """A strided sample (about 16 values) of every parameter: an optimizer step moves nearly all of them."""
+        with torch.no_grad():
+            return torch.cat([p.detach().reshape(-1)[:: max(1, p.numel() // 16)].float() for p in self._params])
+
+    def sync_weights(self, force: bool = False) -> bool:
+        """Drop the prefix cache if the weights changed since the last sync (version counters, then a
+        sample of the values), or when ``force`` (the caller knows they changed); True when dropped. No
+        request may hold K/V then (``CacheManager.drop_prefix_cache`` raises)."""
+        same = self.weights_version() == self._weights_seen and torch.equal(self._fingerprint(), self._seen_values)
+        if same and not force:
+            return False
+        self.cache.drop_prefix_cache()
+        if self.packed_linears:
+            repack_linears(self.model)
+        self._weights_seen, self._seen_values = self.weights_version(), self._fingerprint()
+        return True
+
+    def update_weights(self, state_dict, strict: bool = True) -> None:
+        """Load new weights (a separate inference copy of a trained policy) and drop the prefix cache."""
+        with torch.no_grad():
+            self.model.load_state_dict(state_dict, strict=strict)
+        self.sync_weights(force=True)
+
+    @contextmanager
+    def _eval_mode(self):
+        """A wrapped module runs in eval mode for this call and gets every submodule's own mode back."""
+        if not self.wrapped:
+            yield
+            return
+        if self.weights_version() != self._weights_seen:
+            raise RuntimeError(f"the weights of {self.name!r} changed while requests hold K/V computed with the "
+                               "old ones: call sync_weights() between weight updates and generation "
+                               "(LLM does it before each call)")
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for module, training in modes:
+                module.training = training
+
     def _run(self, inputs: dict, masks, keep):
         step = StepCache(self.kv, inputs["write_idx"], inputs["gather_idx"], inputs["span"])
-        with self._gqa_attention():
+        with self._gqa_attention(), self._eval_mode():
             return self.model(
                 input_ids=inputs["input_ids"],
                 position_ids=inputs["position_ids"],

@@ -157,6 +157,16 @@ class CacheManager:
         handle.slots = []
         self.storage.released(handle)
 
+    def drop_prefix_cache(self) -> int:
+        """Evict every cached prefix (the model's weights changed: its K/V no longer holds); returns the
+        slots freed. Only with no handle open: an open handle's K/V would be stale too."""
+        if self._handles:
+            raise RuntimeError(f"cannot drop the prefix cache while {len(self._handles)} KV handle(s) are open: "
+                               "finish or abort the running requests first")
+        freed = self.tree.evict(self.pool.capacity)
+        self.stats.evicted_tokens += freed
+        return freed
+
     @property
     def num_open_handles(self) -> int:
         return len(self._handles)

@@ -54,6 +54,8 @@ class TreeDriver:
         entropies stay the raw model's."""
         logits = torch.stack([leaf.next_logits for leaf in leaves])  # (B, V)
         logp = torch.log_softmax(logits.float(), dim=-1)
+        t = self.params.temperature
+        sample_logp = logp if t in (0.0, 1.0) else torch.log_softmax(logits.float() / t, dim=-1)  # (B, V)
         entropy = entropy_bits(logits)  # (B,)
         for i, leaf in enumerate(leaves):
             penalized = apply_penalties(leaf.next_logits, self.params, leaf.tree.prompt_ids, leaf.output_ids)
@@ -64,12 +66,14 @@ class TreeDriver:
                 continue
             reason = self.stops.before(token)
             if reason is not None:
+                leaf.stop_token, leaf.stop_logprob = token, float(sample_logp[i, token])
                 self._finish(leaf, reason)
                 continue
             leaf.tokens.append(token)
             if self.index is not None:
                 self.states[leaf] = self.index.next(self.states.get(leaf), token)
             leaf.logprobs.append(float(logp[i, token]))
+            leaf.sample_logprobs.append(float(sample_logp[i, token]))
             leaf.entropies.append(float(entropy[i]))
             reason = self._stop_after(leaf)
             if reason is not None:

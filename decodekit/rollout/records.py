@@ -36,7 +36,10 @@ class Trajectory:
     ``path`` is the node ids root..leaf; ``finish_reason`` is ``"stop"`` (EOS, stop token or stop
     string), ``"answer"`` (an answer pattern), ``"repetition"`` or ``"length"`` (max tokens / depth).
     ``logprobs`` are raw model log-probabilities (before temperature), like ``TokenInfo.logprob``;
-    ``"constraint_failed"`` ends a constrained path with no valid continuation.
+    ``"constraint_failed"`` ends a constrained path with no valid continuation. ``sample_logprobs``
+    are those of the distribution sampled from before truncation (``log_softmax(logits / T)``; the raw
+    ones when T is 0 or 1), what RL trainers take. ``stop_token`` is the stop token (EOS) that ended the
+    path, not part of ``token_ids``, and ``stop_logprob`` its sampling log-probability (else None).
     """
 
     index: int
@@ -49,6 +52,9 @@ class Trajectory:
     answer: str | None = None
     log_weight: float = 0.0  # with a constraint: log importance weight (sum of AWRS log Z estimates)
     valid: bool | None = None  # with a constraint: is the text a complete valid output
+    sample_logprobs: tuple[float, ...] = ()
+    stop_token: int | None = None
+    stop_logprob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,9 @@ class _Node:
         self.lane, self.next_logits, self.generator = lane, logits, generator
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.sample_logprobs: list[float] = []  # log_softmax(logits / T) of each token
+        self.stop_token: int | None = None  # the stop token that ended this leaf, with its sampling logprob
+        self.stop_logprob: float | None = None
         self.entropies: list[float] = []
         self.children: list[_Node] = []
         self.finish_reason: str | None = None
@@ -134,11 +143,14 @@ class _Tree:
         for leaf in sorted(self.leaves(), key=_path):
             ids = leaf.output_ids
             text = leaf.text if leaf.text is not None else tokenizer.decode(ids)
-            logps = [lp for n in _path_nodes(leaf) for lp in n.logprobs]
+            nodes = _path_nodes(leaf)
+            logps = [lp for n in nodes for lp in n.logprobs]
+            sample_logps = [lp for n in nodes for lp in n.sample_logprobs]
             trajectories.append(Trajectory(len(trajectories), _path(leaf), tuple(ids), text, tuple(logps),
                                            leaf.cum_logprob, leaf.finish_reason,
                                            find_answer(text, ("boxed", "gsm8k", "answer_is")), leaf.log_weight,
-                                           None if constraint is None else constraint.complete_ok(text)))
+                                           None if constraint is None else constraint.complete_ok(text),
+                                           tuple(sample_logps), leaf.stop_token, leaf.stop_logprob))
         tree_tokens = sum(len(n.tokens) for n in self.nodes)
         stats = {"forward_tokens": self.prefill_tokens + self.decode_tokens, "prefill_tokens": self.prefill_tokens,
                  "decode_tokens": self.decode_tokens, "tree_tokens": tree_tokens,

@@ -68,6 +68,13 @@ class VLLMBackend:
         self.num_forward_calls = 0  # engine steps that produced output
         self.num_forward_tokens = 0  # tokens generated (vLLM does not report computed tokens per step)
 
+    def update_weights(self, state_dict, strict: bool = True) -> None:
+        """Not supported: vLLM's workers hold their own copy of the weights, which decodekit cannot point
+        at a training module or update in place (TRL's ``use_vllm`` has its own weight sync)."""
+        raise ValueError("the vLLM backend does not share a training module: vLLM's workers load their own copy of "
+                         "the weights and decodekit has no path to update it; for RL training use "
+                         "LLM.from_module(trainer_model, tokenizer) (the transformers backend) or TRL's use_vllm")
+
     def create_engine(self, *, max_batch_size: int | None = None) -> VLLMEngine:
         """The request-level engine ``decodekit.LLM`` uses (vLLM's ``max_num_seqs`` bounds the batch)."""
         return VLLMEngine(self)
