@@ -24,7 +24,8 @@ from tqdm import tqdm
 PACKAGE = __package__ or "decodekit.bench"  # the scripts run as ``python -m decodekit.bench.<name>``
 BENCHMARKS = ["throughput", "speculative", "constraints", "constraint_peers", "constrained_speculative",
               "constrained_batch", "json_schema_coverage", "entropy_switch", "tree_rollout", "rl_rollout",
-              "server_load", "server_abuse", "mixed_traffic", "throughput_vllm", "tree_rollout_vllm"]
+              "server_load", "server_abuse", "mixed_traffic", "throughput_llamacpp", "throughput_vllm",
+              "tree_rollout_vllm"]
 # name -> (module, extra arguments, venv holding its optional stack, the command that sets it up)
 SPECS = {
     "constraint_peers": ("constraint_peers", [], ".venv-peers", "make setup-peers"),

@@ -82,6 +82,8 @@ def test_python_blocks_run(doc, server, capsys):
     for code in code_blocks:
         if needs_vllm(code) and importlib.util.find_spec("vllm") is None:
             continue  # the vLLM backend's own venv runs these (tests/vllm_backend)
+        if 'backend="llamacpp"' in code and importlib.util.find_spec("llama_cpp") is None:
+            continue  # the llama.cpp extra (make setup-llamacpp; CI installs it)
         if "from trl import" in code and importlib.util.find_spec("trl") is None:
             continue  # the RL extra (pip install 'decodekit[rl]'; make setup installs it)
         exec(compile(code.replace(SERVER, server), f"{doc.name} block", "exec"), namespace)  # noqa: S102
