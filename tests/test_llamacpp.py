@@ -178,7 +178,9 @@ def test_speculative_greedy_identical(llama, direct):
     llm = LLM(backend=llama)
     prompts = [chat_ids(llama, "Repeat after me: the cat sat on the mat, the cat sat on the mat.")]
     prompts.append(chat_ids(llama, QUESTIONS[3]))
-    ngram = run(llm, prompts, strategy=Speculative(draft="ngram"), temperature=0, max_new_tokens=48, ignore_eos=True)
+    # a fixed draft length: this is about exactness (this backend's profile drafts only where it pays)
+    ngram = run(llm, prompts, strategy=Speculative(draft="ngram", num_draft_tokens=4), temperature=0,
+                max_new_tokens=48, ignore_eos=True)
     for ids, c in zip(prompts, ngram):  # verify rows compute drafts in a batch: a near-tie may flip
         want, logits, _ = direct.greedy(ids, len(c.token_ids))
         assert_same_or_near_tie(c.token_ids, want, logits)
