@@ -226,17 +226,18 @@ def test_constrained_speculative_greedy_identical(llama):
     clean(llama)
 
 
-def test_entropy_switch_verified_equals_large_greedy(llama):
+def test_entropy_switch_verified_equals_large_greedy(llama, direct):
     from decodekit.models import load_llamacpp_backend
     from decodekit.strategies import EntropySwitch
 
     small = load_llamacpp_backend("smollm2-135m", n_ctx=1024, n_threads=2)
     try:
         prompt = chat_ids(llama, "Name three colors.")
-        want = run(LLM(backend=llama), prompt, temperature=0, max_new_tokens=16).token_ids
+        want, logits, _ = direct.greedy(prompt, 16)
         out = run(LLM(backend=llama), prompt, strategy=EntropySwitch(small=small, threshold=3.0, verify=0.0),
-                                          temperature=0, max_new_tokens=16)
-        assert out.token_ids == want and out.stats.extra["tokens_drafted"] > 0
+                  temperature=0, max_new_tokens=16, ignore_eos=True)
+        assert_same_or_near_tie(out.token_ids, want, logits)  # verify rows are batched computations
+        assert out.stats.extra["tokens_drafted"] > 0
         token = run(LLM(backend=llama), prompt, strategy=EntropySwitch(small=small, threshold=1.0),
                                             temperature=0, max_new_tokens=16)
         assert {p.source for p in token.choices[0].provenance} <= {"small", "large"}
@@ -283,7 +284,8 @@ def test_huggingface_directory_names_the_converter(tmp_path):
 class HandleMachine(RuleBasedStateMachine):
     """Open (through the prefix cache), fork, extend, truncate, commit and release handles at random;
     after every operation decodekit's lengths equal llama.cpp's, every holder keeps what it claims, and
-    at the end each live handle's next logits equal a fresh direct computation of its tokens."""
+    at the end each live handle's next logits match a fresh direct computation of its tokens (same top
+    token, within llama.cpp's own numerical spread)."""
 
     backend = None
     reference = None
@@ -353,7 +355,9 @@ class HandleMachine(RuleBasedStateMachine):
             got = self.backend.forward([handle], [[42]])[0][-1].numpy()
             self.reference.clear()
             want = self.reference.decode([(0, 0, ids + [42])])[0]
-            assert np.abs(got - want).max() < 1e-4
+            # llama.cpp's own numerics move with chunking and cells in use (NEAR_TIE); a wrong or missing
+            # cell changes the distribution itself
+            assert int(got.argmax()) == int(want.argmax()) and np.abs(got - want).max() < 2 * NEAR_TIE
         for handle, _ in self.live.values():
             self.backend.cache.release(handle)
         self.backend.reset_prefix_cache()
