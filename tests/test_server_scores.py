@@ -85,8 +85,7 @@ QUESTIONS = [("The capital of France is", [" Paris", " Berlin", " Madrid"], 0),
 def test_lm_eval_local_completions_loglikelihoods(srv, tmp_path):
     """lm-eval 0.4.13's ``local-completions`` (echo + logprobs, the server's remote tokenizer) on a local
     multiple-choice task: every log-likelihood equals transformers' summed token log-probabilities."""
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the test extra")
-    from lm_eval.tasks import TaskManager
+    pytest.importorskip("lm_eval", reason="lm-eval is in the test extra")
 
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
@@ -94,11 +93,7 @@ def test_lm_eval_local_completions_loglikelihoods(srv, tmp_path):
         "task: dk_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
         "doc_to_target: '{{answer}}'\ndoc_to_choice: '{{choices}}'\nmetric_list:\n  - metric: acc\n")
-    results = lm_eval.simple_evaluate(
-        model="local-completions", tasks=["dk_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
-        model_args=f"model={MODEL},base_url={srv.url}/v1/completions,num_concurrent=1,max_retries=1,"
-                   "tokenizer_backend=remote,tokenized_requests=True",
-        log_samples=True, limit=None)
+    results = local_completions(srv, tmp_path, "dk_mc")
     hf = srv.backend.tokenizer.hf
     num = 0
     for sample in results["samples"]["dk_mc"]:
@@ -138,8 +133,7 @@ def test_lm_eval_local_completions_generate_until(srv, tmp_path):
     """lm-eval 0.4.13's ``local-completions`` generate-until (greedy, stop sequences, ``max_gen_toks``) on a
     local task: every answer equals transformers' own greedy continuation cut at the first stop sequence,
     and the stop sequences cut some of them (the server applied them, not only the token limit)."""
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the test extra")
-    from lm_eval.tasks import TaskManager
+    pytest.importorskip("lm_eval", reason="lm-eval is in the test extra")
 
     max_new = 16
     data = tmp_path / "open.jsonl"
@@ -149,11 +143,7 @@ def test_lm_eval_local_completions_generate_until(srv, tmp_path):
         "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
         "generation_kwargs:\n  until: " + json.dumps(UNTIL) + f"\n  max_gen_toks: {max_new}\n  do_sample: false\n"
         "  temperature: 0.0\nmetric_list:\n  - metric: exact_match\n")
-    results = lm_eval.simple_evaluate(
-        model="local-completions", tasks=["dk_gen"], task_manager=TaskManager(include_path=str(tmp_path)),
-        model_args=f"model={MODEL},base_url={srv.url}/v1/completions,num_concurrent=1,max_retries=1,"
-                   "tokenizer_backend=remote,tokenized_requests=True",
-        log_samples=True, limit=None)
+    results = local_completions(srv, tmp_path, "dk_gen")
     samples = results["samples"]["dk_gen"]
     assert len(samples) == len(OPEN)
     cut_by_stop = 0
@@ -189,3 +179,15 @@ def test_penalties_and_logit_bias_through_the_client(srv, client):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**{**kwargs, **extra})
         assert e.value.body["param"] == param
+
+
+def local_completions(srv, tmp_path, task: str) -> dict:
+    """lm-eval's ``local-completions`` client on the server, running ``task`` from ``tmp_path``."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(
+        model="local-completions", tasks=[task], task_manager=TaskManager(include_path=str(tmp_path)),
+        model_args=f"model={MODEL},base_url={srv.url}/v1/completions,num_concurrent=1,max_retries=1,"
+                   "tokenizer_backend=remote,tokenized_requests=True",
+        log_samples=True, limit=None)
