@@ -77,6 +77,19 @@ class DirectLlama:
                 tokens[s].append(int(logits[s].argmax()))
         return tokens, time.perf_counter() - start
 
+    def batched_greedy(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
+        """One sequence per prompt (prefilled together), ``n`` greedy tokens each, one ``llama_decode``
+        per step over all of them: tokens per sequence, wall seconds (prefill included)."""
+        self.clear()
+        start = time.perf_counter()
+        logits = self.decode([(s, 0, list(ids)) for s, ids in enumerate(prompts)])
+        tokens = [[int(row.argmax())] for row in logits]
+        for i in range(n - 1):
+            logits = self.decode([(s, len(ids) + i, [tokens[s][-1]]) for s, ids in enumerate(prompts)])
+            for s, row in enumerate(logits):
+                tokens[s].append(int(row.argmax()))
+        return tokens, time.perf_counter() - start
+
     def prefill_seconds(self, ids: list[int]) -> float:
         """Time to the first token's logits for ``ids`` (a cold cache)."""
         self.clear()

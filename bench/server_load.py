@@ -138,6 +138,8 @@ class Server:
             cmd += ["--device", self.args.device]
         if self.args.threads:
             cmd += ["--threads", str(self.args.threads)]
+        if getattr(self.args, "backend", None):
+            cmd += ["--backend", self.args.backend]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300

@@ -14,9 +14,12 @@ prompt (diversity) and pass@16. The prefix cache is emptied before every run.
 ``--backend vllm`` runs the same comparison on vLLM (segment-level tree driver over automatic prefix
 caching; ``n=16`` sampling for the independent run); forward tokens there are vLLM's own counters:
 prompt tokens not found in the prefix cache plus generated tokens. Results go to ``tree_rollout_vllm``.
+``--backend llamacpp`` runs it on the llama.cpp backend (token-level, the same driver as transformers;
+results in ``tree_rollout_llamacpp``).
 
     .venv/bin/python bench/tree_rollout.py [--quick]
     .venv-vllm/bin/python -m decodekit.bench.tree_rollout --backend vllm [--quick]
+    .venv/bin/python bench/tree_rollout.py --backend llamacpp [--quick]
 """
 
 from __future__ import annotations
@@ -120,8 +123,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 on a shared machine: oversubscribed threads run ~10x slower)")
-    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
-                   help="vllm: the same comparison on the vLLM backend (needs `make setup-vllm`)")
+    p.add_argument("--backend", choices=["hf", "vllm", "llamacpp"], default="hf",
+                   help="vllm: the same comparison on the vLLM backend (needs `make setup-vllm`); llamacpp: on "
+                        "llama.cpp (`make setup-llamacpp`, the model's GGUF, llama.cpp on the CPU cores)")
     p.add_argument("--es-baseline", action="store_true",
                    help="also run 16 independent paths with the tree's early stops (otherwise derived by cutting "
                         "the independent run's trajectories where the early stops fire)")
@@ -137,10 +141,13 @@ def main() -> None:
     prompts = [[{"role": "user", "content": r["question"] + INSTRUCTION}] for r in rows]
     if args.backend == "vllm":
         llm = LLM(args.model, backend="vllm", max_model_len=1024, max_num_seqs=k * WIDTH)
+    elif args.backend == "llamacpp":
+        llm = LLM(args.model, backend="llamacpp", cache_tokens=k * (WIDTH * max_new + 300) + 1024,
+                  max_batch_size=k * WIDTH)
     else:
         llm = LLM(args.model, device=args.device, cache_tokens=k * (WIDTH * max_new + 300) + 1024,
                   max_batch_size=k * WIDTH)
-    bench_name = "tree_rollout" if args.backend == "hf" else "tree_rollout_vllm"
+    bench_name = "tree_rollout" if args.backend == "hf" else f"tree_rollout_{args.backend}"
     sampling = {"max_new_tokens": max_new, "temperature": args.temperature, "seed": 0}
     tree = TreeRollout(segment_len=segment, branch_factor=args.branch_factor, max_width=WIDTH,
                        first_split=args.first_split, early_stop=EarlyStop())
