@@ -178,9 +178,19 @@ class Scheduler:
             seq.status = SeqStatus.PREFILLING
 
     def _has_room(self, request: Request) -> bool:
-        """Batch-size check; a request with n above the batch size still runs, alone."""
+        """Batch-size and lane checks; a request above either limit still runs, alone."""
         running = len(self.live_seqs())
-        return running == 0 or running + len(request.live_seqs or range(request.params.n)) <= self.max_batch_size
+        if running == 0:
+            return True
+        if running + len(request.live_seqs or range(request.params.n)) > self.max_batch_size:
+            return False
+        limit = getattr(self.engine.backend, "max_lanes", None)
+        return limit is None or sum(map(self.lanes_of, self.active)) + self.lanes_of(request) <= limit
+
+    @staticmethod
+    def lanes_of(request: Request) -> int:
+        """KV lanes on the engine's model ``request`` may hold at once, at worst (main KV, particles, leaves)."""
+        return request.params.n * request.strategy.lanes_per_sequence(request)
 
     def _shares_uncached_prefix(self, request: Request) -> bool:
         prefilling = [r.prompt_ids for r in self.active if any(s.status is SeqStatus.PREFILLING for s in r.seqs)]

@@ -66,3 +66,31 @@ def test_preempted_run_equals_unpreempted():
 def test_sampling_params_validation_still_applies():
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+
+
+def test_a_backend_with_few_lanes_admits_by_lanes_and_outputs_do_not_change():
+    """A backend with few KV lanes (llama.cpp's sequence ids: ``max_lanes``) admits requests by the lanes
+    their strategy may hold (main KV + candidates), so requests wait rather than run out mid-step."""
+    def run(max_lanes):
+        backend = MockBackend(vocab_size=16, seed=2, cache_tokens=4096)
+        if max_lanes is not None:
+            backend.max_lanes = max_lanes
+        llm = LLM(backend=backend, max_batch_size=8)
+        engine, peak = llm.engine, [0]
+        step = engine.step
+
+        def counting_step():
+            events = step()
+            peak[0] = max(peak[0], len(backend.cache._handles))
+            return events
+
+        engine.step = counting_step
+        done = llm.generate(["abcd", "hello", "gonk", "abcabc"], strategy=BestOfN(3), **PARAMS)
+        assert_caches_clean(backend)
+        return [c.token_ids for c in done], peak[0]
+
+    free, free_peak = run(None)
+    limited, limited_peak = run(9)  # 4 lanes per request (main + 3 candidates): two requests at a time
+    assert limited == free
+    assert free_peak > 9 >= limited_peak
+    assert BestOfN(3).lanes_per_sequence(None) == 4

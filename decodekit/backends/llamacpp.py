@@ -241,6 +241,9 @@ class LlamaCppBackend(Backend):
         self.sequences = LlamaSequences(L, self.memory, min(MAX_SEQUENCES, L.llama_n_seq_max(self.llama_ctx)))
         self.cache = CacheManager(n_ctx, prefix_cache=prefix_cache, storage=self.sequences)
         self.sequences.make_room = self._evict_one_leaf
+        # admission keeps open handles to half the sequence ids: the other half is for the prefix cache's
+        # holders, of which the handles' locked prefixes may need about one each (the rest are evictable)
+        self.max_lanes = len(self.sequences.free_ids) // 2
         self._batch = _Batch(L, n_batch)
         self.key_cost = 0.0
         self.default_profile = None if n_gpu_layers else LLAMACPP_CPU_PROFILE

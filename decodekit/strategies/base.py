@@ -77,6 +77,12 @@ class Strategy:
         """Main-model KV slots a sequence may hold beyond its verified tokens at worst (drafts, particles)."""
         return 0
 
+    def lanes_per_sequence(self, request: Request) -> int:
+        """KV lanes on the engine's model a sequence may hold at once, at worst: its main KV plus
+        forks (particles, candidates, tree leaves). Backends with few lanes (llama.cpp's sequence ids)
+        admit requests by it, so a request waits rather than running out of lanes mid-step."""
+        return 1
+
     def step_slots(self, seq: Sequence) -> int:
         """Main-model KV slots ``seq`` may allocate in its next step (the scheduler keeps them free)."""
         return max(1, len(seq.ids) - seq.num_cached) if seq.handle is not None else len(seq.ids)

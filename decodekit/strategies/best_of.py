@@ -49,6 +49,9 @@ class BestOfN(Strategy):
             raise ValueError(f"num_candidates must be an integer >= 1, got {num_candidates!r}")
         self.num_candidates = num_candidates
 
+    def lanes_per_sequence(self, request) -> int:
+        return 1 + self.num_candidates
+
     def extra_slots(self, request) -> int:
         return (self.num_candidates - 1) * (request.params.max_new_tokens + 1) + 1
 

@@ -137,6 +137,9 @@ class Constrained(Strategy):
         if not request.tokenizer.eos_token_ids:
             raise ValueError("constrained decoding needs a tokenizer with an EOS token")
 
+    def lanes_per_sequence(self, request) -> int:
+        return 1 + self.num_particles
+
     def extra_slots(self, request) -> int:
         # every particle may grow its own max_new_tokens beyond the shared prompt
         return (self.num_particles - 1) * (request.params.max_new_tokens + 1) + 1 if self.num_particles > 1 else 0

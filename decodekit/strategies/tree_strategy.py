@@ -46,6 +46,9 @@ class TreeStrategy(Strategy):
         if request.params.n != 1:
             raise ValueError("n must be 1 for a tree rollout: set TreeRollout(max_width=...) instead")
 
+    def lanes_per_sequence(self, request) -> int:
+        return 1 + self.config.max_width
+
     def extra_slots(self, request) -> int:
         return self.config.max_width * self._max_tokens(request.params)
 
