@@ -54,14 +54,15 @@ def reward_digits(completions, **kwargs):
     return [float(sum(c.isdigit() for c in text)) for text in completions]
 
 
-def make_trainer(tmp_path, rollout, *, cls=None, steps: int = 2, lr: float = 0.0, reward_funcs=None):
+def make_trainer(tmp_path, rollout, *, cls=None, steps: int = 2, lr: float = 0.0, reward_funcs=None, **config):
     from datasets import Dataset
     from trl import GRPOConfig
 
+    config = {"temperature": 0.9, **config}
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2 * WIDTH, num_generations=WIDTH,
-                      max_completion_length=MAX_TOKENS, max_steps=steps, learning_rate=lr, temperature=0.9,
-                      beta=0.0, bf16=False, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0,
-                      dataloader_num_workers=0, disable_tqdm=True)
+                      max_completion_length=MAX_TOKENS, max_steps=steps, learning_rate=lr, beta=0.0, bf16=False,
+                      logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0,
+                      dataloader_num_workers=0, disable_tqdm=True, **config)
     data = Dataset.from_dict({"prompt": ["1+2=", "what is 3+4?", "7+1=", "say 42"]})
     cls = cls or trl.GRPOTrainer
     return cls(model=tiny_policy(), reward_funcs=reward_funcs or [reward_digits], args=args, train_dataset=data,
@@ -263,3 +264,47 @@ def test_packed_forward_equals_trl_rows_with_gradients(tmp_path):
     for a, b in zip(ours[2], theirs[2]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     assert max(float(g.abs().max()) for g in theirs[2]) > 1e-3  # the gradients compared are not all ~0
+
+
+@pytest.mark.parametrize("where", ["config", "generation_kwargs"])
+def test_repetition_penalty_as_trl_generation_applies_it(tmp_path, where):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    penalty = {"repetition_penalty": 3.0} if where == "config" else {"generation_kwargs": {"repetition_penalty": 3.0}}
+    rollout = rollout_func("tree", tree=TreeRollout(segment_len=3, branch_factor=2, first_split=2), seed=5)
+    # a temperature this low samples the argmax of the penalised logits: the draws show which logits were used
+    trainer = make_trainer(tmp_path, rollout, temperature=1e-3, **penalty)
+    with torch.no_grad():
+        trainer.model.lm_head.weight[1] = 0.0  # EOS rarely first: the low-temperature paths repeat tokens
+    out = rollout(["1+2="] * WIDTH + ["say 42"] * WIDTH, trainer)
+    process = RepetitionPenaltyLogitsProcessor(3.0)  # what transformers' generate (TRL's generation) applies
+    followed = changed = 0
+    for prompt, completion in zip(out["prompt_ids"], out["completion_ids"]):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = trainer.model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+        for t, token in enumerate(completion):
+            penalised = process(ids[:, :len(prompt) + t], logits[t:t + 1].clone())[0]
+            top2 = penalised.topk(2).values
+            if top2[0] - top2[1] > 1e-2:  # near-ties may go either way
+                followed += token == int(penalised.argmax())
+                changed += int(penalised.argmax()) != int(logits[t].argmax())
+            else:
+                followed += 1
+    assert followed == sum(len(c) for c in out["completion_ids"])
+    assert changed >= 3  # the penalty moved the argmax somewhere: the check above saw it applied
+    rollout = rollout_func("tree", tree=TreeRollout(segment_len=3, branch_factor=2, first_split=2), seed=5)
+    warm = make_trainer(tmp_path, rollout, **penalty)  # logprobs stay the raw model's, as TRL recomputes them
+    ours, theirs, mask = trl_logprobs(warm, rollout(["1+2="] * WIDTH, warm))
+    assert (ours - theirs)[mask].abs().max() <= 1e-4
+
+
+def test_generation_kwargs_mapped_or_refused(tmp_path):
+    rollout = rollout_func("independent")
+    trainer = make_trainer(tmp_path, rollout, generation_kwargs={"top_k": 5, "do_sample": True, "temperature": 0.9})
+    assert rollout.params(trainer, 0)["top_k"] == 5
+    for bad, match in [({"num_beams": 2}, "num_beams"), ({"do_sample": False}, "do_sample"),
+                       ({"temperature": 0.5}, "temperature")]:
+        trainer.args.generation_kwargs = bad
+        with pytest.raises(ValueError, match=match):
+            rollout.params(trainer, 0)
