@@ -311,7 +311,9 @@ def options():
     p.add_argument("--prompts", type=int, default=None, help="prompts per step (default 1 quick, 2 full)")
     p.add_argument("--width", type=int, default=8, help="completions per prompt (num_generations)")
     p.add_argument("--max-tokens", type=int, default=None, help="max_completion_length (default 64 quick, 128 full)")
-    p.add_argument("--segment-len", type=int, default=32)
+    p.add_argument("--segment-len", type=int, default=None,
+                   help="tree segment length (default max_tokens // 4: the tree is 2, 4, 8 wide after three segments; "
+                        "with fewer segments than that it widens by fallback branches that add sequential steps)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--seed", type=int, default=0)
@@ -325,6 +327,7 @@ def options():
     args.steps = args.steps or (2 if args.quick else 6)
     args.prompts = args.prompts or (1 if args.quick else 2)
     args.max_tokens = args.max_tokens or (64 if args.quick else 128)
+    args.segment_len = args.segment_len or max(1, args.max_tokens // 4)
     return args
 
 
