@@ -119,18 +119,16 @@ class DecodekitRollout:
 
     @staticmethod
     def params(trainer, seed: int) -> dict:
-        """The trainer's generation settings as decodekit sampling parameters; ``ValueError`` for any that
-        decodekit would not honour the way TRL's generation does."""
-        if trainer.repetition_penalty != 1.0:
-            raise ValueError("repetition_penalty is not applied by tree rollouts: set it to 1.0")
-        if getattr(trainer.args, "generation_kwargs", None):
-            raise ValueError(f"generation_kwargs {sorted(trainer.args.generation_kwargs)} are not mapped to decodekit "
-                             "rollouts: leave generation_kwargs unset")
+        """The trainer's generation settings as decodekit sampling parameters, as TRL's own generation takes them
+        (``GRPOConfig``'s fields, then ``generation_kwargs`` over them); ``ValueError`` for any that decodekit
+        would not honour the way TRL's generation does."""
         if not trainer.temperature > 0:
             raise ValueError("temperature must be > 0: TRL's logprobs are log_softmax(logits / temperature)")
+        gen = generation_settings(trainer)
         return {"max_new_tokens": int(trainer.max_completion_length), "temperature": float(trainer.temperature),
-                "top_p": float(trainer.top_p), "top_k": int(trainer.top_k or 0), "min_p": float(trainer.min_p or 0.0),
-                "seed": seed, "stop_token_ids": tuple(int(t) for t in trainer.eos_token_ids), "ignore_eos": True}
+                "top_p": float(gen["top_p"]), "top_k": int(gen["top_k"] or 0), "min_p": float(gen["min_p"] or 0.0),
+                "repetition_penalty": float(gen["repetition_penalty"]), "seed": seed,
+                "stop_token_ids": tuple(int(t) for t in trainer.eos_token_ids), "ignore_eos": True}
 
     def _engine(self, trainer, num_rows: int) -> LLM:
         if self.llm is None:
@@ -178,6 +176,30 @@ def completion_of(trajectory) -> tuple[list[int], list[float]]:
     if trajectory.finish_reason not in ("stop", "length"):
         raise RuntimeError(f"a completion ended by {trajectory.finish_reason!r}, a stop TRL would not make")
     return ids, logps
+
+
+# generation_kwargs TRL's own generation (transformers ``generate``) applies and decodekit applies the same way;
+# repetition_penalty as transformers' RepetitionPenaltyLogitsProcessor: every prompt and completion token, before
+# temperature (transformers' batch also penalises the left padding of shorter prompts: decodekit never pads)
+MAPPED_KWARGS = ("repetition_penalty", "top_p", "top_k", "min_p")
+
+
+def generation_settings(trainer) -> dict:
+    """``repetition_penalty``, ``top_p``, ``top_k``, ``min_p`` as TRL's generation sees them: the trainer's, then
+    ``generation_kwargs`` (TRL updates its generate kwargs with them); other kwargs are refused by name."""
+    settings = {k: getattr(trainer, k) for k in MAPPED_KWARGS}
+    extra = dict(getattr(trainer.args, "generation_kwargs", None) or {})
+    if extra.pop("do_sample", True) is not True:
+        raise ValueError("generation_kwargs do_sample=False: GRPO samples; decodekit rollouts always sample")
+    if "temperature" in extra and extra.pop("temperature") != trainer.temperature:
+        raise ValueError("generation_kwargs temperature differs from GRPOConfig.temperature, which TRL's logprobs "
+                         "divide by: set GRPOConfig.temperature instead")
+    unknown = sorted(set(extra) - set(MAPPED_KWARGS))
+    if unknown:
+        raise ValueError(f"generation_kwargs {unknown} are not mapped to decodekit rollouts (mapped: "
+                         f"{', '.join(MAPPED_KWARGS)}, do_sample=True, temperature equal to the config's)")
+    settings.update(extra)
+    return settings
 
 
 def sampling_params(trainer, seed: int = 0) -> SamplingParams:

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from decodekit.integrations.trl.packing import pack, packable, packed_logps
 from decodekit.integrations.trl.rollout import TREE_PATH
 from decodekit.rollout.advantages import NORMALIZE, tree_advantages
 
@@ -28,17 +29,37 @@ class TreePOTrainer(GRPOTrainer):
     ``tree_normalize``: ``tree_advantages``' normalisation ("global": divided by the prompt's reward std,
     "group": per subtree group, None). With independent samples (every path its own branch from the root)
     the advantages are GRPO's ``(r - mean) / std`` per prompt.
+    ``pack``: the loss forward runs each prompt's completions packed into their prefix tree (``packing``: every
+    shared token computed once, TRL's log-probabilities and gradients); falls back to TRL's per-row forward
+    for inputs or models the packing does not cover (images, MoE aux losses, sliding windows, scaled heads).
+    ``pack_stats``: tokens TRL's rows would compute vs the packed rows, per packed forward.
     """
 
-    def __init__(self, *args, tree_normalize: str | None = "global", **kwargs):
+    def __init__(self, *args, tree_normalize: str | None = "global", pack: bool = True, **kwargs):
         if tree_normalize not in NORMALIZE:
             raise ValueError(f"tree_normalize must be one of {NORMALIZE}, got {tree_normalize!r}")
         super().__init__(*args, **kwargs)
         if self.rollout_func is None:
             raise ValueError("TreePOTrainer needs rollout_func=decodekit.integrations.trl.rollout_func(...): "
                              "its completions carry the tree paths the advantages are computed from")
-        self.tree_normalize = tree_normalize
+        self.tree_normalize, self.pack = tree_normalize, pack
         self._rewards_per_func: torch.Tensor | None = None
+        self.pack_stats: list[tuple[int, int]] = []
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **extra):
+        unwrapped = self.accelerator.unwrap_model(model)
+        if (not self.pack or compute_aux_loss or any(v is not None for v in extra.values())
+                or not packable(unwrapped)):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+        packed = pack(input_ids, attention_mask, logits_to_keep)
+        self.pack_stats.append((input_ids.numel(), packed.num_tokens))
+        outputs = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
+        with self.accelerator.autocast():
+            logps, entropy = packed_logps(unwrapped, packed, self.temperature, outputs)
+        return logps, entropy, None
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
