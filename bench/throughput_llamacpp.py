@@ -131,13 +131,13 @@ from decodekit.integrations.vllm.prep import prepare
 llm = LLM(model=prepare("smollm2-135m", "bfloat16").path, dtype="bfloat16", max_model_len=2048,
           enable_prefix_caching=False)
 prompts = json.loads(sys.argv[1])
-params = SamplingParams(max_tokens=int(sys.argv[2]), temperature=0, ignore_eos=True, n=8)
-llm.generate([{"prompt_token_ids": prompts[0]}], params)
+params = SamplingParams(max_tokens=int(sys.argv[2]), temperature=0, ignore_eos=True)  # greedy needs n=1:
+llm.generate([{"prompt_token_ids": prompts[0]}] * 8, params)  # eight copies of a prompt, as n=8 elsewhere
 rates = []
 for ids in prompts:
     start = time.perf_counter()
-    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
-    rates.append(sum(len(c.token_ids) for c in out[0].outputs) / (time.perf_counter() - start))
+    out = llm.generate([{"prompt_token_ids": ids}] * 8, params, use_tqdm=False)
+    rates.append(sum(len(o.outputs[0].token_ids) for o in out) / (time.perf_counter() - start))
 rates.sort()
 print("VLLM_RESULT " + json.dumps({"vllm_cpu_bs8": rates[len(rates) // 2]}), flush=True)
 """
