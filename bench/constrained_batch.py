@@ -1,7 +1,8 @@
 """Constrained decoding in batches on the mask engine (llguidance) vs the same requests unconstrained.
 
 Batches of 1, 8 and 16 requests, each with its own JSON schema (``../shared/data/jsonschemabench/
-schemas``, schemas the default engine routes to llguidance, at most 600 characters), and 8 requests
+schemas``, schemas the default engine routes to llguidance, at most 600 characters; the chat prompt of
+``common.json_schema_prompt``), and 8 requests
 each with its own regular expression (``../shared/data/pattern_matching``, patterns llguidance
 compiles), greedy and T = 0.7 (seeded), on the transformers backend. All requests of a batch go into
 one engine and step together. Plain: the same prompts and sampling, unconstrained, each with
@@ -33,7 +34,19 @@ import json
 import random
 import time
 
-from decodekit.bench.common import DATA, ROOT, md_table, median, paired_ratio, parser, patterns, write_results
+from decodekit.bench.common import (
+    DATA,
+    ROOT,
+    json_schema_prompt,
+    md_table,
+    median,
+    optional_fields,
+    paired_ratio,
+    parser,
+    patterns,
+    write_results,
+)
+from decodekit.bench.common import fields_filled as filled_share
 
 BATCHES = {"json/1": ("json", 1), "json/8": ("json", 8), "json/16": ("json", 16), "regex/8": ("regex", 8)}
 TEMPERATURES = {"greedy": 0.0, "t0.7": 0.7}
@@ -57,7 +70,7 @@ def json_items(k: int) -> list[tuple[str, object, dict]]:
             continue
         if c.engine != "llguidance":
             continue
-        out.append((f"Write one JSON document that follows this JSON schema.\nSchema: {text}\nJSON: ", c, schema))
+        out.append((json_schema_prompt(text), c, schema))
         if len(out) == k:
             break
     return out
@@ -296,24 +309,9 @@ def overlap_effect(llm, tasks: dict, rounds: int, max_new: int, keys=("json/8", 
 
 
 def fields_filled(tasks: dict, details: dict) -> float | None:
-    present = total = 0
-    for key, rows in details.items():
-        if not key.startswith("json/"):
-            continue
-        for row in rows:
-            for (_, _, schema), text in zip(tasks["json"], row["constrained"]["texts"]):
-                props = schema.get("properties") if isinstance(schema, dict) else None
-                if not isinstance(props, dict):
-                    continue
-                optional = [k for k in props if k not in (schema.get("required") or [])]
-                try:
-                    doc = json.loads(text)
-                except ValueError:
-                    total += len(optional)
-                    continue
-                total += len(optional)
-                present += sum(k in doc for k in optional) if isinstance(doc, dict) else 0
-    return round(present / total, 3) if total else None
+    pairs = [optional_fields(schema, text) for key, rows in details.items() if key.startswith("json/") for row in rows
+             for (_, _, schema), text in zip(tasks["json"], row["constrained"]["texts"])]
+    return filled_share(pairs)
 
 
 def outlines_peer() -> dict:

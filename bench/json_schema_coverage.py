@@ -21,7 +21,9 @@ Sections:
    ``format``, which the suite treats as an annotation, so those disagreements are counted apart.
 3. Generation with SmolLM2 on 40 JSONSchemaBench schemas (half refused by outlines-core), the
    default engine (llguidance's mask or the checker with AWRS, compact layout), at most 128 new
-   tokens: validity of every returned output, completion rate, tokens/s; and on schemas routed to
+   tokens, the prompt of ``common.json_schema_prompt`` (an instruction, one worked instance, the
+   fields named): validity of every returned output, completion rate, ``fields_filled`` (share of
+   optional top-level properties present), tokens/s; and on schemas routed to
    the mask, the checker path (``engine="checker"``) vs the mask, interleaved per schema, the
    median of per-schema tokens/s ratios (``checker_vs_automaton``).
 
@@ -38,7 +40,17 @@ import time
 import warnings
 from pathlib import Path
 
-from decodekit.bench.common import DATA, ROOT, md_table, median, parser, write_results
+from decodekit.bench.common import (
+    DATA,
+    ROOT,
+    fields_filled,
+    json_schema_prompt,
+    md_table,
+    median,
+    optional_fields,
+    parser,
+    write_results,
+)
 
 SUITE_VERSION = "4.26.0"
 SUITE_CACHE = Path.home() / ".cache" / "decodekit" / "jsonschema-suite"
@@ -288,7 +300,7 @@ def _sort_schema(text: str, name: str, max_chars: int, compiled: list, refused: 
 def generate_one(llm, schema_text: str, constraint, max_new: int, seed: int) -> dict:
     from decodekit.strategies.constrained import Constrained
 
-    prompt = [{"role": "user", "content": f"Write one JSON document valid under this JSON schema.\n{schema_text}"}]
+    prompt = json_schema_prompt(schema_text)
     t0 = time.perf_counter()
     c = llm.generate(prompt, strategy=Constrained(constraint, sampler="awrs"), max_new_tokens=max_new, seed=seed)
     wall = time.perf_counter() - t0
@@ -296,7 +308,7 @@ def generate_one(llm, schema_text: str, constraint, max_new: int, seed: int) -> 
     ok = c.finish_reason == "constraint_failed" or constraint.complete_ok(c.text)  # what is returned is valid
     return {"finish": c.finish_reason, "completed": done and constraint.complete_ok(c.text), "returned_valid": ok,
             "tokens": len(c.token_ids), "wall_s": wall, "tokens_per_s": len(c.token_ids) / max(wall, 1e-9),
-            "text": c.text[:300]}
+            "text": c.text[:300], "optional_fields": optional_fields(json.loads(schema_text), c.text)}
 
 
 def generation_section(llm, quick: bool) -> tuple[dict, list]:
@@ -329,6 +341,7 @@ def generation_section(llm, quick: bool) -> tuple[dict, list]:
                "valid_rate": round(sum(r["returned_valid"] for r in main_rows) / max(len(main_rows), 1), 4),
                "completed": sum(r["completed"] for r in main_rows),
                "completed_rate": round(sum(r["completed"] for r in main_rows) / max(len(main_rows), 1), 4),
+               "fields_filled": fields_filled(r["optional_fields"] for r in main_rows),
                "tokens_per_s": round(sum(r["tokens"] for r in main_rows) / max(sum(r["wall_s"] for r in main_rows),
                                                                                  1e-9), 2),
                "mask_schemas": sum(r["path"] == "mask" for r in main_rows),
