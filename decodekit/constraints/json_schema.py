@@ -287,7 +287,26 @@ class JsonSchema(Constraint):
         text = as_bytes(text)
         if self.whitespace is None and not self._compact_ok(text):  # cheap first
             return False
-        return self.prefix_ok(text)
+        return self.prefix_ok(text) and self._escape_viable(text)
+
+    def _escape_viable(self, text: bytes) -> bool:
+        """An unfinished escape at the end of ``text`` (``\\``, ``\\u00``) is kept only where one of
+        its completions is a valid prefix: the checker cannot judge the character before the escape
+        ends, and a prefix no completion continues is a dead end (``"name\\u002`` where only ``name``
+        may follow). Generation writes escapes canonically, as ``json.dumps(ensure_ascii=False)`` does
+        (short escapes; ``\\u00XX`` only for control characters: 32 completions at most)."""
+        tail = _OPEN_ESCAPE.search(text[-6:])
+        if tail is None or not self._escaping(text, len(text) - len(tail.group(0))):
+            return True
+        digits = tail.group(1)[1:].lower() if tail.group(1) else None
+        ends = [e for e in _ESCAPE_ENDS if digits is None or (e[:1] == b"u" and e[1:].startswith(digits))]
+        rest = len(digits) + 1 if digits is not None else 0
+        return any(self.prefix_ok(text + e[rest:]) for e in ends)
+
+    def _escaping(self, text: bytes, at: int) -> bool:
+        """Whether the backslash at ``at`` starts an escape inside a string (not an escaped one)."""
+        run = len(text[:at]) - len(text[:at].rstrip(b"\\"))
+        return run % 2 == 0 and self._string_state(text[: at - run]) == 1
 
     def _compact_ok(self, text: bytes) -> bool:
         """No JSON whitespace outside strings in ``text``; scan states memoised by prefix."""
@@ -331,6 +350,9 @@ class JsonSchema(Constraint):
 
 
 _WS = frozenset(b" \t\n\r")
+_OPEN_ESCAPE = re.compile(rb"\\(u[0-9a-fA-F]{0,3})?$")
+# the escapes generation writes: short ones, and \u00XX for the other control characters
+_ESCAPE_ENDS = tuple([bytes([c]) for c in b'"\\/bfnrt'] + [b"u00" + f"{i:02x}".encode() for i in range(32)])
 _NUMBER_TAIL = tuple(bytes([b]) for b in b"0123456789.")
 _INNER_EXPONENT = re.compile(rb"[0-9.][eE]")
 
