@@ -24,6 +24,7 @@ import re
 import jsonschema
 
 from decodekit.constraints.base import Constraint, as_bytes, decode_complete
+from decodekit.constraints.json_keys import NameGuard
 from decodekit.constraints.json_prefix import JsonPrefixChecker, strictly_valid
 from decodekit.constraints.regex import ByteDFA
 
@@ -212,6 +213,7 @@ class JsonSchema(Constraint):
         self._checker: JsonPrefixChecker | None = None if self.regex is not None else self._new_checker()
         self._layout: dict[bytes, int] = {}  # text -> scan state (generation layout), bounded
         self._strings: dict[bytes, int] = {}  # text -> string scan state (the exponent filter), bounded
+        self._names: NameGuard | None = None  # repeated member names (the mask path), built on first use
 
     def _new_checker(self) -> JsonPrefixChecker:
         return JsonPrefixChecker(self.schema, self._format_checker)
@@ -235,9 +237,17 @@ class JsonSchema(Constraint):
         return self._grammar
 
     def mask_filter(self, text: bytes, ids, pieces):
-        """The mask's ids without tokens that write a number exponent (``1e5``): the canonical layout
-        writes numbers in plain decimal, and llguidance's unbounded numbers would reach exponents past
-        a double (``1e999``), which strict JSON refuses only once the document is complete (a dead end)."""
+        """The mask's ids narrowed to the canonical layout where llguidance's grammar allows texts strict
+        JSON refuses only once the document is complete (dead ends): no number exponents, no repeated
+        member names (``json_keys``)."""
+        if self._names is None:
+            self._names = NameGuard()
+        return self._names.drop(text, self._drop_exponents(text, ids, pieces), pieces)
+
+    def _drop_exponents(self, text: bytes, ids, pieces):
+        """The ids without tokens that write a number exponent (``1e5``): the canonical layout writes
+        numbers in plain decimal, and llguidance's unbounded numbers would reach exponents past a double
+        (``1e999``)."""
         import torch
 
         risky = self._exponent_tokens(pieces)
