@@ -95,6 +95,25 @@ def regex_items(k: int) -> list[tuple[str, object, str]]:
     return out
 
 
+def peer_regex_items(k: int) -> list[tuple[str, object, str]]:
+    """``regex_items``' kind for the batch-1 peer comparison, restricted to patterns whose shortest match
+    has at least ``MIN_PEER_TOKENS`` characters (``re``'s parser where it reads the pattern): answers of a
+    token or two time the prefill, not decoding."""
+    import re._parser as re_parser  # the stdlib's own pattern widths
+
+    out = []
+    for prompt, c, p in regex_items(10_000):
+        try:
+            shortest = re_parser.parse(p).getwidth()[0]
+        except Exception:  # syntax only the `regex` module reads
+            continue
+        if shortest >= MIN_PEER_TOKENS:
+            out.append((prompt, c, p))
+        if len(out) == k:
+            break
+    return out
+
+
 def run_batch(llm, items, temperature: float, max_new, constrained: bool, seed: int = 0) -> dict:
     """One batch through one engine; ``max_new``: an int, or one per item (plain twins, EOS ignored)."""
     from decodekit.api import sampling_params
@@ -324,7 +343,8 @@ def outlines_peer(args, llm, tasks: dict, max_new: int) -> dict:
     """``vs_outlines_bs1``: decodekit's default engine vs outlines 1.3.3 (``.venv-peers``, this script with
     ``--peer outlines``) at batch 1, greedy, the same model on the transformers backend, the same prompts,
     compile time excluded on both sides: the median over items of the tokens/s ratio, over items where
-    both answers have at least ``MIN_PEER_TOKENS`` tokens. The two run in separate processes one after
+    both answers have at least ``MIN_PEER_TOKENS`` tokens (JSON: the first schemas of the batches; regex:
+    ``peer_regex_items``). The two run in separate processes one after
     the other (not interleaved)."""
     python = ROOT / ".venv-peers" / "bin" / "python"
     if not python.exists():
@@ -338,9 +358,10 @@ def outlines_peer(args, llm, tasks: dict, max_new: int) -> dict:
         return {"json": None, "regex": None, "not_run": f"exit {proc.returncode}: {proc.stderr[-300:]}"}
     theirs = json.loads(lines[-1])
     out = {}
+    peer_tasks = {"json": tasks["json"][:PEER_ITEMS], "regex": peer_regex_items(PEER_ITEMS)}
     for task in ("json", "regex"):
         ratios, lengths = [], []
-        for i, (prompt, c, source) in enumerate(tasks[task][:PEER_ITEMS]):
+        for i, (prompt, c, source) in enumerate(peer_tasks[task]):
             peer = theirs[task][i]
             if peer is None:  # outlines could not compile it
                 continue
@@ -365,7 +386,7 @@ def run_outlines(args) -> None:
 
     llm = LLM(args.model, device="cpu")
     runner = Outlines(llm.backend.model, llm.tokenizer.hf)
-    tasks = {"json": json_items(16)[:PEER_ITEMS], "regex": regex_items(8)[:PEER_ITEMS]}
+    tasks = {"json": json_items(16)[:PEER_ITEMS], "regex": peer_regex_items(PEER_ITEMS)}
     out: dict = {"version": outlines.__version__ if hasattr(outlines, "__version__") else "1.3.3"}
     for task, items in tasks.items():
         out[task] = []
