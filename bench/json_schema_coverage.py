@@ -314,7 +314,8 @@ def generate_one(llm, schema_text: str, constraint, max_new: int, seed: int) -> 
             "text": c.text[:300], "optional_fields": optional_fields(json.loads(schema_text), c.text)}
 
 
-def generation_section(llm, quick: bool) -> tuple[dict, list]:
+def generation_section(llm, quick: bool, checker_pairs: bool = True) -> tuple[dict, list]:
+    """``checker_pairs=False``: only the default path (no ``checker_vs_automaton``)."""
     from decodekit.constraints import JsonSchema
 
     k, max_new = (4, 48) if quick else (40, 128)
@@ -324,7 +325,7 @@ def generation_section(llm, quick: bool) -> tuple[dict, list]:
         auto = JsonSchema(schema)
         path = "mask" if auto.engine == "llguidance" else "checker"
         runs = {path: auto}
-        if path == "mask":  # the same schema through the checker, interleaved (ABBA over schemas)
+        if path == "mask" and checker_pairs:  # the same schema through the checker, interleaved (ABBA)
             runs["checker"] = JsonSchema(schema, engine="checker")
         order = list(runs) if i % 2 == 0 else list(runs)[::-1]
         for which in order:
@@ -381,7 +382,7 @@ def run_sections(args, sections) -> dict:
         from decodekit.api import LLM
 
         llm = LLM(args.model, device=args.device, dtype=args.dtype)
-        out["generation"], out["generation_rows"] = generation_section(llm, args.quick)
+        out["generation"], out["generation_rows"] = generation_section(llm, args.quick, args.checker_pairs)
     return out
 
 
@@ -418,6 +419,8 @@ def main():
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated sections to run ({', '.join(SECTIONS)}); the others are kept from the "
                         "last result file of the same --quick, with their date")
+    p.add_argument("--no-checker-pairs", dest="checker_pairs", action="store_false",
+                   help="generation: the default path only, not each mask schema again through the checker")
     args = p.parse_args()
     sections = [x for x in args.sections.split(",") if x]
     if set(sections) - set(SECTIONS):
