@@ -304,6 +304,10 @@ def test_mask_never_repeats_a_member_name():
     assert kept == [0, 1, 2, 3, 4, 6]  # only "x" repeats inside the inner object ("a", "b": the outer one)
     assert c.mask_filter(b'{"a":1,"', ids, pieces).tolist() == [1, 2, 3, 5, 6]
     assert c.mask_filter(b'{"a":"x', ids, pieces).tolist() == list(range(len(pieces)))  # a value string
+    quoted = [b'"b"', b'"', b'b"', b'"c"']  # an escape under way (token by token) and names with one in them
+    assert c.mask_filter(b'{"a\\"b":1,"a\\', torch.arange(4), quoted).tolist() == [1, 2, 3]  # '"b"' closes a\"b
+    assert c.mask_filter(b'{"a\\"b":1,"a\\"', torch.arange(4), quoted).tolist() == [0, 1, 3]  # 'b"' does
+    assert c.mask_filter(b'{"\xc3\xa9":1,"', torch.arange(2), [b'\xc3\xa9"', b'e"']).tolist() == [1]  # "é"
     assert not c.complete_ok('{"a":1,"a":2}')  # why: strict JSON refuses the repeat
 
 

@@ -76,8 +76,8 @@ class NameGuard:
 
     def __init__(self):
         self._memo: dict[bytes, tuple] = {}
-        self._quotes = None  # (V,) bool: tokens with a '"' (only these can close a name)
-        self._quotes_for = None
+        self._by_closer: dict[bytes, list[int]] = {}
+        self._closers_for = None
 
     def state(self, text: bytes) -> tuple:
         cut = len(text)
@@ -95,11 +95,41 @@ class NameGuard:
         import torch
 
         state = self.state(text)
-        if state[2] is None:  # not inside a member name
+        mode, stack, partial = state
+        if partial is None or not stack[-1][1]:  # not inside a member name, or none to repeat
             return ids
-        if self._quotes_for is not pieces:
-            self._quotes = torch.tensor([bool(p) and b'"' in p for p in pieces], dtype=torch.bool)
-            self._quotes_for = pieces
-        cand = ids[self._quotes[ids]]
-        drop = [t for t in cand.tolist() if repeats_name(state, pieces[t] or b"")]
+        if mode == 2 or b"\\" in partial:  # an escape under way: token by token (rare)
+            cand = [t for t in ids.tolist() if b'"' in (pieces[t] or b"")]
+            drop = [t for t in cand if repeats_name(state, pieces[t] or b"")]
+        else:  # by name: the tokens whose bytes before their first '"' finish one of the names
+            closers = self._closers(pieces)
+            drop = []
+            for name in stack[-1][1]:
+                raw = json.dumps(name, ensure_ascii=False)[1:-1].encode()
+                if raw.startswith(partial):
+                    drop += closers.get(raw[len(partial):], [])
         return ids[~torch.isin(ids, torch.tensor(drop, dtype=ids.dtype))] if drop else ids
+
+    def _closers(self, pieces) -> dict[bytes, list[int]]:
+        """Tokens that close a string begun before them, by their bytes before the closing quote."""
+        if self._closers_for is not pieces:
+            self._by_closer: dict[bytes, list[int]] = {}
+            for t, piece in enumerate(pieces):
+                end = _closing_quote(piece or b"")
+                if end is not None:
+                    self._by_closer.setdefault(piece[:end], []).append(t)
+            self._closers_for = pieces
+        return self._by_closer
+
+
+def _closing_quote(piece: bytes) -> int | None:
+    """Where ``piece``, written inside a string (no escape under way), closes it; None if it does not."""
+    escaped = False
+    for i, b in enumerate(piece):
+        if escaped:
+            escaped = False
+        elif b == 0x5C:
+            escaped = True
+        elif b == 0x22:
+            return i
+    return None
