@@ -1,7 +1,8 @@
 """Constrained decoding in batches on the mask engine (llguidance) vs the same requests unconstrained.
 
 Batches of 1, 8 and 16 requests, each with its own JSON schema (``../shared/data/jsonschemabench/
-schemas``, schemas the default engine routes to llguidance, at most 600 characters), and 8 requests
+schemas``, schemas the default engine routes to llguidance, at most 600 characters; the chat prompt of
+``common.json_schema_prompt``), and 8 requests
 each with its own regular expression (``../shared/data/pattern_matching``, patterns llguidance
 compiles), greedy and T = 0.7 (seeded), on the transformers backend. All requests of a batch go into
 one engine and step together. Plain: the same prompts and sampling, unconstrained, each with
@@ -31,9 +32,23 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import time
 
-from decodekit.bench.common import DATA, ROOT, md_table, median, paired_ratio, parser, patterns, write_results
+from decodekit.bench.common import (
+    DATA,
+    ROOT,
+    json_schema_prompt,
+    md_table,
+    median,
+    optional_fields,
+    paired_ratio,
+    parser,
+    patterns,
+    write_results,
+)
+from decodekit.bench.common import fields_filled as filled_share
 
 BATCHES = {"json/1": ("json", 1), "json/8": ("json", 8), "json/16": ("json", 16), "regex/8": ("regex", 8)}
 TEMPERATURES = {"greedy": 0.0, "t0.7": 0.7}
@@ -57,7 +72,7 @@ def json_items(k: int) -> list[tuple[str, object, dict]]:
             continue
         if c.engine != "llguidance":
             continue
-        out.append((f"Write one JSON document that follows this JSON schema.\nSchema: {text}\nJSON: ", c, schema))
+        out.append((json_schema_prompt(text), c, schema))
         if len(out) == k:
             break
     return out
@@ -75,6 +90,25 @@ def regex_items(k: int) -> list[tuple[str, object, str]]:
             continue
         if c.engine == "llguidance":
             out.append((f"Write a string that matches the regular expression {p}\nString: ", c, p))
+        if len(out) == k:
+            break
+    return out
+
+
+def peer_regex_items(k: int) -> list[tuple[str, object, str]]:
+    """``regex_items``' kind for the batch-1 peer comparison, restricted to patterns whose shortest match
+    has at least ``MIN_PEER_TOKENS`` characters (``re``'s parser where it reads the pattern): answers of a
+    token or two time the prefill, not decoding."""
+    import re._parser as re_parser  # the stdlib's own pattern widths
+
+    out = []
+    for prompt, c, p in regex_items(10_000):
+        try:
+            shortest = re_parser.parse(p).getwidth()[0]
+        except Exception:  # syntax only the `regex` module reads
+            continue
+        if shortest >= MIN_PEER_TOKENS:
+            out.append((prompt, c, p))
         if len(out) == k:
             break
     return out
@@ -296,39 +330,94 @@ def overlap_effect(llm, tasks: dict, rounds: int, max_new: int, keys=("json/8", 
 
 
 def fields_filled(tasks: dict, details: dict) -> float | None:
-    present = total = 0
-    for key, rows in details.items():
-        if not key.startswith("json/"):
-            continue
-        for row in rows:
-            for (_, _, schema), text in zip(tasks["json"], row["constrained"]["texts"]):
-                props = schema.get("properties") if isinstance(schema, dict) else None
-                if not isinstance(props, dict):
-                    continue
-                optional = [k for k in props if k not in (schema.get("required") or [])]
-                try:
-                    doc = json.loads(text)
-                except ValueError:
-                    total += len(optional)
-                    continue
-                total += len(optional)
-                present += sum(k in doc for k in optional) if isinstance(doc, dict) else 0
-    return round(present / total, 3) if total else None
+    pairs = [optional_fields(schema, text) for key, rows in details.items() if key.startswith("json/") for row in rows
+             for (_, _, schema), text in zip(tasks["json"], row["constrained"]["texts"])]
+    return filled_share(pairs)
 
 
-def outlines_peer() -> dict:
-    if not (ROOT / ".venv-peers" / "bin" / "python").exists():
+PEER_ITEMS = 4  # per task at batch 1, greedy
+MIN_PEER_TOKENS = 8  # a shorter answer's tokens/s is mostly its prefill: such items are not compared
+
+
+def outlines_peer(args, llm, tasks: dict, max_new: int) -> dict:
+    """``vs_outlines_bs1``: decodekit's default engine vs outlines 1.3.3 (``.venv-peers``, this script with
+    ``--peer outlines``) at batch 1, greedy, the same model on the transformers backend, the same prompts,
+    compile time excluded on both sides: the median over items of the tokens/s ratio, over items where
+    both answers have at least ``MIN_PEER_TOKENS`` tokens (JSON: the first schemas of the batches; regex:
+    ``peer_regex_items``). The two run in separate processes one after
+    the other (not interleaved)."""
+    python = ROOT / ".venv-peers" / "bin" / "python"
+    if not python.exists():
         return {"json": None, "regex": None,
                 "not_run": "outlines not installed: .venv-peers is missing; set it up with `make setup-peers`"}
-    return {"json": None, "regex": None, "not_run": "the outlines 1.3.3 batch-1 peer run is not wired into this "
-            "script yet (bench/constrained_speculative.py runs outlines on its own items)"}
+    cmd = [str(python), "-m", "decodekit.bench.constrained_batch", "--peer", "outlines", "--model", args.model,
+           "--max-new", str(max_new)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"json": None, "regex": None, "not_run": f"exit {proc.returncode}: {proc.stderr[-300:]}"}
+    theirs = json.loads(lines[-1])
+    out = {}
+    peer_tasks = {"json": tasks["json"][:PEER_ITEMS], "regex": peer_regex_items(PEER_ITEMS)}
+    for task in ("json", "regex"):
+        ratios, lengths = [], []
+        for i, (prompt, c, source) in enumerate(peer_tasks[task]):
+            peer = theirs[task][i]
+            if peer is None:  # outlines could not compile it
+                continue
+            ours = run_batch(llm, [(prompt, c, source)], 0.0, max_new, True)
+            lengths.append([sum(ours["tokens"]), peer["tokens"]])
+            if min(lengths[-1]) >= MIN_PEER_TOKENS:
+                ratios.append((sum(ours["tokens"]) / ours["wall_s"]) / max(peer["tokens_per_s"], 1e-9))
+        out[task] = round(median(ratios), 3) if ratios else None
+        out[f"{task}_items"] = len(ratios)
+        out[f"{task}_tokens_ours_theirs"] = lengths
+    out["outlines"] = theirs
+    return out
+
+
+def run_outlines(args) -> None:
+    """Peer mode (inside .venv-peers): outlines 1.3.3 at batch 1, greedy, on the items ``main`` uses; per
+    item tokens/s (index build timed apart) and whether the output is valid, or None where it refuses."""
+    import outlines
+    from decodekit.bench.constraint_peers import Outlines
+
+    from decodekit import LLM
+
+    llm = LLM(args.model, device="cpu")
+    runner = Outlines(llm.backend.model, llm.tokenizer.hf)
+    tasks = {"json": json_items(16)[:PEER_ITEMS], "regex": peer_regex_items(PEER_ITEMS)}
+    out: dict = {"version": outlines.__version__ if hasattr(outlines, "__version__") else "1.3.3"}
+    for task, items in tasks.items():
+        out[task] = []
+        for prompt, constraint, _ in items:
+            text = prompt if isinstance(prompt, str) else llm.tokenizer.hf.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=True)
+            try:
+                t0 = time.perf_counter()
+                generator = runner.prepare(constraint, text)  # the index over the vocabulary
+                compile_s = time.perf_counter() - t0
+            except Exception as e:  # a schema or pattern outlines cannot compile: not counted
+                out[task].append(None)
+                print("outlines refuses", type(e).__name__, str(e)[:100], file=sys.stderr)
+                continue
+            t0 = time.perf_counter()
+            answer = generator(text, max_new_tokens=args.max_new, do_sample=False)
+            wall = time.perf_counter() - t0
+            tokens = len(llm.tokenizer.hf.encode(answer, add_special_tokens=False))
+            out[task].append({"tokens_per_s": tokens / max(wall, 1e-9), "tokens": tokens,
+                              "compile_s": round(compile_s, 2), "valid": constraint.complete_ok(answer)})
+    print(json.dumps(out))
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--max-new", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--peer", choices=["outlines"], help="internal: run a peer in its own venv")
     args = p.parse_args()
+    if args.peer == "outlines":
+        return run_outlines(args)
     from decodekit import LLM
 
     quick = args.quick
@@ -354,7 +443,7 @@ def main() -> None:
         "checks_per_token_predicate": {"mean": predicate["mean"], "p99": predicate["p99"]},
         "mask_us_p50": None, "mask_us_p99": None,
         "compile_ms_p50": None,
-        "vs_outlines_bs1": outlines_peer(),
+        "vs_outlines_bs1": None,
         "valid_rate": round(sum(valid) / max(len(valid), 1), 3),
         "completed_rate": round(sum(f == "stop" for _, _, f in outputs) / max(len(outputs), 1), 3),
         "constraint_failed_rate": round(1 - len(returned) / max(len(outputs), 1), 3),
@@ -372,6 +461,7 @@ def main() -> None:
     result["compile_ms_p50"] = compiles["p50"]
     result["compile_ms_p99"] = compiles["p99"]
     result["maskbench_routing"] = compiles["routed"]
+    result["vs_outlines_bs1"] = outlines_peer(args, llm, tasks, max_new)
     result["vs_outlines_core_bs1"] = outlines_core_bs1(llm, tasks, max_new)
     result["masks_beside_forward"] = overlap_effect(llm, tasks, rounds, max_new)
     result["outputs"] = len(outputs)

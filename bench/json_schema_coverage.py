@@ -21,11 +21,16 @@ Sections:
    ``format``, which the suite treats as an annotation, so those disagreements are counted apart.
 3. Generation with SmolLM2 on 40 JSONSchemaBench schemas (half refused by outlines-core), the
    default engine (llguidance's mask or the checker with AWRS, compact layout), at most 128 new
-   tokens: validity of every returned output, completion rate, tokens/s; and on schemas routed to
+   tokens, the prompt of ``common.json_schema_prompt`` (an instruction, one worked instance, the
+   fields named): validity of every returned output, completion rate, ``fields_filled`` (share of
+   optional top-level properties present), tokens/s; and on schemas routed to
    the mask, the checker path (``engine="checker"``) vs the mask, interleaved per schema, the
    median of per-schema tokens/s ratios (``checker_vs_automaton``).
 
-    python -m decodekit.bench.json_schema_coverage [--quick]
+    python -m decodekit.bench.json_schema_coverage [--quick] [--sections maskbench,suite,peers,generation]
+
+``--sections`` runs some sections and keeps the others from the last result file (same ``--quick``);
+``sections_from`` in the result says when each section ran.
 """
 
 from __future__ import annotations
@@ -38,7 +43,17 @@ import time
 import warnings
 from pathlib import Path
 
-from decodekit.bench.common import DATA, ROOT, md_table, median, parser, write_results
+from decodekit.bench.common import (
+    DATA,
+    ROOT,
+    fields_filled,
+    json_schema_prompt,
+    md_table,
+    median,
+    optional_fields,
+    parser,
+    write_results,
+)
 
 SUITE_VERSION = "4.26.0"
 SUITE_CACHE = Path.home() / ".cache" / "decodekit" / "jsonschema-suite"
@@ -288,7 +303,7 @@ def _sort_schema(text: str, name: str, max_chars: int, compiled: list, refused: 
 def generate_one(llm, schema_text: str, constraint, max_new: int, seed: int) -> dict:
     from decodekit.strategies.constrained import Constrained
 
-    prompt = [{"role": "user", "content": f"Write one JSON document valid under this JSON schema.\n{schema_text}"}]
+    prompt = json_schema_prompt(schema_text)
     t0 = time.perf_counter()
     c = llm.generate(prompt, strategy=Constrained(constraint, sampler="awrs"), max_new_tokens=max_new, seed=seed)
     wall = time.perf_counter() - t0
@@ -296,10 +311,11 @@ def generate_one(llm, schema_text: str, constraint, max_new: int, seed: int) -> 
     ok = c.finish_reason == "constraint_failed" or constraint.complete_ok(c.text)  # what is returned is valid
     return {"finish": c.finish_reason, "completed": done and constraint.complete_ok(c.text), "returned_valid": ok,
             "tokens": len(c.token_ids), "wall_s": wall, "tokens_per_s": len(c.token_ids) / max(wall, 1e-9),
-            "text": c.text[:300]}
+            "text": c.text[:300], "optional_fields": optional_fields(json.loads(schema_text), c.text)}
 
 
-def generation_section(llm, quick: bool) -> tuple[dict, list]:
+def generation_section(llm, quick: bool, checker_pairs: bool = True) -> tuple[dict, list]:
+    """``checker_pairs=False``: only the default path (no ``checker_vs_automaton``)."""
     from decodekit.constraints import JsonSchema
 
     k, max_new = (4, 48) if quick else (40, 128)
@@ -309,7 +325,7 @@ def generation_section(llm, quick: bool) -> tuple[dict, list]:
         auto = JsonSchema(schema)
         path = "mask" if auto.engine == "llguidance" else "checker"
         runs = {path: auto}
-        if path == "mask":  # the same schema through the checker, interleaved (ABBA over schemas)
+        if path == "mask" and checker_pairs:  # the same schema through the checker, interleaved (ABBA)
             runs["checker"] = JsonSchema(schema, engine="checker")
         order = list(runs) if i % 2 == 0 else list(runs)[::-1]
         for which in order:
@@ -329,6 +345,7 @@ def generation_section(llm, quick: bool) -> tuple[dict, list]:
                "valid_rate": round(sum(r["returned_valid"] for r in main_rows) / max(len(main_rows), 1), 4),
                "completed": sum(r["completed"] for r in main_rows),
                "completed_rate": round(sum(r["completed"] for r in main_rows) / max(len(main_rows), 1), 4),
+               "fields_filled": fields_filled(r["optional_fields"] for r in main_rows),
                "tokens_per_s": round(sum(r["tokens"] for r in main_rows) / max(sum(r["wall_s"] for r in main_rows),
                                                                                  1e-9), 2),
                "mask_schemas": sum(r["path"] == "mask" for r in main_rows),
@@ -342,43 +359,100 @@ def generation_section(llm, quick: bool) -> tuple[dict, list]:
     return summary, rows
 
 
-def main():
-    args = parser(__doc__).parse_args()
-    t0 = time.perf_counter()
-    items = maskbench(args.quick)
-    mb_rows, mb_failures = maskbench_section(items)
-    print("maskbench", json.dumps(mb_rows), flush=True)
-    suite = test_suite_section()
-    print("test_suite", json.dumps({k: v for k, v in suite.items() if k != "examples_wrong"}), flush=True)
-    peers = peers_section(args.quick)
-    print("peers", json.dumps(peers)[:2000], flush=True)
-    from decodekit.api import LLM
+SECTIONS = ("maskbench", "suite", "peers", "generation")
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
-    gen, gen_rows = generation_section(llm, args.quick)
+
+def run_sections(args, sections) -> dict:
+    """The parts of the result each section produces (``result`` keys and their details)."""
+    out: dict = {}
+    if "maskbench" in sections:
+        items = maskbench(args.quick)
+        mb_rows, mb_failures = maskbench_section(items)
+        print("maskbench", json.dumps(mb_rows), flush=True)
+        out["maskbench"] = maskbench_summary(mb_rows, mb_failures, len(items))
+    if "suite" in sections:
+        suite = test_suite_section()
+        print("test_suite", json.dumps({k: v for k, v in suite.items() if k != "examples_wrong"}), flush=True)
+        out["test_suite"] = {k: v for k, v in suite.items() if k != "examples_wrong"}
+        out["test_suite_wrong"] = suite.get("examples_wrong")
+    if "peers" in sections:
+        out["peers"] = peers_section(args.quick)
+        print("peers", json.dumps(out["peers"])[:2000], flush=True)
+    if "generation" in sections:
+        from decodekit.api import LLM
+
+        llm = LLM(args.model, device=args.device, dtype=args.dtype)
+        out["generation"], out["generation_rows"] = generation_section(llm, args.quick, args.checker_pairs)
+    return out
+
+
+def maskbench_summary(mb_rows: dict, mb_failures: list, num_items: int) -> dict:
     checker = mb_rows["decodekit_checker"]
+    return {"schemas_accepted": checker["schemas_accepted"], "of": num_items,
+            "valid_prefixes_rejected": checker["valid_prefix_rejected"],
+            "invalid_accepted": checker["invalid_accepted"],
+            "valid_instances_judged": checker["valid"], "invalid_instances": checker["invalid"],
+            "default_mask": {k: mb_rows["decodekit_default_mask"].get(k, 0) for k in (
+                "schemas_accepted", "valid", "valid_rejected", "invalid", "invalid_accepted",
+                "invalid_mask_complete", "dev_schemas", "dev_disagreements", "held_out_schemas",
+                "held_out_disagreements")},
+            "rows": mb_rows, "default_constraint_failures": mb_failures[:20]}
+
+
+def earlier_parts(out_dir: str, quick: bool) -> dict:
+    """The sections of the last result file written with the same ``--quick``, with its date (a run of
+    some sections keeps the others from it, and says so)."""
+    path = Path(out_dir) / "json_schema_coverage.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("quick") != quick:
+        return {}
+    details = old.get("details") or {}
+    parts = {k: old[k] for k in ("maskbench", "test_suite", "peers", "generation") if k in old}
+    parts |= {"test_suite_wrong": details.get("test_suite_wrong"), "generation_rows": details.get("generation")}
+    return {"date": old.get("date"), "parts": parts, "from": old.get("sections_from", {})}
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to run ({', '.join(SECTIONS)}); the others are kept from the "
+                        "last result file of the same --quick, with their date")
+    p.add_argument("--no-checker-pairs", dest="checker_pairs", action="store_false",
+                   help="generation: the default path only, not each mask schema again through the checker")
+    args = p.parse_args()
+    sections = [x for x in args.sections.split(",") if x]
+    if set(sections) - set(SECTIONS):
+        p.error(f"unknown sections {sorted(set(sections) - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
+    t0 = time.perf_counter()
+    parts = run_sections(args, sections)
+    now = time.strftime("%Y-%m-%d %H:%M")
+    sections_from = {name: now for name in SECTIONS if name in sections}
+    earlier = earlier_parts(args.out, args.quick) if len(sections) < len(SECTIONS) else {}
+    keys = {"maskbench": ("maskbench",), "suite": ("test_suite", "test_suite_wrong"), "peers": ("peers",),
+            "generation": ("generation", "generation_rows")}
+    for name in SECTIONS:
+        if name not in sections and earlier:
+            parts |= {k: earlier["parts"].get(k) for k in keys[name]}
+            sections_from[name] = earlier["from"].get(name, earlier["date"])
     result = {"bench": "json_schema_coverage", "quick": args.quick,
-              "maskbench": {"schemas_accepted": checker["schemas_accepted"], "of": len(items),
-                            "valid_prefixes_rejected": checker["valid_prefix_rejected"],
-                            "invalid_accepted": checker["invalid_accepted"],
-                            "valid_instances_judged": checker["valid"], "invalid_instances": checker["invalid"],
-                            "default_mask": {k: mb_rows["decodekit_default_mask"].get(k, 0) for k in (
-                                "schemas_accepted", "valid", "valid_rejected", "invalid", "invalid_accepted",
-                                "invalid_mask_complete", "dev_schemas", "dev_disagreements", "held_out_schemas",
-                                "held_out_disagreements")},
-                            "rows": mb_rows, "default_constraint_failures": mb_failures[:20]},
-              "test_suite": {k: v for k, v in suite.items() if k != "examples_wrong"},
-              "generation": gen, "peers": peers, "seconds": round(time.perf_counter() - t0, 1)}
+              **{k: parts.get(k) for k in ("maskbench", "test_suite", "generation", "peers")},
+              "sections_from": sections_from, "seconds": round(time.perf_counter() - t0, 1)}
+    details = {"generation": parts.get("generation_rows"), "test_suite_wrong": parts.get("test_suite_wrong")}
+    write_results("json_schema_coverage", result, result_tables(parts), args.out, details=details)
+
+
+def result_tables(parts: dict) -> str:
     header = ["maskbench row", "schemas accepted", "valid instances", "valid with a rejected prefix",
               "valid rejected", "invalid", "invalid accepted"]
+    rows = {**((parts.get("maskbench") or {}).get("rows") or {}), **((parts.get("peers") or {}).get("rows") or {})}
     table = [[name, r["schemas_accepted"], r.get("valid", 0), r.get("valid_prefix_rejected", 0),
               r.get("valid_rejected", 0), r.get("invalid", 0), r.get("invalid_accepted", 0)]
-             for name, r in {**mb_rows, **peers.get("rows", {})}.items()]
-    md = md_table(header, table) + "\n\n" + md_table(["test suite", "value"], [[k, v] for k, v in suite.items()
-                                                                              if k != "examples_wrong"])
-    md += "\n\n" + md_table(["generation", "value"], [[k, v] for k, v in gen.items()])
-    write_results("json_schema_coverage", result, md, args.out,
-                  details={"generation": gen_rows, "test_suite_wrong": suite.get("examples_wrong")})
+             for name, r in rows.items()]
+    suite = [list(kv) for kv in (parts.get("test_suite") or {}).items()]
+    md = md_table(header, table) + "\n\n" + md_table(["test suite", "value"], suite)
+    return md + "\n\n" + md_table(["generation", "value"], [list(kv) for kv in (parts.get("generation") or {}).items()])
 
 
 if __name__ == "__main__":

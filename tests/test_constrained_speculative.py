@@ -207,3 +207,39 @@ def test_pairs_that_do_not_compose_say_so():
         llm.generate("ab", strategy=Speculative(), sampler="masked")
     out = llm.generate("ab", strategy="speculative", constraint=OneOf(["abc", "abd"]), temperature=0)
     assert out.text in ("abc", "abd")
+
+
+@pytest.mark.parametrize("sampler", ["awrs", "masked"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rejected_drafts_leave_the_matcher_where_it_was(sampler, temperature):
+    """Verify positions after the first draft token draw on masks prefetched along the draft (one
+    matcher copy per draft token); a rejected draft's states are dropped: after every step the track's
+    matcher equals a fresh replay of its kept tokens (same token count, same mask), and where drafts
+    were kept the verify adopted the prefetched states."""
+    from decodekit.strategies.constrained import ConstrainedState
+
+    target = MockBackend(vocab_size=V, seed=3, cache_tokens=8192)
+    llm = LLM(backend=target)
+    engine = llm.engine
+    constraint = Regex("(ab|ba|cd|dc){1,30}")  # each pair's first letter decides the next mask: no paths merge
+    strategy = ConstrainedSpeculative(constraint, Speculative(draft="ngram", num_draft_tokens=4, width_cost=0.0),
+                                      sampler=sampler)
+    params = SamplingParams(temperature=temperature, max_new_tokens=40, seed=1)
+    prompts = ["abbacdab", "cddcabba", "ababcdcd"]  # n-gram drafts from these pairs; the target often parts
+    adopted, advance = [], strategy._advance
+    strategy._advance = lambda ctx, st, track, token, state=None: (adopted.append(state is not None),
+                                                                   advance(ctx, st, track, token, state))
+    requests = [engine.add_request(target.tokenizer.encode(p), params, strategy) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+        for seq in engine.running:
+            st = seq.parts.get(ConstrainedState)
+            if st is None or st.track.fsa_state is None:
+                continue
+            fresh = st.index.advance(st.index.initial(), st.track.out)
+            assert fresh[0] == len(st.track.out) and st.track.fsa_state.num_tokens == len(st.track.out)
+            assert torch.equal(st.index.allowed_ids(st.track.fsa_state), st.index.allowed_ids(fresh[1]))
+    stats = [engine.pop_completion(r.request_id).stats.extra for r in requests]
+    assert sum(s["tokens_drafted"] for s in stats) > sum(s["tokens_accepted"] for s in stats) > 0  # both happen
+    assert any(adopted) and not all(adopted)  # kept drafts take their prefetched states, the rest a fresh one
+    assert target.cache.num_open_handles == 0

@@ -290,3 +290,37 @@ def test_prefetched_masks_equal_the_masks_a_draw_computes():
         index.prefetch(clones + clones[:1])  # a state listed twice is filled once
         for clone, state in zip(clones, states):
             assert clone._ids is not None and torch.equal(clone._ids, fresh.allowed_ids(state))
+
+
+def test_mask_never_repeats_a_member_name():
+    """llguidance lets a name repeat where other properties are allowed; strict JSON refuses the
+    document only once it closes (a dead end: SmolLM2 wrote ``{"lease_id":null,...,"lease_id":``). The
+    mask filter drops the tokens that would close a repeated name, in the object open at the end only."""
+    c = JsonSchema({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "object"}}})
+    assert c.engine == "llguidance"
+    pieces = [b'a"', b'b"', b'c"', b"a", b'a":', b'x"', None]
+    ids = torch.arange(len(pieces))
+    kept = c.mask_filter(b'{"a":1,"b":{"x":2,"', ids, pieces).tolist()
+    assert kept == [0, 1, 2, 3, 4, 6]  # only "x" repeats inside the inner object ("a", "b": the outer one)
+    assert c.mask_filter(b'{"a":1,"', ids, pieces).tolist() == [1, 2, 3, 5, 6]
+    assert c.mask_filter(b'{"a":"x', ids, pieces).tolist() == list(range(len(pieces)))  # a value string
+    quoted = [b'"b"', b'"', b'b"', b'"c"']  # an escape under way (token by token) and names with one in them
+    assert c.mask_filter(b'{"a\\"b":1,"a\\', torch.arange(4), quoted).tolist() == [1, 2, 3]  # '"b"' closes a\"b
+    assert c.mask_filter(b'{"a\\"b":1,"a\\"', torch.arange(4), quoted).tolist() == [0, 1, 3]  # 'b"' does
+    assert c.mask_filter(b'{"\xc3\xa9":1,"', torch.arange(2), [b'\xc3\xa9"', b'e"']).tolist() == [1]  # "é"
+    assert not c.complete_ok('{"a":1,"a":2}')  # why: strict JSON refuses the repeat
+
+
+def test_name_filter_keeps_every_canonical_document():
+    """No prefix of a document without repeated names (``json.dumps`` of dicts, escapes included) has its
+    next bytes dropped."""
+    from decodekit.constraints.json_keys import NameGuard, repeats_name
+
+    docs = [{"a": 1, "b": {"a": [{"a": 2, "b": 3}], "c\"d": "x\\y"}, "ab": [], "é": {"": None}},
+            [{"k": 1}, {"k": 2}], {"a\\": {"a": {"a": 1}}}]
+    for doc in docs:
+        raw = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        guard = NameGuard()
+        for i in range(len(raw)):
+            state = guard.state(raw[:i])
+            assert not any(repeats_name(state, raw[i:i + k]) for k in (1, 2, 3)), (raw, i)

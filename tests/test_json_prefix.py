@@ -166,6 +166,35 @@ def test_every_prefix_of_a_valid_document_is_accepted(schema, data, ascii_only):
 
 
 @PROPERTY
+@given(SCHEMAS, st.data())
+def test_generation_layout_accepts_every_prefix_of_a_compact_document(schema, data):
+    """The checker's generation layout (compact, canonical escapes) keeps every byte prefix of a valid
+    document written as ``json.dumps(ensure_ascii=False)`` writes it, control characters included."""
+    value = _instance(schema, data.draw)
+    assume(_validator(schema).is_valid(value))
+    raw = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    c = JsonSchema(schema, automaton=False)
+    assert all(c.generation_prefix_ok(raw[:i]) for i in range(len(raw) + 1)), (schema, raw)
+
+
+def test_unfinished_escape_needs_a_completion():
+    """Regression (the 40-schema generation set ended ``{"name\\u002`` as a dead end): the checker
+    cannot judge a character before its escape ends, so generation keeps an unfinished escape only
+    where one of its completions is a valid prefix."""
+    c = JsonSchema({"type": "object", "properties": {"name": {"type": "string"}, "path": {"type": "string"}},
+                    "additionalProperties": False}, engine="checker")
+    assert c.prefix_ok(b'{"name\\u002') and not c.generation_prefix_ok(b'{"name\\u002')
+    assert not c.generation_prefix_ok(b'{"name\\') and not c.generation_prefix_ok(b'{"name\\u')
+    for ok in (b'{"name":"a\\', b'{"name":"a\\u00', b'{"name":"a\\u001', b'{"name":"a\\u001f"', b'{"name":"a\\\\'):
+        assert c.generation_prefix_ok(ok), ok
+    assert not c.generation_prefix_ok(b'{"name":"a\\u00e')  # printable: written as itself, not escaped
+    slash = JsonSchema({"type": "string", "enum": ["a/"]}, engine="checker")  # "\\/" completes; "\\u002f" not canonical
+    assert slash.generation_prefix_ok(b'"a\\') and not slash.generation_prefix_ok(b'"a\\u')
+    newline = JsonSchema({"type": "string", "enum": ["a\n"]}, engine="checker")  # "\\n" and "\\u000a" both do
+    assert newline.generation_prefix_ok(b'"a\\u000') and not newline.generation_prefix_ok(b'"a\\u001')
+
+
+@PROPERTY
 @given(SCHEMAS, st.recursive(st.none() | st.booleans() | st.integers(-60, 60) | st.text("ab1", max_size=3),
                              lambda xs: st.lists(xs, max_size=3) | st.dictionaries(st.sampled_from(NAMES), xs,
                                                                                    max_size=3), max_leaves=5))

@@ -24,6 +24,7 @@ import re
 import jsonschema
 
 from decodekit.constraints.base import Constraint, as_bytes, decode_complete
+from decodekit.constraints.json_keys import NameGuard
 from decodekit.constraints.json_prefix import JsonPrefixChecker, strictly_valid
 from decodekit.constraints.regex import ByteDFA
 
@@ -212,6 +213,7 @@ class JsonSchema(Constraint):
         self._checker: JsonPrefixChecker | None = None if self.regex is not None else self._new_checker()
         self._layout: dict[bytes, int] = {}  # text -> scan state (generation layout), bounded
         self._strings: dict[bytes, int] = {}  # text -> string scan state (the exponent filter), bounded
+        self._names: NameGuard | None = None  # repeated member names (the mask path), built on first use
 
     def _new_checker(self) -> JsonPrefixChecker:
         return JsonPrefixChecker(self.schema, self._format_checker)
@@ -235,9 +237,17 @@ class JsonSchema(Constraint):
         return self._grammar
 
     def mask_filter(self, text: bytes, ids, pieces):
-        """The mask's ids without tokens that write a number exponent (``1e5``): the canonical layout
-        writes numbers in plain decimal, and llguidance's unbounded numbers would reach exponents past
-        a double (``1e999``), which strict JSON refuses only once the document is complete (a dead end)."""
+        """The mask's ids narrowed to the canonical layout where llguidance's grammar allows texts strict
+        JSON refuses only once the document is complete (dead ends): no number exponents, no repeated
+        member names (``json_keys``)."""
+        if self._names is None:
+            self._names = NameGuard()
+        return self._names.drop(text, self._drop_exponents(text, ids, pieces), pieces)
+
+    def _drop_exponents(self, text: bytes, ids, pieces):
+        """The ids without tokens that write a number exponent (``1e5``): the canonical layout writes
+        numbers in plain decimal, and llguidance's unbounded numbers would reach exponents past a double
+        (``1e999``)."""
         import torch
 
         risky = self._exponent_tokens(pieces)
@@ -287,7 +297,26 @@ class JsonSchema(Constraint):
         text = as_bytes(text)
         if self.whitespace is None and not self._compact_ok(text):  # cheap first
             return False
-        return self.prefix_ok(text)
+        return self.prefix_ok(text) and self._escape_viable(text)
+
+    def _escape_viable(self, text: bytes) -> bool:
+        """An unfinished escape at the end of ``text`` (``\\``, ``\\u00``) is kept only where one of
+        its completions is a valid prefix: the checker cannot judge the character before the escape
+        ends, and a prefix no completion continues is a dead end (``"name\\u002`` where only ``name``
+        may follow). Generation writes escapes canonically, as ``json.dumps(ensure_ascii=False)`` does
+        (short escapes; ``\\u00XX`` only for control characters: 32 completions at most)."""
+        tail = _OPEN_ESCAPE.search(text[-6:])
+        if tail is None or not self._escaping(text, len(text) - len(tail.group(0))):
+            return True
+        digits = tail.group(1)[1:].lower() if tail.group(1) else None
+        ends = [e for e in _ESCAPE_ENDS if digits is None or (e[:1] == b"u" and e[1:].startswith(digits))]
+        rest = len(digits) + 1 if digits is not None else 0
+        return any(self.prefix_ok(text + e[rest:]) for e in ends)
+
+    def _escaping(self, text: bytes, at: int) -> bool:
+        """Whether the backslash at ``at`` starts an escape inside a string (not an escaped one)."""
+        run = len(text[:at]) - len(text[:at].rstrip(b"\\"))
+        return run % 2 == 0 and self._string_state(text[: at - run]) == 1
 
     def _compact_ok(self, text: bytes) -> bool:
         """No JSON whitespace outside strings in ``text``; scan states memoised by prefix."""
@@ -331,6 +360,9 @@ class JsonSchema(Constraint):
 
 
 _WS = frozenset(b" \t\n\r")
+_OPEN_ESCAPE = re.compile(rb"\\(u[0-9a-fA-F]{0,3})?$")
+# the escapes generation writes: short ones, and \u00XX for the other control characters
+_ESCAPE_ENDS = tuple([bytes([c]) for c in b'"\\/bfnrt'] + [b"u00" + f"{i:02x}".encode() for i in range(32)])
 _NUMBER_TAIL = tuple(bytes([b]) for b in b"0123456789.")
 _INNER_EXPONENT = re.compile(rb"[0-9.][eE]")
 

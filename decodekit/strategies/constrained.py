@@ -74,6 +74,10 @@ class ConstrainedState:
     smc: SmcRun | None = None
     num_allowed: int | None = None  # tokens the exact mask allowed at the last draw (None: no exact mask)
     forced_text: ForcedText | None = None  # the constraint's forced continuations (automaton constraints)
+    # matcher states after each draft token of the verify block in flight (constrained speculative):
+    # their masks fill beside the forward; the verify adopts a state only where it keeps that draft, so a
+    # rejected draft's states are dropped and the track's state is the one before it (copy-on-advance)
+    draft_states: list = field(default_factory=list)
 
     def begin_draw(self) -> int:
         """Start a token's provenance bookkeeping: returns the check count so far."""
@@ -403,12 +407,13 @@ class Constrained(Strategy):
         st.num_allowed = int(allowed.sum())
         return allowed
 
-    def _advance(self, ctx, st, track: Particle, token: int) -> None:
+    def _advance(self, ctx, st, track: Particle, token: int, state=None) -> None:
+        """Append ``token`` to ``track``; ``state``: its matcher state after ``token`` if already computed."""
         track.out.append(token)
         piece = st.checker.token_bytes[token]
         track.text += piece or b""
         if st.index is not None:
-            track.fsa_state = st.index.next(track.fsa_state, token)
+            track.fsa_state = state if state is not None else st.index.next(track.fsa_state, token)
 
     def _drop(self, ctx, seq, p: Particle) -> None:
         """A finished or dead particle needs no more KV: free its slots now."""

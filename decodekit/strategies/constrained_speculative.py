@@ -104,8 +104,30 @@ class ConstrainedSpeculative(Constrained):
         drafts = self.spec.choose_drafts(ctx, seqs, cut=lambda d, s: d if self._q_rule(s, d.q)
                                          else self._admissible_draft(ctx, s, d))
         drafts = [self._cut_sampled(s, d) if self._q_rule(s, d.q) else d for s, d in zip(seqs, drafts)]
-        self._masks_beside_forward(ctx, seqs)  # the block's first position (later ones follow its drafts)
+        self._masks_beside_forward(ctx, seqs)  # the block's first position
+        self._draft_masks_beside_forward(ctx, seqs, drafts)  # the positions after each draft token
         return [row for seq, draft in zip(seqs, drafts) if (row := verify_row(ctx, seq, draft)) is not None]
+
+    def _draft_masks_beside_forward(self, ctx, seqs, drafts) -> None:
+        """The matcher state after each draft token (llguidance: a copy per token, the track's own state
+        untouched), kept for the verify and their masks queued beside the forward: every verify position
+        then draws on a prefetched mask, not only the first."""
+        by_index: dict[int, tuple] = {}
+        for seq, draft in zip(seqs, drafts):
+            st = _own_state(seq)
+            st.draft_states = []
+            if not draft.tokens or not mask_draws(st.index, st.track.fsa_state):
+                continue
+            state = st.track.fsa_state
+            for token in draft.tokens:
+                state = None if token in st.checker.eos_ids else st.index.next(state, token)
+                if state is None:
+                    break
+                st.draft_states.append(state)
+            by_index.setdefault(id(st.index), (st.index, []))[1].extend(st.draft_states)
+        for index, states in by_index.values():
+            if states:
+                ctx.beside_forward(lambda index=index, states=states: index.prefetch(states))
 
     def _q_rule(self, seq, q) -> bool:
         """Drafts sampled from ``q`` are verified by the full rule (masked sampler, sampling)."""
@@ -223,7 +245,8 @@ class ConstrainedSpeculative(Constrained):
             source, detail = ("draft_accepted", {"draft": self._draft_kind(seq, i)}) if token == d else (
                 ("bonus", {"draft": self.spec.draft_name}) if tokens else ("sampled", {}))
             provenance = st.provenance(before, token, track.text, source, **detail)
-            self._advance(ctx, st, track, token)
+            kept = st.draft_states[i] if token == d and i < len(st.draft_states) else None
+            self._advance(ctx, st, track, token, kept)
             out.append(Proposal(token, row, provenance))
             if token != d or token in stops:
                 return out, i + (token == d), None
