@@ -142,7 +142,8 @@ class Constrained(Strategy):
             raise ValueError("constrained decoding needs a tokenizer with an EOS token")
 
     def lanes_per_sequence(self, request) -> int:
-        return 1 + self.num_particles
+        # one particle decodes on the main KV; SMC's resampling forks the new particles before it closes the old
+        return 1 + 2 * self.num_particles if self.num_particles > 1 else 1
 
     def extra_slots(self, request) -> int:
         # every particle may grow its own max_new_tokens beyond the shared prompt
