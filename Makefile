@@ -17,10 +17,14 @@ $(VENV)/.setup-done: pyproject.toml
 	touch $@
 
 # the llama.cpp backend (optional; its tests skip without it): a portable prebuilt wheel from ../shared/wheels
-# where that folder exists, else pip builds llama-cpp-python from source (~20 minutes on 2 cores)
+# where that folder exists, else pip builds llama-cpp-python from source with the same portable flags (AVX2,
+# no -march=native: a native build on these AVX-512 / AMX machines segfaults in llama_decode, direct
+# llama.cpp too; checked 2026-12-07), never from a cached wheel of another build (--no-cache-dir)
 WHEELS := $(wildcard ../shared/wheels)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 setup-llamacpp: setup
-	$(PIP) install -q $(if $(WHEELS),--find-links $(WHEELS)) -e ".[llamacpp]"
+	$(if $(WHEELS),,CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)") $(PIP) install -q \
+	  $(if $(WHEELS),--find-links $(WHEELS),--no-cache-dir) -e ".[llamacpp]"
 
 run: setup
 	$(VENV)/bin/decodekit generate "What is the capital of France? Answer in one sentence." --max-new-tokens 48 --stream
