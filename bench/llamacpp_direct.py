@@ -9,6 +9,12 @@ import time
 
 import numpy as np
 
+# llama.cpp's logits for the same tokens move with how they were computed (one batched prefill vs token by
+# token, a verify row vs single steps, the number of KV cells in use): measured up to ~0.5-1.0 (max over the
+# vocabulary) on SmolLM2 Q4_1 past ~200 positions, with direct llama.cpp alone. Two greedy runs may part only
+# where the top two logits of the reference lie closer than that.
+NEAR_TIE = 1.0
+
 
 class DirectLlama:
     """One llama.cpp model and context, driven by hand."""
@@ -104,4 +110,4 @@ class DirectLlama:
         self.L.llama_model_free(self.model)
 
 
-__all__ = ["DirectLlama"]
+__all__ = ["NEAR_TIE", "DirectLlama"]

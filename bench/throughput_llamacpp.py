@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 from decodekit.bench.common import interleaved, md_table, median, parser, spec_bench, timed, write_results
+from decodekit.bench.llamacpp_direct import NEAR_TIE
 from decodekit.bench.throughput import chat_ids, decodekit_run
 
 THREADS = 2
-NEAR_TIE = 1.0  # logit gap under which llama.cpp's batching-dependent numerics may flip greedy (tests/test_llamacpp.py)
 
 
 def direct_bs1(direct, ids, max_new):

@@ -30,9 +30,7 @@ def time_rows(backend, base, rows: int, new: int) -> float:
     cache = backend.cache
     forks = [cache.fork(base) for _ in range(rows)]
     try:
-        start = time.perf_counter()
-        backend.forward(forks, [[(5 + i) % (backend.vocab_size - 1) + 1] * new for i in range(rows)], num_logits=new)
-        return time.perf_counter() - start
+        return _timed_forward(backend, forks, [[_token(backend, i)] * new for i in range(rows)], new)
     finally:
         for handle in forks:
             cache.release(handle)
@@ -45,10 +43,7 @@ def time_widening(backend, base, rows: int) -> tuple[float, float]:
     forks = [cache.fork(base) for _ in range(rows)]
     try:
         def step(new: int) -> float:
-            start = time.perf_counter()
-            backend.forward(forks, [[(5 + i) % (backend.vocab_size - 1) + 1] * new for i in range(rows)],
-                            num_logits=new)
-            seconds = time.perf_counter() - start
+            seconds = _timed_forward(backend, forks, [[_token(backend, i)] * new for i in range(rows)], new)
             for handle in forks:
                 cache.truncate(handle, len(base))
             return seconds
@@ -60,10 +55,19 @@ def time_widening(backend, base, rows: int) -> tuple[float, float]:
             cache.release(handle)
 
 
-def _row(backend, handle, new: int) -> float:
+def _token(backend, i: int) -> int:
+    """The i-th synthetic token of a timed row (any id but 0: the timing does not depend on which)."""
+    return (5 + i) % (backend.vocab_size - 1) + 1
+
+
+def _timed_forward(backend, handles, new_ids: list[list[int]], num_logits: int) -> float:
     start = time.perf_counter()
-    backend.forward([handle], [[(5 + i) % (backend.vocab_size - 1) + 1 for i in range(new)]], num_logits=new)
+    backend.forward(handles, new_ids, num_logits=num_logits)
     return time.perf_counter() - start
+
+
+def _row(backend, handle, new: int) -> float:
+    return _timed_forward(backend, [handle], [[_token(backend, i) for i in range(new)]], new)
 
 
 def after_steps(backend, handle, new: int, run: int = 8, pairs: int = 4) -> tuple[float, float]:
