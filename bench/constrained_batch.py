@@ -5,12 +5,13 @@ schemas``, schemas the default engine routes to llguidance, at most 600 characte
 ``common.json_schema_prompt``), and 8 requests
 each with its own regular expression (``../shared/data/pattern_matching``, patterns llguidance
 compiles), greedy and T = 0.7 (seeded), on the transformers backend. All requests of a batch go into
-one engine and step together. Plain: the same prompts and sampling, unconstrained, each with
-``max_new_tokens`` = the tokens its constrained twin produced and EOS ignored, so both do the same
-work. Rounds interleave constrained and plain (ABBA); ``vs_plain`` is the median over rounds of the
-same-round ratio of decode tokens/s (from the step where every prompt is prefilled: prefill is the
-same work on both sides and would dilute the ratio; greedy; ``vs_plain_sampled``: T = 0.7; the
-end-to-end ratios are in the details).
+one engine and step together; batch 1 runs the first ``SINGLES`` schemas one at a time (one answer of a
+dozen tokens would time little but its first steps), their decode tokens and seconds summed. Plain: the
+same prompts and sampling, unconstrained, each with ``max_new_tokens`` = the tokens its constrained twin
+produced and EOS ignored, so both do the same work. Rounds interleave constrained and plain (ABBA);
+``vs_plain`` is the median over rounds of the same-round ratio of decode tokens/s (from the step where
+every prompt is prefilled: prefill is the same work on both sides and would dilute the ratio; greedy;
+``vs_plain_sampled``: T = 0.7; the end-to-end ratios are in the details).
 
 Also: per-token constraint checks of a ``Predicate`` (the same character class as a Python function:
 the exact descending walk, greedy, number prompts: its mean and p99); llguidance's per-token mask
@@ -114,6 +115,17 @@ def peer_regex_items(k: int) -> list[tuple[str, object, str]]:
     return out
 
 
+SINGLES = 4  # batch 1: this many requests, each alone in the engine
+
+
+def run_singles(llm, items, temperature: float, max_new, constrained: bool) -> dict:
+    """``run_batch`` on each item alone (seeds as in a batch), as one run: times and tokens summed."""
+    runs = [run_batch(llm, [item], temperature, max_new if isinstance(max_new, int) else [max_new[i]],
+                      constrained, seed=i) for i, item in enumerate(items)]
+    summed = {k: sum(r[k] for r in runs) for k in ("wall_s", "decode_s", "decode_tokens")}
+    return summed | {k: [x for r in runs for x in r[k]] for k in runs[0] if k not in summed}
+
+
 def run_batch(llm, items, temperature: float, max_new, constrained: bool, seed: int = 0) -> dict:
     """One batch through one engine; ``max_new``: an int, or one per item (plain twins, EOS ignored)."""
     from decodekit.api import sampling_params
@@ -160,18 +172,19 @@ def warm(llm, items) -> None:
 def throughput(llm, tasks: dict, rounds: int, max_new: int, details: dict) -> dict:
     ratios: dict = {}
     for key, (task, size) in BATCHES.items():
-        items = tasks[task][:size]
+        items = tasks[task][:size if size > 1 else SINGLES]
+        run = run_batch if size > 1 else run_singles
         for label, temperature in TEMPERATURES.items():
             rows = details.setdefault(f"{key}/{label}", [])
             con_rate, plain_rate = [], []
             lengths = None
             for r in range(rounds):  # seeded alike every round: the same work, ABBA order
                 if r % 2 and lengths is not None:
-                    twin = run_batch(llm, items, temperature, lengths, False)
-                    first = run_batch(llm, items, temperature, max_new, True)
+                    twin = run(llm, items, temperature, lengths, False)
+                    first = run(llm, items, temperature, max_new, True)
                 else:
-                    first = run_batch(llm, items, temperature, max_new, True)
-                    twin = run_batch(llm, items, temperature, first["tokens"], False)
+                    first = run(llm, items, temperature, max_new, True)
+                    twin = run(llm, items, temperature, first["tokens"], False)
                 lengths = first["tokens"]
                 con_rate.append(_decode_rate(first))
                 plain_rate.append(_decode_rate(twin))
