@@ -22,8 +22,10 @@ Sections:
 3. Generation with SmolLM2 on 40 JSONSchemaBench schemas (half refused by outlines-core), the
    default engine (llguidance's mask or the checker with AWRS, compact layout), at most 128 new
    tokens, the prompt of ``common.json_schema_prompt`` (an instruction, one worked instance, the
-   fields named): validity of every returned output, completion rate, ``fields_filled`` (share of
-   optional top-level properties present), tokens/s; and on schemas routed to
+   fields named), sampled at T = 1 (``generate``'s default): validity of every returned output,
+   completion rate, ``fields_filled`` (share of optional top-level properties present), tokens/s; the
+   same at greedy (``greedy``: does an unfinished answer come from sampling or from the model); and on
+   schemas routed to
    the mask, the checker path (``engine="checker"``) vs the mask, interleaved per schema, the
    median of per-schema tokens/s ratios (``checker_vs_automaton``).
 
@@ -300,12 +302,13 @@ def _sort_schema(text: str, name: str, max_chars: int, compiled: list, refused: 
         refused.append((name, text, schema))
 
 
-def generate_one(llm, schema_text: str, constraint, max_new: int, seed: int) -> dict:
+def generate_one(llm, schema_text: str, constraint, max_new: int, seed: int, temperature: float = 1.0) -> dict:
     from decodekit.strategies.constrained import Constrained
 
     prompt = json_schema_prompt(schema_text)
     t0 = time.perf_counter()
-    c = llm.generate(prompt, strategy=Constrained(constraint, sampler="awrs"), max_new_tokens=max_new, seed=seed)
+    c = llm.generate(prompt, strategy=Constrained(constraint, sampler="awrs"), max_new_tokens=max_new, seed=seed,
+                     temperature=temperature)
     wall = time.perf_counter() - t0
     done = c.finish_reason == "stop"
     ok = c.finish_reason == "constraint_failed" or constraint.complete_ok(c.text)  # what is returned is valid
@@ -335,6 +338,8 @@ def generation_section(llm, quick: bool, checker_pairs: bool = True) -> tuple[di
             print(name[:50], which, row["finish"], f"{row['tokens_per_s']:.1f} tok/s", repr(row["text"][:70]),
                   flush=True)
     main_rows = [r for r in rows if r["default"]]
+    greedy = [generate_one(llm, text, JsonSchema(schema), max_new, seed=i, temperature=0.0)
+              for i, (name, text, schema) in enumerate(compiled + refused)]
     pairs = {}
     for r in rows:
         if r["path"] == "mask" or not r["default"]:
@@ -346,6 +351,11 @@ def generation_section(llm, quick: bool, checker_pairs: bool = True) -> tuple[di
                "completed": sum(r["completed"] for r in main_rows),
                "completed_rate": round(sum(r["completed"] for r in main_rows) / max(len(main_rows), 1), 4),
                "fields_filled": fields_filled(r["optional_fields"] for r in main_rows),
+               "temperature": 1.0,
+               "greedy": {"completed_rate": round(sum(r["completed"] for r in greedy) / max(len(greedy), 1), 4),
+                          "valid_rate": round(sum(r["returned_valid"] for r in greedy) / max(len(greedy), 1), 4),
+                          "fields_filled": fields_filled(r["optional_fields"] for r in greedy),
+                          "unfinished": [r["text"][:120] for r in greedy if not r["completed"]]},
                "tokens_per_s": round(sum(r["tokens"] for r in main_rows) / max(sum(r["wall_s"] for r in main_rows),
                                                                                  1e-9), 2),
                "mask_schemas": sum(r["path"] == "mask" for r in main_rows),

@@ -81,3 +81,16 @@ def test_interleaved_alternates_order_and_paired_ratio_cancels_drift():
     fast = [100 * s for s in machine_speed]
     slow = [90 * s for s in machine_speed]
     assert abs(paired_ratio(slow, fast) - 0.9) < 1e-9
+
+
+def test_rebuild_writes_the_report_from_each_scripts_results_file(tmp_path):
+    base = ["--quick", "--out", str(tmp_path), "--package", "tests.bench_stubs"]
+    run(build_parser().parse_args([*base, "--only", "throughput"]), command="first")
+    record = json.loads((tmp_path / "throughput.json").read_text())
+    record["ratio_bs8"] = 1.23  # as if the script had been re-run on its own
+    (tmp_path / "throughput.json").write_text(json.dumps(record))
+    results = run(build_parser().parse_args([*base, "--rebuild"]), command="rebuilt")
+    assert set(results) == {"throughput"}  # nothing ran: only scripts with a results file
+    summary = json.loads((tmp_path / "summary.json").read_text())["throughput"]
+    assert summary["ratio_bs8"] == 1.23 and "details" not in summary and "machine" not in summary
+    assert "(from throughput.json)" in (tmp_path / "REPORT.md").read_text()
