@@ -245,6 +245,7 @@ class HFBackend(Backend):
             return False
         self.cache.drop_prefix_cache()
         if self._packs:
+            self._packs.clear()  # the old copies' memory first: the new ones take its place
             self._packs = pack_weights(self.model)
         elif self.packed_linears:
             repack_linears(self.model)
