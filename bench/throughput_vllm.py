@@ -7,6 +7,11 @@ batch size the median over rounds of the two runs' ratio in that round, then the
 sizes) and ``vllm_vs_hf_backend`` ({batch: decodekit-on-vLLM / transformers backend}).
 Direct vLLM and decodekit-on-vLLM share one engine (same engine arguments), interleaved, prefix cache
 reset before each run; the transformers backend runs first, alone (see ``_measure_hf``).
+``constrained_overhead_ratio``: the same comparison under constraints, batch 8, greedy, each request with
+its own JSON schema (``constrained_batch``'s items: JSONSchemaBench schemas decodekit routes to llguidance,
+its JSON prompt): vLLM's structured outputs called directly (``StructuredOutputsParams(json=...)``) vs
+``Constrained(JsonSchema(...))`` through decodekit, on the one engine (its ``guidance`` backend, which is
+llguidance); both end at EOS, so both produce the same tokens.
 """
 
 from __future__ import annotations
@@ -47,6 +52,60 @@ def _runner_decodekit(llm, prompts, new_tokens, reset=None):
         return sum(c.usage.completion_tokens for c in done) / (time.perf_counter() - t0)
 
     return run
+
+
+def _runner_constrained_direct(backend, prompts, schemas, new_tokens):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import StructuredOutputsParams
+
+    params = [SamplingParams(temperature=0, max_tokens=new_tokens, structured_outputs=StructuredOutputsParams(json=s))
+              for s in schemas]
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+
+    def run():
+        backend.reset_prefix_cache()
+        t0 = time.perf_counter()
+        outs = backend.llm.generate(inputs, params, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
+
+    return run
+
+
+def _runner_constrained_decodekit(llm, prompts, constraints, new_tokens):
+    from decodekit.strategies import Constrained
+    from decodekit.types import SamplingParams
+
+    def run():
+        llm.backend.reset_prefix_cache()
+        t0 = time.perf_counter()
+        requests = [llm.engine.add_request(p, SamplingParams(temperature=0, max_new_tokens=new_tokens),
+                                           Constrained(c), stream=False) for p, c in zip(prompts, constraints)]
+        while llm.engine.has_unfinished():
+            llm.engine.step()
+        done = [llm.engine.pop_completion(r.request_id) for r in requests]
+        return sum(c.usage.completion_tokens for c in done) / (time.perf_counter() - t0)
+
+    return run
+
+
+def constrained_overhead(vllm_llm, repeats: int, new_tokens: int, size: int = 8) -> dict:
+    """decodekit-on-vLLM over direct vLLM structured outputs, JSON schemas, greedy, one batch of ``size``."""
+    from decodekit.bench.constrained_batch import json_items
+
+    items = json_items(size)
+    prompts = [vllm_llm.encode_prompt(prompt)[1] for prompt, _, _ in items]
+    runners = {"vllm_direct": _runner_constrained_direct(vllm_llm.backend, prompts, [s for _, _, s in items],
+                                                        new_tokens),
+               "decodekit_vllm": _runner_constrained_decodekit(vllm_llm, prompts, [c for _, c, _ in items],
+                                                               new_tokens)}
+    runners["vllm_direct"]()  # warm-up: grammar compilation
+    runners["decodekit_vllm"]()
+    res = interleaved(runners, repeats)
+    out = {"ratio": round(paired_ratio(res["decodekit_vllm"], res["vllm_direct"]), 3), "batch": size,
+           "schemas": len(items), "tokens_per_s": {k: round(median(v), 1) for k, v in res.items()}, "runs": res}
+    print("constrained", out, flush=True)
+    return out
 
 
 def _params(new_tokens):
@@ -103,7 +162,10 @@ def main() -> None:
         details[bs] = {"tokens_per_s": med, "runs": res}
         rows.append([bs, med["vllm_direct"], med["decodekit_vllm"], med["decodekit_hf"], overhead[bs], vs_hf[bs]])
         print(f"batch {bs}: {med}", flush=True)
+    constrained = constrained_overhead(vllm_llm, repeats, 2 * new_tokens)
     summary = {"vllm_overhead_ratio": round(min(overhead.values()), 3),
+               "constrained_overhead_ratio": constrained["ratio"],
+               "constrained_tokens_per_s": constrained["tokens_per_s"],
                "vllm_overhead_ratio_by_bs": {bs: round(x, 3) for bs, x in overhead.items()},
                "vllm_vs_hf_backend": {bs: round(x, 2) for bs, x in vs_hf.items()},
                "tokens_per_s": {bs: {k: round(v, 1) for k, v in d["tokens_per_s"].items()}
@@ -112,6 +174,7 @@ def main() -> None:
                "hf_threads": args.threads}
     table = md_table(["batch", "vLLM direct tok/s", "decodekit on vLLM tok/s", f"decodekit hf ({args.hf_dtype}) tok/s",
                       "overhead ratio", "vLLM / hf"], rows)
+    details["constrained"] = constrained
     name = "throughput_vllm_quick" if args.quick else "throughput_vllm"
     write_results(name, summary, table, args.out, details=details)
     vllm_llm.backend.close()

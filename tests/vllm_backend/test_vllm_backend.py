@@ -157,6 +157,14 @@ def test_structured_regex_and_json_schema(vllm_llm):
                                strategy=Structured(json_schema=schema), temperature=0, max_new_tokens=48)
     value = json.loads(person.text)
     assert set(value) == {"name", "age"} and isinstance(value["age"], int)
+    # vLLM masks with llguidance, as decodekit's own engine does: the constraint object gives the same answer
+    assert vllm_llm.backend.llm.llm_engine.vllm_config.structured_outputs_config.backend == "guidance"
+    from decodekit.constraints import JsonSchema
+    from decodekit.strategies import Constrained
+
+    same = vllm_llm.generate([{"role": "user", "content": "Describe a person as JSON."}],
+                             strategy=Constrained(JsonSchema(schema)), temperature=0, max_new_tokens=48)
+    assert same.text == person.text
     with pytest.raises(ValueError, match="exactly one"):
         Structured()
 

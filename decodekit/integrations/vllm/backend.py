@@ -41,7 +41,10 @@ class VLLMBackend:
     Defaults decodekit sets unless given: ``enable_prefix_caching=True``, ``disable_log_stats=False``
     (prefix-cache and speculative counters come from vLLM's stats), ``seed=0``, and on CPU
     ``enforce_eager=True`` (torch.compile warm-up takes minutes on a small CPU machine) and ``block_size=32``
-    (prefix caching shares whole blocks; vLLM-CPU's default 128 rarely shares a tree segment's context).
+    (prefix caching shares whole blocks; vLLM-CPU's default 128 rarely shares a tree segment's context),
+    and ``structured_outputs_config={"backend": "guidance"}``: llguidance masks constraints there, as
+    decodekit's own mask engine does, so a constraint means the same on both backends (vLLM's "auto"
+    would pick XGrammar for most schemas).
     """
 
     def __init__(self, model: str, *, dtype: str = "bfloat16", **engine_args):
@@ -51,7 +54,8 @@ class VLLMBackend:
         vllm = import_vllm()
         prepared = prepare(model, dtype)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_GIB)
-        args = {"enable_prefix_caching": True, "disable_log_stats": False, "seed": 0, **engine_args}
+        args = {"enable_prefix_caching": True, "disable_log_stats": False, "seed": 0,
+                "structured_outputs_config": {"backend": "guidance"}, **engine_args}
         if _on_cpu():
             args.setdefault("enforce_eager", True)
             args.setdefault("block_size", 32)  # CPU default 128: too coarse for prefix sharing between segments
