@@ -50,16 +50,13 @@ class LLM:
 
     @classmethod
     def from_module(cls, model, tokenizer, *, backend: str = "hf", cache_tokens: int = 16384,
-                    prefix_cache: bool = True, max_batch_size: int = 32, packed_linears: bool = True,
-                    **options) -> LLM:
+                    prefix_cache: bool = True, max_batch_size: int = 32, **options) -> LLM:
         """An engine on an existing transformers module and tokenizer (a trainer's policy), no copy:
         its mode is restored after every forward, and each call first drops the prefix cache if the
-        parameters changed since the last one (``models.wrap_module``; ``packed_linears``: packed weight
-        copies for the engine's own CPU float32 forwards, re-packed then). Only ``backend="hf"``."""
+        parameters changed since the last one (``models.wrap_module``). Only ``backend="hf"``."""
         from decodekit.models import wrap_module
 
-        wrapped = wrap_module(model, tokenizer, backend=backend, cache_tokens=cache_tokens, prefix_cache=prefix_cache,
-                              packed_linears=packed_linears)
+        wrapped = wrap_module(model, tokenizer, backend=backend, cache_tokens=cache_tokens, prefix_cache=prefix_cache)
         return cls(backend=wrapped, max_batch_size=max_batch_size, **options)
 
     def sync_weights(self, force: bool = False) -> bool:

@@ -229,13 +229,11 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def wrap_module(model, tokenizer, *, name: str | None = None, backend: str = "hf", cache_tokens: int = 16384,
-                prefix_cache: bool = True, prepend_bos: bool | None = None, packed_linears: bool = True):
+                prefix_cache: bool = True, prepend_bos: bool | None = None):
     """An ``HFBackend`` over an existing ``torch.nn.Module`` (a trainer's policy) and its tokenizer, no copy.
 
-    The module keeps its mode (each forward runs in eval mode and restores it) and its forward; after an
-    optimizer step ``sync_weights()`` drops the stale prefix cache. ``packed_linears`` (CPU float32): the
-    backend keeps packed copies of the linear weights for its own 4-16-row forwards (``cpu_linear``;
-    the linear layers' weight memory once more), re-packed whenever ``sync_weights()`` sees new weights. Only the
+    The module keeps its mode (each forward runs in eval mode and restores it) and its own weights (no
+    packed copies); after an optimizer step ``sync_weights()`` drops the stale prefix cache. Only the
     transformers backend shares a training module: llama.cpp runs its own GGUF weights and vLLM its own
     worker processes (sync those with ``update_weights`` on a copy instead).
     """
@@ -254,4 +252,4 @@ def wrap_module(model, tokenizer, *, name: str | None = None, backend: str = "hf
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     label = name or f"{getattr(model.config, '_name_or_path', '') or model.config.model_type}:{dtype}"
     return HFBackend(model, tokenizer, name=label, cache_tokens=cache_tokens, prefix_cache=prefix_cache,
-                     packed_linears=packed_linears, wrapped=True)
+                     wrapped=True)

@@ -11,7 +11,6 @@ import torch
 from conftest import tiny_llama
 
 from decodekit import LLM, TreeRollout
-from decodekit.backends import cpu_linear
 from decodekit.models import wrap_module
 
 trl = pytest.importorskip("trl", reason="trl is not installed: pip install 'decodekit[rl]' (make setup does)")
@@ -141,7 +140,6 @@ def test_wrapped_module_keeps_its_mode_and_weights():
     assert [m.training for m in model.modules()] == modes
     assert not any(hasattr(m, "_packed_weight") for m in model.modules())
     assert {id(m): m.forward for m in model.modules() if isinstance(m, torch.nn.Linear)} == forward
-    assert bool(llm.backend._packs) == cpu_linear.available()  # the engine's own forwards ran packed
     with pytest.raises(ValueError, match="cannot share a training module"):
         wrap_module(model, char_tokenizer(), backend="llamacpp")
 
@@ -171,24 +169,6 @@ def test_weight_change_drops_the_prefix_cache():
     copy_llm.update_weights(model.state_dict())
     again = copy_llm.rollout("what is 3+4?", tree=tree, **kwargs)
     assert [t.token_ids for t in again.trajectories] == [t.token_ids for t in fresh.trajectories]
-
-
-def test_packed_copies_follow_the_weights():
-    if not cpu_linear.available():
-        pytest.skip("MKL's packed linear is not available in this torch build")
-    model = tiny_policy()
-    backend = wrap_module(model, char_tokenizer(), cache_tokens=256)
-    head, x = model.lm_head, torch.randn(6, model.config.hidden_size)
-    with torch.no_grad():
-        head.weight.add_(0.1)  # an optimizer step
-        with cpu_linear.packed_forwards(backend._packs):
-            stale = head(x)
-        assert not torch.allclose(stale, torch.nn.functional.linear(x, head.weight), atol=1e-3)
-        assert backend.sync_weights()
-        with cpu_linear.packed_forwards(backend._packs):
-            ours = head(x)
-    assert torch.allclose(ours, torch.nn.functional.linear(x, head.weight), atol=1e-5)
-    assert "forward" not in head.__dict__  # the module's own forward again outside the engine's calls
 
 
 def test_weights_changed_under_open_handles_raise():

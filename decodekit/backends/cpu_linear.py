@@ -27,47 +27,25 @@ def available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
-def pack_weights(model: torch.nn.Module) -> dict[torch.nn.Linear, torch.Tensor]:
-    """A packed copy of the weight of every CPU float32 ``nn.Linear`` of ``model`` not packed in place
-    yet (empty where MKL's packed product is unavailable or differs from the stock one); the module is
-    left as it is."""
-    if not available():
-        return {}
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-               and m.weight.dtype == torch.float32 and "_packed_weight" not in m.__dict__]
-    if not linears:
-        return {}
-    first = _pack(linears[0])
-    if not _packed_path_exact(linears[0].weight.detach(), first):
-        return {}
-    return {module: first if module is linears[0] else _pack(module) for module in linears}
-
-
 def pack_linears(model: torch.nn.Module) -> int:
     """Give every CPU float32 ``nn.Linear`` of ``model`` a packed copy used for 4-16 rows; returns how many.
 
     The modules keep their class and weights (quantization, ``state_dict`` and copies still see
     plain ``nn.Linear`` layers); only the instance's ``forward`` changes.
     """
-    packs = pack_weights(model)
-    for module, packed in packs.items():
-        module._packed_weight = packed
+    if not available():
+        return 0
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+               and m.weight.dtype == torch.float32 and not hasattr(m, "_packed_weight")]
+    if not linears:
+        return 0
+    first = _pack(linears[0])
+    if not _packed_path_exact(linears[0].weight.detach(), first):
+        return 0
+    for module in linears:
+        module._packed_weight = first if module is linears[0] else _pack(module)
         module.forward = _packed_forward(module)
-    return len(packs)
-
-
-@contextmanager
-def packed_forwards(packs: dict[torch.nn.Linear, torch.Tensor]):
-    """Modules' forwards on their packed copies (``pack_weights``) for this block only: a module someone
-    else owns (a trainer's policy) keeps its own forward outside decodekit's calls."""
-    installed = [m for m in packs if "forward" not in m.__dict__]  # an instance's own forward (a hook) stays
-    for module in installed:
-        module.forward = _packed_forward(module, packs[module])
-    try:
-        yield
-    finally:
-        for module in installed:
-            del module.forward
+    return len(linears)
 
 
 def repack_linears(model: torch.nn.Module) -> int:
@@ -83,9 +61,8 @@ def _pack(module: torch.nn.Linear) -> torch.Tensor:
     return torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), PACK_ROWS)
 
 
-def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor | None = None):
-    weight, bias = module.weight, module.bias
-    packed = module._packed_weight if packed is None else packed
+def _packed_forward(module: torch.nn.Linear):
+    weight, packed, bias = module.weight, module._packed_weight, module.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0

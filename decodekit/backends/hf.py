@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from decodekit.backends.base import Backend, ForwardRow
-from decodekit.backends.cpu_linear import pack_linears, pack_weights, packed_forwards, repack_linears
+from decodekit.backends.cpu_linear import pack_linears, repack_linears
 from decodekit.cache import CacheManager
 
 
@@ -115,22 +115,21 @@ class HFBackend(Backend):
     """A transformers model on decodekit's slot pool.
 
     ``wrapped=True``: ``model`` is someone else's module (a trainer's policy): it is used as it is, no
-    ``eval()`` left behind (each forward runs in eval mode and restores every submodule's mode after).
-    ``sync_weights()`` drops the prefix cache after the weights changed (the parameters' version counters
-    or a sample of their values moved, or ``force``), and a forward whose version counters moved since
-    the last sync raises instead of mixing K/V of old and new weights. ``packed_linears`` on a wrapped
-    module: the packed copies live here, are used only inside this backend's own forwards (the module's
-    forward is its own outside them) and are re-packed by every ``sync_weights()`` that sees new weights.
+    ``eval()`` left behind (each forward runs in eval mode and restores every submodule's mode after) and
+    no packed weight copies. ``sync_weights()`` drops the prefix cache after the weights changed (the
+    parameters' version counters or a sample of their values moved, or ``force``), and a forward whose
+    version counters moved since the last sync raises instead of mixing K/V of old and new weights.
     """
 
     def __init__(self, model, tokenizer, *, name: str, cache_tokens: int = 16384, prefix_cache: bool = True,
                  packed_linears: bool = False, wrapped: bool = False):
         super().__init__()
+        if wrapped and packed_linears:
+            raise ValueError("packed_linears copies the weights (stale after an optimizer step): "
+                             "not for a wrapped module")
         self.wrapped = wrapped
         self.model = model if wrapped else model.eval()
-        # CPU float32 only; a wrapped module's copies stay here (its forward is not taken over)
-        self._packs = pack_weights(model) if packed_linears and wrapped else {}
-        self.packed_linears = len(self._packs) or (pack_linears(model) if packed_linears and not wrapped else 0)
+        self.packed_linears = pack_linears(model) if packed_linears else 0  # CPU float32 only
         self._params = list(model.parameters())
         self._weights_seen, self._seen_values = self.weights_version(), self._fingerprint()
         self.tokenizer = tokenizer
@@ -244,10 +243,7 @@ class HFBackend(Backend):
         if same and not force:
             return False
         self.cache.drop_prefix_cache()
-        if self._packs:
-            self._packs.clear()  # the old copies' memory first: the new ones take its place
-            self._packs = pack_weights(self.model)
-        elif self.packed_linears:
+        if self.packed_linears:
             repack_linears(self.model)
         self._weights_seen, self._seen_values = self.weights_version(), self._fingerprint()
         return True
@@ -278,7 +274,7 @@ class HFBackend(Backend):
 
     def _run(self, inputs: dict, masks, keep):
         step = StepCache(self.kv, inputs["write_idx"], inputs["gather_idx"], inputs["span"])
-        with self._gqa_attention(), self._eval_mode(), packed_forwards(self._packs):
+        with self._gqa_attention(), self._eval_mode():
             return self.model(
                 input_ids=inputs["input_ids"],
                 position_ids=inputs["position_ids"],
