@@ -24,43 +24,10 @@ from decodekit.bench.common import interleaved, md_table, median, paired_ratio, 
 BATCHES = (1, 8, 32)
 
 
-def _runner_direct(backend, prompts, new_tokens):
-    from vllm import SamplingParams
+def _runner_direct(backend, prompts, params):
+    """vLLM called directly; ``params``: one ``vllm.SamplingParams`` for all prompts, or one per prompt."""
     from vllm.inputs import TokensPrompt
 
-    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-
-    def run():
-        backend.reset_prefix_cache()
-        t0 = time.perf_counter()
-        outs = backend.llm.generate(inputs, sp, use_tqdm=False)
-        return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
-
-    return run
-
-
-def _runner_decodekit(llm, prompts, new_tokens, reset=None):
-    def run():
-        if reset is not None:
-            reset()
-        t0 = time.perf_counter()
-        requests = [llm.engine.add_request(p, _params(new_tokens), stream=False) for p in prompts]  # as LLM.generate
-        while llm.engine.has_unfinished():
-            llm.engine.step()
-        done = [llm.engine.pop_completion(r.request_id) for r in requests]
-        return sum(c.usage.completion_tokens for c in done) / (time.perf_counter() - t0)
-
-    return run
-
-
-def _runner_constrained_direct(backend, prompts, schemas, new_tokens):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.sampling_params import StructuredOutputsParams
-
-    params = [SamplingParams(temperature=0, max_tokens=new_tokens, structured_outputs=StructuredOutputsParams(json=s))
-              for s in schemas]
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
 
     def run():
@@ -72,15 +39,15 @@ def _runner_constrained_direct(backend, prompts, schemas, new_tokens):
     return run
 
 
-def _runner_constrained_decodekit(llm, prompts, constraints, new_tokens):
-    from decodekit.strategies import Constrained
-    from decodekit.types import SamplingParams
+def _runner_decodekit(llm, prompts, params, strategies=None, reset=None):
+    """decodekit's engine, as ``LLM.generate`` drives it; ``strategies``: one per prompt (None: plain)."""
+    strategies = strategies or [None] * len(prompts)
 
     def run():
-        llm.backend.reset_prefix_cache()
+        if reset is not None:
+            reset()
         t0 = time.perf_counter()
-        requests = [llm.engine.add_request(p, SamplingParams(temperature=0, max_new_tokens=new_tokens),
-                                           Constrained(c), stream=False) for p, c in zip(prompts, constraints)]
+        requests = [llm.engine.add_request(p, params, s, stream=False) for p, s in zip(prompts, strategies)]
         while llm.engine.has_unfinished():
             llm.engine.step()
         done = [llm.engine.pop_completion(r.request_id) for r in requests]
@@ -92,13 +59,20 @@ def _runner_constrained_decodekit(llm, prompts, constraints, new_tokens):
 def constrained_overhead(vllm_llm, repeats: int, new_tokens: int, size: int = 8) -> dict:
     """decodekit-on-vLLM over direct vLLM structured outputs, JSON schemas, greedy, one batch of ``size``."""
     from decodekit.bench.constrained_batch import json_items
+    from vllm import SamplingParams as VParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from decodekit.strategies import Constrained
+    from decodekit.types import SamplingParams
 
     items = json_items(size)
     prompts = [vllm_llm.encode_prompt(prompt)[1] for prompt, _, _ in items]
-    runners = {"vllm_direct": _runner_constrained_direct(vllm_llm.backend, prompts, [s for _, _, s in items],
-                                                        new_tokens),
-               "decodekit_vllm": _runner_constrained_decodekit(vllm_llm, prompts, [c for _, c, _ in items],
-                                                               new_tokens)}
+    direct = [VParams(temperature=0, max_tokens=new_tokens, structured_outputs=StructuredOutputsParams(json=schema))
+              for _, _, schema in items]
+    ours = SamplingParams(temperature=0, max_new_tokens=new_tokens)
+    runners = {"vllm_direct": _runner_direct(vllm_llm.backend, prompts, direct),
+               "decodekit_vllm": _runner_decodekit(vllm_llm, prompts, ours, [Constrained(c) for _, c, _ in items],
+                                                   reset=vllm_llm.backend.reset_prefix_cache)}
     runners["vllm_direct"]()  # warm-up: grammar compilation
     runners["decodekit_vllm"]()
     res = interleaved(runners, repeats)
@@ -123,7 +97,7 @@ def _measure_hf(args, prompts_text, new_tokens, repeats) -> dict[int, list[float
     prompts = [hf_llm.tokenizer.apply_chat_template([{"role": "user", "content": t}])[:200] for t in prompts_text]
     out = {}
     for bs in BATCHES:
-        run = _runner_decodekit(hf_llm, prompts[:bs], new_tokens)
+        run = _runner_decodekit(hf_llm, prompts[:bs], _params(new_tokens))
         out[bs] = [run() for _ in range(repeats)]
         print(f"hf batch {bs}: {out[bs]}", flush=True)
     return out
@@ -148,10 +122,13 @@ def main() -> None:
     vllm_llm = LLM(args.model, backend="vllm", max_model_len=1024, max_num_seqs=max(BATCHES))
     prompts = [vllm_llm.tokenizer.apply_chat_template([{"role": "user", "content": t}])[:200] for t in texts]
     rows, details, overhead, vs_hf = [], {}, {}, {}
+    from vllm import SamplingParams as VParams
+
+    direct = VParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for bs in BATCHES:
         batch = prompts[:bs]
-        runners = {"vllm_direct": _runner_direct(vllm_llm.backend, batch, new_tokens),
-                   "decodekit_vllm": _runner_decodekit(vllm_llm, batch, new_tokens,
+        runners = {"vllm_direct": _runner_direct(vllm_llm.backend, batch, direct),
+                   "decodekit_vllm": _runner_decodekit(vllm_llm, batch, _params(new_tokens),
                                                        reset=vllm_llm.backend.reset_prefix_cache)}
         runners["vllm_direct"]()  # warm-up (first-call allocation)
         res = interleaved(runners, repeats)
