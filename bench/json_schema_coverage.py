@@ -323,9 +323,10 @@ def generation_section(llm, quick: bool, checker_pairs: bool = True) -> tuple[di
 
     k, max_new = (4, 48) if quick else (40, 128)
     compiled, refused = generation_schemas(k)
-    rows = []
+    rows, defaults = [], []  # defaults: (schema text, its default-path constraint), compiled once
     for i, (name, text, schema) in enumerate(compiled + refused):
         auto = JsonSchema(schema)
+        defaults.append((text, auto))
         path = "mask" if auto.engine == "llguidance" else "checker"
         runs = {path: auto}
         if path == "mask" and checker_pairs:  # the same schema through the checker, interleaved (ABBA)
@@ -338,8 +339,8 @@ def generation_section(llm, quick: bool, checker_pairs: bool = True) -> tuple[di
             print(name[:50], which, row["finish"], f"{row['tokens_per_s']:.1f} tok/s", repr(row["text"][:70]),
                   flush=True)
     main_rows = [r for r in rows if r["default"]]
-    greedy = [generate_one(llm, text, JsonSchema(schema), max_new, seed=i, temperature=0.0)
-              for i, (name, text, schema) in enumerate(compiled + refused)]
+    greedy = [generate_one(llm, text, auto, max_new, seed=i, temperature=0.0)
+              for i, (text, auto) in enumerate(defaults)]
     pairs = {}
     for r in rows:
         if r["path"] == "mask" or not r["default"]:
